@@ -1,0 +1,93 @@
+"""Basic layers: RMSNorm, a bias-free Linear that can hold FP8 block-quantized weights, SwiGLU MLP."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+FP8_DTYPE = torch.float8_e4m3fn
+
+
+def dequantize_fp8_blocks(weight: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """W[i, j] = float(Wq[i, j]) * S[i // bo, j // bi] with S of shape [ceil(out/bo), ceil(in/bi)].
+
+    ``weight_scale_inv`` is the multiplier despite its name (DeepSeek's convention). The block size is
+    derived from the two shapes, so 128x128 checkpoints and edge blocks need no extra argument.
+    """
+    out_f, in_f = weight.shape
+    so, si = scale_inv.shape
+    bo, bi = -(-out_f // so), -(-in_f // si)  # ceil division recovers the block size
+    s = scale_inv.to(torch.float32)
+    s = s.repeat_interleave(bo, dim=0)[:out_f].repeat_interleave(bi, dim=1)[:, :in_f]
+    return (weight.to(torch.float32) * s).to(dtype)
+
+
+class RMSNorm(nn.Module):
+    """y = w ⊙ x / sqrt(mean(x²) + eps), normalised in fp32.
+
+    Like transformers (the oracle), the normalised value is cast back to the input dtype before the
+    weight multiply; DeepSeek's reference multiplies in fp32 — identical in fp32, a rounding apart in bf16.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class Linear(nn.Module):
+    """y = x Wᵀ, no bias. Holds either a plain weight or an FP8 e4m3 weight with block scales.
+
+    An FP8 weight (``load_fp8``) is dequantised on the fly for each call: memory stays at one byte
+    per weight, at the cost of a dequantisation per forward (an option for memory, not for speed on CPU).
+    """
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.weight_scale_inv: torch.Tensor | None = None
+
+    @property
+    def is_fp8(self) -> bool:
+        return self.weight.dtype == FP8_DTYPE
+
+    def load_fp8(self, weight: torch.Tensor, scale_inv: torch.Tensor) -> None:
+        """Keep an FP8 block-quantized weight as is (registered as ``weight`` + ``weight_scale_inv``)."""
+        if tuple(weight.shape) != (self.out_features, self.in_features):
+            raise ValueError(
+                f"fp8 weight shape {tuple(weight.shape)} != expected {(self.out_features, self.in_features)}"
+            )
+        self.weight = nn.Parameter(weight.to(FP8_DTYPE), requires_grad=False)
+        self.register_buffer("weight_scale_inv", scale_inv.to(torch.float32))
+
+    def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        if self.is_fp8:
+            return dequantize_fp8_blocks(self.weight, self.weight_scale_inv, dtype)
+        return self.weight if self.weight.dtype == dtype else self.weight.to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.dense_weight(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, fp8={self.is_fp8}"
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down( silu(gate x) ⊙ up x ). Dense layers, routed and shared experts."""
+
+    def __init__(self, dim: int, inter_dim: int):
+        super().__init__()
+        self.gate_proj = Linear(dim, inter_dim)
+        self.up_proj = Linear(dim, inter_dim)
+        self.down_proj = Linear(inter_dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
