@@ -307,7 +307,12 @@ def _validate(cfg: ModelConfig, raw: dict[str, Any]) -> None:
             raise ConfigError(msg)
 
     for name in _INT_FIELDS:
-        if name in ("num_nextn_predict_layers", "first_k_dense_replace", "n_shared_experts", "n_routed_experts"):
+        if name in (
+            "num_nextn_predict_layers",
+            "first_k_dense_replace",
+            "n_shared_experts",
+            "n_routed_experts",
+        ):
             need(getattr(cfg, name) >= 0, f"config field '{name}' must be >= 0, got {getattr(cfg, name)}")
         else:
             need(getattr(cfg, name) > 0, f"config field '{name}' must be > 0, got {getattr(cfg, name)}")
@@ -342,8 +347,7 @@ def _validate(cfg: ModelConfig, raw: dict[str, Any]) -> None:
             f"({cfg.topk_group}) groups of {per_group}",
         )
     need(
-        "num_key_value_heads" not in raw
-        or raw["num_key_value_heads"] in (None, cfg.num_attention_heads),
+        "num_key_value_heads" not in raw or raw["num_key_value_heads"] in (None, cfg.num_attention_heads),
         f"'num_key_value_heads' ({raw.get('num_key_value_heads')}) contradicts 'num_attention_heads' "
         f"({cfg.num_attention_heads}); MLA has one latent shared by all heads",
     )

@@ -1,0 +1,94 @@
+"""DSA lightning indexer: scores every visible key cheaply and picks the top-k for MLA to attend to.
+
+Per token t (x_t = attention input after input_layernorm, c_q(t) = the MLA q latent):
+    qI  = wq_b(c_q) -> (H_I, d_I);  rope (non-interleaved) on qI[:, :d_r]   # rope slice FIRST
+    kI  = LayerNorm(wk(x_t)) -> (d_I); rope on kI[:d_r]                      # one key shared by all heads
+    w   = weights_proj(x_t) · H_I^-0.5                                       # fp32
+    I(t, s) = Σ_j w_j · d_I^-0.5 · ReLU(qI_j · kI_s)
+    K_t = top-k_s I(t, s) over the causal keys s <= t
+The selection is shared by all MLA heads of the layer.
+
+DeepSeek's reference also applies a Hadamard rotation and FP8-quantises qI/kI: both are precision
+tricks (the rotation preserves dot products), off here so fp32 results are exact, as in transformers.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsv32.config import ModelConfig
+from dsv32.model.layers import Linear
+from dsv32.model.rope import apply_rope_half
+
+
+class Indexer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads = cfg.index_n_heads
+        self.head_dim = cfg.index_head_dim
+        self.rope_dim = cfg.qk_rope_head_dim
+        self.topk = cfg.index_topk
+        self.wq_b = Linear(cfg.q_lora_rank, self.n_heads * self.head_dim)
+        self.wk = Linear(cfg.hidden_size, self.head_dim)
+        self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6)
+        self.weights_proj = Linear(cfg.hidden_size, self.n_heads)
+
+    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        rot, rest = x.split([self.rope_dim, self.head_dim - self.rope_dim], dim=-1)
+        return torch.cat((apply_rope_half(rot, cos, sin), rest), dim=-1)
+
+    def key(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x [B, T, D] -> index keys kI [B, T, d_I] (what the indexer cache stores)."""
+        k = self.k_norm(self.wk(x))
+        return self._rope(k, cos, sin)
+
+    def query(
+        self, x: torch.Tensor, c_q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin [T, d_r/2] -> index queries qI [B, T, H_I, d_I] and fp32 head weights w [B, T, H_I] (scales folded in)."""
+        B, T, _ = x.shape
+        q = self.wq_b(c_q).view(B, T, self.n_heads, self.head_dim)
+        q = self._rope(q, cos[:, None], sin[:, None])
+        w = F.linear(x.float(), self.weights_proj.dense_weight(torch.float32))
+        w = w * (self.n_heads**-0.5 * self.head_dim**-0.5)
+        return q, w
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [B, T, D]
+        c_q: torch.Tensor,  # [B, T, q_lora_rank]
+        cos: torch.Tensor,  # [T, d_r/2]
+        sin: torch.Tensor,
+        k_index: torch.Tensor,  # [B, S, d_I] keys of every visible position (cache + this step)
+        q_pos: torch.Tensor,  # [T]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k selection: idx [B, T, k'] and valid [B, T, k'] (see ``select_topk``)."""
+        q, w = self.query(x, c_q, cos, sin)
+        return select_topk(index_scores(q, w, k_index), q_pos, self.topk)
+
+
+def index_scores(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """I(t, s) = Σ_j w[t, j] · ReLU(q[t, j] · k[s]) in fp32.
+
+    q [B, T, H_I, d_I], w [B, T, H_I], k [B, S, d_I] -> [B, T, S]. Cost O(T · S · H_I · d_I).
+    """
+    qk = torch.einsum("bthd,bsd->bths", q.float(), k.float()).relu_()  # [B, T, H_I, S]
+    return torch.einsum("bth,bths->bts", w, qk)
+
+
+def select_topk(scores: torch.Tensor, q_pos: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal top-k over keys at positions 0..S-1.
+
+    scores [B, T, S]; q_pos [T] absolute position of each query (key s is visible iff s <= q_pos[t]).
+    Returns idx [B, T, k'] (k' = min(k, S)) and valid [B, T, k'] (False where a row has fewer than k'
+    visible keys and top-k had to fill with masked slots). Invisible keys are set to -inf before top-k,
+    so a query never trades one of its own visible keys for a future one.
+    """
+    S = scores.shape[-1]
+    visible = torch.arange(S, device=scores.device)[None, :] <= q_pos[:, None]  # [T, S]
+    scores = scores.masked_fill(~visible, float("-inf"))
+    idx = scores.topk(min(k, S), dim=-1).indices
+    valid = idx <= q_pos[None, :, None]
+    return idx, valid

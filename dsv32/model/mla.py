@@ -1,0 +1,95 @@
+"""Multi-head Latent Attention (MLA), with the DSA indexer for V3.2.
+
+Per token (x = attention input after input_layernorm):
+    c_q  = RMSNorm(q_a_proj x)                 (q_lora_rank; also the indexer's query input)
+    q    = q_b_proj c_q -> (H, d_n + d_r);  q_pe = RoPE(q[:, d_n:])
+    kv   = kv_a_proj_with_mqa x -> c_kv = RMSNorm(kv[:d_c]) (d_c) ‖ k_pe = RoPE(kv[d_c:]) (d_r, shared)
+    [k_nope | v]_h = kv_b_proj c_kv            (per head; computed only in the naive form)
+Only c_kv and k_pe are cached. The DSA indexer picks, per query, the top ``index_topk`` keys; when
+more keys are visible than that, attention reads only those (see ``sparse_attn``).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+
+from dsv32.config import ModelConfig
+from dsv32.model.indexer import Indexer
+from dsv32.model.kv_cache import LayerCache
+from dsv32.model.layers import Linear, RMSNorm
+from dsv32.model.rope import apply_rope_half, apply_rope_interleaved
+from dsv32.model.sparse_attn import attention_absorbed, attention_naive
+
+AttnForm = Literal["auto", "naive", "absorbed"]
+
+
+class MLA(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads = cfg.num_attention_heads
+        self.d_nope, self.d_rope, self.d_v = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        self.d_latent = cfg.kv_lora_rank
+        self.q_lora_rank = cfg.q_lora_rank
+        self.scale = cfg.softmax_scale
+        self.rope = apply_rope_interleaved if cfg.rope_interleave else apply_rope_half
+        d_qk = cfg.qk_head_dim
+        if cfg.q_lora_rank is None:
+            self.q_proj = Linear(cfg.hidden_size, self.n_heads * d_qk)
+        else:
+            self.q_a_proj = Linear(cfg.hidden_size, cfg.q_lora_rank)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
+            self.q_b_proj = Linear(cfg.q_lora_rank, self.n_heads * d_qk)
+        self.kv_a_proj_with_mqa = Linear(cfg.hidden_size, cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps)
+        self.kv_b_proj = Linear(cfg.kv_lora_rank, self.n_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim))
+        self.o_proj = Linear(self.n_heads * cfg.v_head_dim, cfg.hidden_size)
+        self.indexer = Indexer(cfg) if cfg.has_indexer else None
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [B, T, D]
+        q_pos: torch.Tensor,  # [T] absolute positions
+        cos: torch.Tensor,  # [T, d_r/2]
+        sin: torch.Tensor,
+        cache: LayerCache | None = None,
+        start_pos: int = 0,
+        form: AttnForm = "auto",
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        H = self.n_heads
+        # queries
+        if self.q_lora_rank is None:
+            c_q = None
+            q = self.q_proj(x)
+        else:
+            c_q = self.q_a_layernorm(self.q_a_proj(x))
+            q = self.q_b_proj(c_q)
+        q_nope, q_pe = q.view(B, T, H, -1).split([self.d_nope, self.d_rope], dim=-1)
+        q_pe = self.rope(q_pe, cos[:, None], sin[:, None])
+        # the latent: what the cache holds
+        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.d_latent, self.d_rope], dim=-1)
+        c_kv = self.kv_a_layernorm(c_kv)
+        k_pe = self.rope(k_pe, cos, sin)
+        k_index = self.indexer.key(x, cos, sin) if self.indexer is not None else None
+        if cache is not None:
+            c_kv, k_pe, k_index = cache.write(start_pos, c_kv, k_pe, k_index)
+        S = c_kv.shape[1]
+
+        # DSA: select keys only when more are visible than index_topk (otherwise attention is dense)
+        topk_idx = topk_valid = None
+        if self.indexer is not None and S > self.indexer.topk:
+            topk_idx, topk_valid = self.indexer(x, c_q, cos, sin, k_index, q_pos)
+
+        if form == "auto":
+            form = "absorbed" if T == 1 else "naive"
+        w_kv_b = self.kv_b_proj.dense_weight(x.dtype).view(H, self.d_nope + self.d_v, self.d_latent)
+        if form == "naive":
+            o = attention_naive(q_nope, q_pe, c_kv, k_pe, w_kv_b, q_pos, self.scale, topk_idx)
+        elif form == "absorbed":
+            o = attention_absorbed(q_nope, q_pe, c_kv, k_pe, w_kv_b, q_pos, self.scale, topk_idx, topk_valid)
+        else:
+            raise ValueError(f"unknown attention form {form!r}")
+        return self.o_proj(o.reshape(B, T, H * self.d_v))

@@ -1,0 +1,77 @@
+"""Rotary position embedding with YaRN, in the two layouts DeepSeek uses.
+
+* MLA (q_pe, k_pe): **interleaved** pairs (x[2i], x[2i+1]) — the layout the checkpoint weights are
+  trained for. We keep the interleaved layout in the output (DeepSeek reference); transformers emits the
+  same rotation de-interleaved (evens then odds). Dot products are identical, only a cached k_pe differs
+  by that fixed permutation.
+* DSA indexer: **non-interleaved** (rotate-half) pairs (x[i], x[i + d/2]) — DeepSeek's fix of
+  2025-11 ("rope in indexer is not interleaved").
+
+YaRN (factor s, original length L0, beta_fast/slow): frequency i keeps its original value below the
+correction range, is divided by s above it, and ramps linearly in between. cos/sin carry YaRN's
+attention factor mscale(s, mscale)/mscale(s, mscale_all_dim) (1.0 for the DeepSeek checkpoints); the
+softmax m² correction lives in ``ModelConfig.softmax_scale``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from dsv32.config import ModelConfig, yarn_mscale
+
+
+def rope_inv_freq(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies [d_r/2] (fp32) and the cos/sin attention factor."""
+    dim, base, r = cfg.qk_rope_head_dim, cfg.rope.theta, cfg.rope
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    if r.type != "yarn":
+        return inv_freq, 1.0
+
+    def correction_dim(rotations: float) -> float:
+        return (
+            dim
+            * math.log(r.original_max_position_embeddings / (rotations * 2 * math.pi))
+            / (2 * math.log(base))
+        )
+
+    low = max(math.floor(correction_dim(r.beta_fast)), 0)
+    high = min(math.ceil(correction_dim(r.beta_slow)), dim - 1)
+    if low == high:
+        high += 0.001  # avoid a zero-width ramp
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    inv_freq = inv_freq / r.factor * ramp + inv_freq * (1 - ramp)
+    if r.mscale and r.mscale_all_dim:
+        attention_factor = yarn_mscale(r.factor, r.mscale) / yarn_mscale(r.factor, r.mscale_all_dim)
+    else:  # transformers' YaRN default when mscale_all_dim is absent
+        attention_factor = yarn_mscale(r.factor)
+    return inv_freq, attention_factor
+
+
+class RotaryEmbedding:
+    """Computes cos/sin for absolute positions; no buffers, so the model can be built on 'meta'."""
+
+    def __init__(self, cfg: ModelConfig):
+        self.inv_freq, self.attention_factor = rope_inv_freq(cfg)
+
+    def __call__(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [...] (int) -> cos, sin [..., d_r/2] in ``dtype``."""
+        angles = positions.to(torch.float32)[..., None] * self.inv_freq.to(positions.device)
+        cos = angles.cos() * self.attention_factor
+        sin = angles.sin() * self.attention_factor
+        return cos.to(dtype), sin.to(dtype)
+
+
+def apply_rope_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x[2i], x[2i+1]) by angle i. x [..., T, (heads,) d]; cos/sin broadcastable [..., d/2]."""
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    return out.flatten(-2)
+
+
+def apply_rope_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x[i], x[i + d/2]) by angle i (NeoX / rotate-half layout)."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)

@@ -1,0 +1,85 @@
+"""The attention core of MLA in its two forms, dense or restricted to the indexer's top-k.
+
+Shapes: B batch, T queries, S keys, H heads, d_n nope dim, d_r rope dim, d_v value dim,
+d_c latent dim (kv_lora_rank), k selected keys per query.
+
+* ``attention_naive``: expand per-head keys/values from the latent (kv_b_proj on every key), then
+  ordinary multi-head attention with a boolean mask (causal ∧ selected). Cheapest for prefill.
+* ``attention_absorbed``: fold W_UK into the query and W_UV into the output so attention runs on the
+  576-dim latent entries directly (MQA with one shared key/value head). With a top-k selection it
+  **gathers** the k selected latent entries per query, so its cost grows with k, not with S.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def causal_visible(q_pos: torch.Tensor, n_keys: int) -> torch.Tensor:
+    """[T, S] bool: key s is visible to query t iff s <= q_pos[t]."""
+    return torch.arange(n_keys, device=q_pos.device)[None, :] <= q_pos[:, None]
+
+
+def attention_naive(
+    q_nope: torch.Tensor,  # [B, T, H, d_n]
+    q_pe: torch.Tensor,  # [B, T, H, d_r]
+    c_kv: torch.Tensor,  # [B, S, d_c]
+    k_pe: torch.Tensor,  # [B, S, d_r]
+    w_kv_b: torch.Tensor,  # [H, d_n + d_v, d_c]
+    q_pos: torch.Tensor,  # [T]
+    scale: float,
+    topk_idx: torch.Tensor | None = None,  # [B, T, k] keys selected by the indexer
+) -> torch.Tensor:
+    """-> per-head outputs [B, T, H, d_v]."""
+    B, T, H, d_n = q_nope.shape
+    S = c_kv.shape[1]
+    kv = torch.einsum("bsc,hec->bshe", c_kv, w_kv_b)  # [B, S, H, d_n + d_v]
+    k_nope, v = kv.split([d_n, w_kv_b.shape[1] - d_n], dim=-1)
+    q = torch.cat((q_nope, q_pe), dim=-1).transpose(1, 2)  # [B, H, T, d_qk]
+    k = torch.cat((k_nope, k_pe[:, :, None].expand(B, S, H, -1)), dim=-1).transpose(1, 2)  # [B, H, S, d_qk]
+    mask = causal_visible(q_pos, S)[None].expand(B, T, S)
+    if topk_idx is not None:
+        selected = torch.zeros(B, T, S, dtype=torch.bool, device=c_kv.device)
+        selected.scatter_(-1, topk_idx, True)
+        mask = mask & selected
+    out = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), attn_mask=mask[:, None], scale=scale)
+    return out.transpose(1, 2)  # [B, T, H, d_v]
+
+
+def attention_absorbed(
+    q_nope: torch.Tensor,  # [B, T, H, d_n]
+    q_pe: torch.Tensor,  # [B, T, H, d_r]
+    c_kv: torch.Tensor,  # [B, S, d_c]
+    k_pe: torch.Tensor,  # [B, S, d_r]
+    w_kv_b: torch.Tensor,  # [H, d_n + d_v, d_c]
+    q_pos: torch.Tensor,  # [T]
+    scale: float,
+    topk_idx: torch.Tensor | None = None,  # [B, T, k]
+    topk_valid: torch.Tensor | None = None,  # [B, T, k]
+) -> torch.Tensor:
+    """-> per-head outputs [B, T, H, d_v], attending in latent space."""
+    d_n = q_nope.shape[-1]
+    w_uk, w_uv = w_kv_b[:, :d_n], w_kv_b[:, d_n:]  # [H, d_n, d_c], [H, d_v, d_c]
+    q_lat = torch.einsum("bthn,hnc->bthc", q_nope, w_uk)  # absorbed query [B, T, H, d_c]
+    if topk_idx is None:
+        # dense: every causal key
+        scores = torch.einsum("bthc,bsc->bths", q_lat, c_kv) + torch.einsum("bthr,bsr->bths", q_pe, k_pe)
+        visible = causal_visible(q_pos, c_kv.shape[1])[None, :, None, :]  # [1, T, 1, S]
+        values = c_kv  # [B, S, d_c]
+        scores = (scores * scale).masked_fill(~visible, float("-inf"))
+        p = torch.softmax(scores.float(), dim=-1).to(q_lat.dtype)
+        o_lat = torch.einsum("bths,bsc->bthc", p, values)
+    else:
+        # sparse: gather only the k selected latent entries of each query
+        B, T, k = topk_idx.shape
+        flat = topk_idx.reshape(B, T * k)
+        c_sel = torch.gather(c_kv, 1, flat[..., None].expand(-1, -1, c_kv.shape[-1])).view(B, T, k, -1)
+        pe_sel = torch.gather(k_pe, 1, flat[..., None].expand(-1, -1, k_pe.shape[-1])).view(B, T, k, -1)
+        scores = torch.einsum("bthc,btkc->bthk", q_lat, c_sel) + torch.einsum("bthr,btkr->bthk", q_pe, pe_sel)
+        scores = scores * scale
+        if topk_valid is not None:
+            scores = scores.masked_fill(~topk_valid[:, :, None, :], float("-inf"))
+        p = torch.softmax(scores.float(), dim=-1).to(q_lat.dtype)
+        o_lat = torch.einsum("bthk,btkc->bthc", p, c_sel)
+    return torch.einsum("bthc,hvc->bthv", o_lat, w_uv)

@@ -1,0 +1,164 @@
+"""The DeepSeek-V3 / V3.2 decoder: pre-norm blocks (MLA [+ DSA] and a dense MLP or MoE), and MTP.
+
+Parameter names equal the Hugging Face checkpoint's tensor names, so the loader maps tensors 1:1.
+MTP modules are stored as extra layers after the main ones (``model.layers.{num_hidden_layers}``),
+as in the checkpoint; the main forward runs only the first ``num_hidden_layers``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dsv32.config import ModelConfig
+from dsv32.model.kv_cache import KVCache, LayerCache
+from dsv32.model.layers import MLP, Linear, RMSNorm
+from dsv32.model.mla import MLA, AttnForm
+from dsv32.model.moe import MoE
+from dsv32.model.rope import RotaryEmbedding
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = MLA(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MoE(cfg) if cfg.is_moe_layer(layer_idx) else MLP(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(
+        self,
+        h: torch.Tensor,
+        q_pos: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: LayerCache | None = None,
+        start_pos: int = 0,
+        form: AttnForm = "auto",
+    ) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), q_pos, cos, sin, cache, start_pos, form)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class SharedHead(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.head = Linear(cfg.hidden_size, cfg.vocab_size)
+
+
+class MTPLayer(Block):
+    """Multi-token prediction: from the main model's hidden h_i and token t_{i+1}, predict t_{i+2}.
+
+        u = eh_proj([enorm(Embed(t_{i+1})) ‖ hnorm(h_i)]);  v = Block(u);  logits = head(norm(v))
+    (embedding half first). h_i is the main model's final hidden state (after ``model.norm``).
+    """
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__(cfg, layer_idx)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.eh_proj = Linear(2 * cfg.hidden_size, cfg.hidden_size)
+        self.shared_head = SharedHead(cfg)
+
+    def forward_mtp(
+        self,
+        hidden: torch.Tensor,  # [B, T, D] main-model hidden at positions i
+        next_ids: torch.Tensor,  # [B, T] tokens at positions i+1
+        q_pos: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: LayerCache | None = None,
+        start_pos: int = 0,
+    ) -> torch.Tensor:
+        e = self.enorm(self.embed_tokens(next_ids))
+        u = self.eh_proj(torch.cat((e, self.hnorm(hidden)), dim=-1))
+        v = super().forward(u, q_pos, cos, sin, cache, start_pos)
+        return self.shared_head.head(self.shared_head.norm(v))
+
+
+class DeepseekModel(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        n = cfg.num_hidden_layers
+        self.layers = nn.ModuleList(
+            [Block(cfg, i) for i in range(n)]
+            + [MTPLayer(cfg, n + j) for j in range(cfg.num_nextn_predict_layers)]
+        )
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class DeepseekForCausalLM(nn.Module):
+    """``model(input_ids [B, T]) -> logits [B, T, vocab]``; with a ``KVCache``, incremental decoding."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = DeepseekModel(cfg)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
+        self.rotary = RotaryEmbedding(cfg)
+        self.attn_form: AttnForm = "auto"  # "naive" / "absorbed" force one MLA form (tests, benchmarks)
+
+    @property
+    def n_main_layers(self) -> int:
+        return self.config.num_hidden_layers
+
+    @property
+    def mtp_layers(self) -> list[MTPLayer]:
+        return list(self.model.layers[self.n_main_layers :])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        """A zeroed latent cache for ``batch`` sequences of up to ``max_len`` tokens (all layers incl. MTP)."""
+        return KVCache(self.config, batch, max_len, len(self.model.layers), self.dtype, self.device)
+
+    def _positions(self, T: int, start_pos: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q_pos = torch.arange(start_pos, start_pos + T, device=self.device)
+        cos, sin = self.rotary(q_pos, self.dtype)
+        return q_pos, cos, sin
+
+    def hidden_states(
+        self, input_ids: torch.Tensor, start_pos: int = 0, cache: KVCache | None = None
+    ) -> torch.Tensor:
+        """Final hidden states [B, T, D] (after ``model.norm``), i.e. what lm_head reads."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+        T = input_ids.shape[1]
+        q_pos, cos, sin = self._positions(T, start_pos)
+        h = self.model.embed_tokens(input_ids)
+        for i in range(self.n_main_layers):
+            h = self.model.layers[i](
+                h, q_pos, cos, sin, cache[i] if cache is not None else None, start_pos, self.attn_form
+            )
+        return self.model.norm(h)
+
+    def forward(
+        self, input_ids: torch.Tensor, start_pos: int = 0, cache: KVCache | None = None
+    ) -> torch.Tensor:
+        return self.lm_head(self.hidden_states(input_ids, start_pos, cache))
+
+    def mtp_logits(
+        self,
+        hidden: torch.Tensor,
+        next_ids: torch.Tensor,
+        start_pos: int = 0,
+        cache: KVCache | None = None,
+        depth: int = 0,
+    ) -> torch.Tensor:
+        """Logits of MTP module ``depth`` for positions i+2 given hidden h_i [B, T, D] and tokens t_{i+1}."""
+        if depth >= len(self.mtp_layers):
+            raise ValueError(f"this model has {len(self.mtp_layers)} MTP layers; asked for depth {depth}")
+        q_pos, cos, sin = self._positions(hidden.shape[1], start_pos)
+        idx = self.n_main_layers + depth
+        return self.mtp_layers[depth].forward_mtp(
+            hidden, next_ids, q_pos, cos, sin, cache[idx] if cache is not None else None, start_pos
+        )
