@@ -100,6 +100,33 @@ class DeepseekForCausalLM(nn.Module):
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
         self.rotary = RotaryEmbedding(cfg)
         self.attn_form: AttnForm = "auto"  # "naive" / "absorbed" force one MLA form (tests, benchmarks)
+        self.tie_mtp_copies()
+
+    def mtp_copies(self) -> dict[str, str]:
+        """MTP tensors that DeepSeek checkpoints store as copies of main ones: {mtp name: main name}."""
+        out = {}
+        for j in range(self.config.num_nextn_predict_layers):
+            p = f"model.layers.{self.n_main_layers + j}."
+            out[p + "embed_tokens.weight"] = "model.embed_tokens.weight"
+            out[p + "shared_head.head.weight"] = "lm_head.weight"
+        return out
+
+    def tie_mtp_copies(self) -> None:
+        """Share each MTP layer's embedding and head with the main model's (one copy in memory).
+
+        DeepSeek's checkpoints hold identical copies (layer 61 embed_tokens / shared_head.head); the loader
+        checks the stored copy and unties (``untie_mtp_copy``) if a checkpoint's copy differs.
+        """
+        for mtp in self.mtp_layers:
+            mtp.embed_tokens.weight = self.model.embed_tokens.weight
+            mtp.shared_head.head.weight = self.lm_head.weight
+
+    def untie_mtp_copy(self, name: str) -> None:
+        """Give the MTP tensor ``name`` its own storage (a copy of the main tensor, to be overwritten)."""
+        module_name, _, attr = name.rpartition(".")
+        module = self.get_submodule(module_name)
+        shared = getattr(module, attr)
+        setattr(module, attr, nn.Parameter(shared.detach().clone(), requires_grad=shared.requires_grad))
 
     @property
     def n_main_layers(self) -> int:
