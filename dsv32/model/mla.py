@@ -21,9 +21,10 @@ from dsv32.model.indexer import Indexer
 from dsv32.model.kv_cache import LayerCache
 from dsv32.model.layers import Linear, RMSNorm
 from dsv32.model.rope import apply_rope_half, apply_rope_interleaved
-from dsv32.model.sparse_attn import attention_absorbed, attention_naive
+from dsv32.model.sparse_attn import attention_absorbed, attention_naive, expand_latent
 
 AttnForm = Literal["auto", "naive", "absorbed"]
+QUERY_CHUNK_ELEMENTS = 1 << 25  # queries x keys x heads per attention / indexer chunk
 
 
 class MLA(nn.Module):
@@ -78,18 +79,29 @@ class MLA(nn.Module):
             c_kv, k_pe, k_index = cache.write(start_pos, c_kv, k_pe, k_index)
         S = c_kv.shape[1]
 
-        # DSA: select keys only when more are visible than index_topk (otherwise attention is dense)
-        topk_idx = topk_valid = None
-        if self.indexer is not None and S > self.indexer.topk:
-            topk_idx, topk_valid = self.indexer(x, c_q, cos, sin, k_index, q_pos)
-
         if form == "auto":
             form = "absorbed" if T == 1 else "naive"
+        if form not in ("naive", "absorbed"):
+            raise ValueError(f"unknown attention form {form!r}")
         w_kv_b = self.kv_b_proj.dense_weight(x.dtype).view(H, self.d_nope + self.d_v, self.d_latent)
         if form == "naive":
-            o = attention_naive(q_nope, q_pe, c_kv, k_pe, w_kv_b, q_pos, self.scale, topk_idx)
-        elif form == "absorbed":
-            o = attention_absorbed(q_nope, q_pe, c_kv, k_pe, w_kv_b, q_pos, self.scale, topk_idx, topk_valid)
-        else:
-            raise ValueError(f"unknown attention form {form!r}")
+            k_nope, v = expand_latent(c_kv, w_kv_b, self.d_nope)  # once for all query chunks
+        # DSA selects keys only when more are visible than index_topk (otherwise attention is dense).
+        sparse = self.indexer is not None and S > self.indexer.topk
+        # Queries go in chunks so score matrices stay bounded (~QUERY_CHUNK_ELEMENTS) for long prompts.
+        rows = max(1, QUERY_CHUNK_ELEMENTS // (S * max(H, self.indexer.n_heads if sparse else 0)))
+        outs = []
+        for t0 in range(0, T, rows):
+            t = slice(t0, min(T, t0 + rows))
+            topk_idx = topk_valid = None
+            if sparse:
+                topk_idx, topk_valid = self.indexer(x[:, t], c_q[:, t], cos[t], sin[t], k_index, q_pos[t])
+            if form == "naive":
+                o = attention_naive(q_nope[:, t], q_pe[:, t], k_nope, v, k_pe, q_pos[t], self.scale, topk_idx)
+            else:
+                o = attention_absorbed(
+                    q_nope[:, t], q_pe[:, t], c_kv, k_pe, w_kv_b, q_pos[t], self.scale, topk_idx, topk_valid
+                )
+            outs.append(o)
+        o = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
         return self.o_proj(o.reshape(B, T, H * self.d_v))

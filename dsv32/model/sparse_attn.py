@@ -21,26 +21,31 @@ def causal_visible(q_pos: torch.Tensor, n_keys: int) -> torch.Tensor:
     return torch.arange(n_keys, device=q_pos.device)[None, :] <= q_pos[:, None]
 
 
+def expand_latent(c_kv: torch.Tensor, w_kv_b: torch.Tensor, d_n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Naive form's per-head keys and values from the latent: c_kv [B, S, d_c] -> k_nope [B, S, H, d_n],
+    v [B, S, H, d_v] (kv_b_proj applied to every key)."""
+    kv = torch.einsum("bsc,hec->bshe", c_kv, w_kv_b)
+    return kv.split([d_n, w_kv_b.shape[1] - d_n], dim=-1)
+
+
 def attention_naive(
     q_nope: torch.Tensor,  # [B, T, H, d_n]
     q_pe: torch.Tensor,  # [B, T, H, d_r]
-    c_kv: torch.Tensor,  # [B, S, d_c]
+    k_nope: torch.Tensor,  # [B, S, H, d_n]  (from ``expand_latent``)
+    v: torch.Tensor,  # [B, S, H, d_v]
     k_pe: torch.Tensor,  # [B, S, d_r]
-    w_kv_b: torch.Tensor,  # [H, d_n + d_v, d_c]
     q_pos: torch.Tensor,  # [T]
     scale: float,
     topk_idx: torch.Tensor | None = None,  # [B, T, k] keys selected by the indexer
 ) -> torch.Tensor:
     """-> per-head outputs [B, T, H, d_v]."""
-    B, T, H, d_n = q_nope.shape
-    S = c_kv.shape[1]
-    kv = torch.einsum("bsc,hec->bshe", c_kv, w_kv_b)  # [B, S, H, d_n + d_v]
-    k_nope, v = kv.split([d_n, w_kv_b.shape[1] - d_n], dim=-1)
+    B, T, H, _ = q_nope.shape
+    S = k_nope.shape[1]
     q = torch.cat((q_nope, q_pe), dim=-1).transpose(1, 2)  # [B, H, T, d_qk]
     k = torch.cat((k_nope, k_pe[:, :, None].expand(B, S, H, -1)), dim=-1).transpose(1, 2)  # [B, H, S, d_qk]
     mask = causal_visible(q_pos, S)[None].expand(B, T, S)
     if topk_idx is not None:
-        selected = torch.zeros(B, T, S, dtype=torch.bool, device=c_kv.device)
+        selected = torch.zeros(B, T, S, dtype=torch.bool, device=k.device)
         selected.scatter_(-1, topk_idx, True)
         mask = mask & selected
     out = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), attn_mask=mask[:, None], scale=scale)

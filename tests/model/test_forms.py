@@ -123,3 +123,13 @@ def test_same_code_runs_on_cuda_in_bf16(model):
     scale = ref.abs().max()
     assert (out - ref).abs().max() < 0.05 * scale
     assert (inc - ref).abs().max() < 0.05 * scale
+
+
+@pytest.mark.parametrize("form", ["naive", "absorbed"])
+def test_query_chunking_does_not_change_results(model, form, monkeypatch):
+    import dsv32.model.mla as mla
+
+    ids = torch.randint(0, 300, (2, 30), generator=torch.Generator().manual_seed(4))
+    whole = run_form(model, form, ids)
+    monkeypatch.setattr(mla, "QUERY_CHUNK_ELEMENTS", 30 * 8 * 7)  # 7-row chunks of the 30 queries
+    torch.testing.assert_close(run_form(model, form, ids), whole, rtol=1e-5, atol=1e-5)
