@@ -66,7 +66,7 @@ def bench_model(config: dict, n_prefill: int, n_decode: int, out_dir: Path, repe
 
     cfg = ModelConfig.from_dict(config)
     torch.manual_seed(0)
-    ids = torch.randint(1000, cfg.vocab_size - 1000, (1, n_prefill))
+    ids = torch.randint(2, cfg.vocab_size, (1, n_prefill))
     with tempfile.TemporaryDirectory(prefix="dsv32-bench-") as tmp:
         print(f"writing a synthetic checkpoint ({cfg.model_type}, hidden {cfg.hidden_size}, "
               f"{cfg.num_hidden_layers} layers) ...", flush=True)  # fmt: skip
