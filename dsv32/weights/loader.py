@@ -11,11 +11,12 @@ config.json) with a one-line message that names the file or tensor.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 import struct
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import BinaryIO
 
@@ -39,6 +40,7 @@ ST_DTYPES = {
     "BF16": torch.bfloat16,
     "F8_E4M3": torch.float8_e4m3fn,
 }
+log = logging.getLogger(__name__)
 _MAX_NAMED = 3  # names listed in an error message before "(+N more)"
 _CHUNK_BYTES = 64 << 20  # conversions and dequantization work in row chunks of about this size
 
@@ -68,7 +70,8 @@ def load_model(
     FP8 block-quantized weights are dequantized to ``dtype``, or with ``keep_fp8`` kept as e4m3 + block
     scales (``Linear.load_fp8``). Unquantized tensors are cast to ``dtype``, except the MoE router's weight
     and correction bias, which stay fp32. The MTP layers' embedding and head stay shared with the main
-    ones unless the checkpoint's copies differ from them.
+    ones unless the checkpoint's copies differ from them; MTP layers of which the checkpoint holds nothing
+    (transformers' ``save_pretrained`` drops them) are left out of the model.
     """
     root = Path(path)
     if not root.exists():
@@ -77,6 +80,7 @@ def load_model(
         raise CheckpointError(f"{root} is not a directory (expected an HF model directory)")
     cfg = ModelConfig.from_file(root)
     stored = read_checkpoint_index(root)
+    cfg = _without_absent_mtp_layers(cfg, stored)
     block = cfg.fp8_block_size or (128, 128)
 
     with torch.device("meta"):
@@ -246,6 +250,17 @@ def _validate(
         more = f" (+{len(problems) - 1} more problems)" if len(problems) > 1 else ""
         raise CheckpointError(f"{where}: {problems[0]}{more}")
     return _Plan([k for k in expected if k in stored], fp8, tie)
+
+
+def _without_absent_mtp_layers(cfg: ModelConfig, stored: dict[str, StoredTensor]) -> ModelConfig:
+    """The config minus MTP layers of which the checkpoint holds no tensor at all: transformers'
+    ``save_pretrained`` drops the MTP layer while its V3 config keeps ``num_nextn_predict_layers: 1``."""
+    for j in range(cfg.num_nextn_predict_layers):
+        prefix = f"model.layers.{cfg.num_hidden_layers + j}."
+        if not any(name.startswith(prefix) for name in stored):
+            log.info("checkpoint has no MTP layer %d: loading without it", cfg.num_hidden_layers + j)
+            return replace(cfg, num_nextn_predict_layers=j)
+    return cfg
 
 
 def _ignored_mtp_tensors(cfg: ModelConfig, stored: dict[str, StoredTensor]) -> set[str]:
