@@ -205,7 +205,9 @@ def _validate(
         optional = optional | {"lm_head.weight"}
     missing = [k for k in expected if k not in stored and k not in optional]
     unexpected, fp8, problems = [], set(), []
-    for name, st in stored.items():
+    order = {name: i for i, name in enumerate(expected)}  # report problems in model order
+    for name in sorted(stored, key=lambda n: (order.get(n, len(order)), n)):
+        st = stored[name]
         if name in ignored:
             continue
         if name.endswith(SCALE_SUFFIX):
@@ -292,7 +294,7 @@ def _read_header(file: Path) -> dict[str, StoredTensor]:
         (n,) = struct.unpack("<Q", fh.read(8))
         header = json.loads(fh.read(n))
     out = {}
-    for name in names:
+    for name in sorted(names, key=lambda k: header[k]["data_offsets"][0]):
         h = header[name]
         begin, end = h["data_offsets"]
         out[name] = StoredTensor(file, tuple(h["shape"]), h["dtype"], 8 + n + begin, end - begin)
