@@ -56,7 +56,7 @@ def quantize_fp8_blocks(
     w32 = w.to(torch.float32)
     if (so * bo, si * bi) != (out_f, in_f):  # zero-pad partial edge blocks for the block maxima
         w32 = torch.nn.functional.pad(w32, (0, si * bi - in_f, 0, so * bo - out_f))
-    amax = w32.view(so, bo, si, bi).abs().amax(dim=(1, 3))  # [so, si]
+    amax = w32.view(so, bo, si, bi).abs().amax(dim=3).amax(dim=1)  # [so, si]; inner dim first is faster
     scale = (amax / FP8_MAX).clamp_min(torch.finfo(torch.float32).tiny)
     if pow2_scales:
         scale = torch.exp2(torch.ceil(torch.log2(scale)))
