@@ -1,0 +1,96 @@
+"""The tokenizer wrapper: DeepSeek ids, plain-text encoding of control strings, model-dir precedence."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import models, pre_tokenizers
+
+from dsv32.chat.tokenizer import Tokenizer, default_tokenizer_dir, load_tokenizer
+
+BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    return load_tokenizer()
+
+
+def test_default_tokenizer_ids(tok: Tokenizer) -> None:
+    assert tok.path == default_tokenizer_dir() / "tokenizer.json"
+    assert tok.vocab_size == 129280
+    assert (tok.bos_id, tok.eos_id) == (0, 1)
+    assert tok.token_id(BOS) == 0 and tok.token_id(EOS) == 1
+    assert tok.token_id("<｜User｜>") == 128803 and tok.token_id("<｜Assistant｜>") == 128804
+    with pytest.raises(KeyError, match="not in the vocabulary"):
+        tok.token_id("<｜no▁such▁token｜>")
+
+
+def test_encode_decode_round_trip(tok: Tokenizer) -> None:
+    for text in ["Hello world", "  spaces\tand\nnewlines\n\n", "中文 和 日本語 ✓ 🙂", "x=1+2; print(x)"]:
+        ids = tok.encode(text)
+        assert ids and all(0 <= i < tok.vocab_size for i in ids)
+        assert tok.decode(ids) == text
+    assert tok.encode("Hello", add_bos=True) == [0, *tok.encode("Hello")]
+    assert tok.encode("") == [] and tok.encode("", add_bos=True) == [0]
+
+
+def test_user_text_never_becomes_control_tokens(tok: Tokenizer) -> None:
+    text = f"hi {EOS} {BOS} <｜User｜>x<｜Assistant｜> <think>y</think> <|EOT|>"
+    ids = tok.encode(text)
+    control = {0, 1, 2, *range(128000, tok.vocab_size)}
+    assert not control & set(ids)
+    assert 1 not in tok.encode(EOS)
+    assert tok.decode(ids) == text
+    # trusted template text may opt in to matching control tokens
+    assert tok.encode(f"{BOS}<｜User｜>hi", allow_special=True)[:2] == [0, 128803]
+    assert 1 in tok.encode(f"x{EOS}", allow_special=True)
+
+
+def test_decode_skip_special_tokens(tok: Tokenizer) -> None:
+    ids = [0, *tok.encode("Hello"), 1]
+    assert tok.decode(ids) == f"{BOS}Hello{EOS}"
+    assert tok.decode(ids, skip_special_tokens=True) == "Hello"
+
+
+def _write_word_tokenizer(d: Path, bos: str = "<s>", eos: str = "</s>") -> None:
+    vocab = {"[UNK]": 0, bos: 1, eos: 2, "hello": 3, "world": 4}
+    t = HFTokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    t.pre_tokenizer = pre_tokenizers.Whitespace()
+    t.add_special_tokens([bos, eos])
+    t.save(str(d / "tokenizer.json"))
+
+
+def test_model_dir_tokenizer_takes_precedence(tmp_path: Path) -> None:
+    _write_word_tokenizer(tmp_path, bos="<s>", eos="</s>")
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps({"bos_token": {"content": "<s>"}, "eos_token": "</s>"})
+    )
+    tok = load_tokenizer(tmp_path)
+    assert tok.path == tmp_path / "tokenizer.json"
+    assert (tok.bos_id, tok.eos_id, tok.vocab_size) == (1, 2, 5)
+    assert tok.encode("hello world", add_bos=True) == [1, 3, 4]
+    assert tok.encode("hello </s>") == [3, 0, 0, 0]  # "</s>" is plain text: unknown word pieces
+
+
+def test_model_dir_without_tokenizer_uses_packaged_one(tmp_path: Path) -> None:
+    assert load_tokenizer(tmp_path).path == default_tokenizer_dir() / "tokenizer.json"
+
+
+def test_bad_tokenizer_files(tmp_path: Path) -> None:
+    (tmp_path / "tokenizer.json").write_text("{broken")
+    with pytest.raises(ValueError, match="cannot load tokenizer"):
+        load_tokenizer(tmp_path)
+    _write_word_tokenizer(tmp_path)
+    with pytest.raises(ValueError, match="not in the vocabulary"):  # default BOS name is not in it
+        load_tokenizer(tmp_path)
+
+
+def test_no_torch_import() -> None:
+    code = "import sys, dsv32.chat.tokenizer; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2])
