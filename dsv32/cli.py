@@ -1,0 +1,196 @@
+"""The ``dsv32`` command line: one subcommand per job; heavy imports happen inside the commands.
+
+Add a command by writing ``_add_<name>(subparsers)`` (which sets ``func``) and listing it in ``COMMANDS``.
+User errors (bad config, bad checkpoint, missing files) print one ``error: ...`` line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+EXIT_USAGE = 2
+DTYPES = {"bf16": "bfloat16", "fp32": "float32"}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, OSError) as e:  # ConfigError and CheckpointError are ValueErrors
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dsv32", description="DeepSeek-V3.2 on PyTorch.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in COMMANDS:
+        add(sub)
+    return parser
+
+
+# ---- make-checkpoint --------------------------------------------------------------------------
+
+
+def _add_make_checkpoint(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "make-checkpoint",
+        help="write a checkpoint with random weights in the exact HF layout",
+        description="Write config.json and random (normal, std 0.02) weights in the HF DeepSeek layout. "
+        "The DeepSeek tokenizer files are added when the config uses its 129,280-token vocabulary.",
+    )
+    p.add_argument("out_dir", metavar="OUT_DIR", type=Path)
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--config", type=Path, help="an HF config.json (or a directory holding one)")
+    src.add_argument(
+        "--preset", choices=("default", "bench-small", "tiny"), help="a built-in config (default: default)"
+    )
+    p.add_argument(
+        "--fp8",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="FP8 128x128 block-quantized projections (default: as the config's quantization_config says)",
+    )
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="bf16", help="dtype of unquantized tensors")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shard-size", type=float, default=4096, metavar="MB", help="max shard size in MB")
+    p.set_defaults(func=_make_checkpoint)
+
+
+def _make_checkpoint(args: argparse.Namespace) -> int:
+    import torch
+
+    from dsv32.config import ModelConfig
+    from dsv32.weights.default_model import copy_default_tokenizer, preset_config
+    from dsv32.weights.synthetic import write_synthetic_checkpoint
+
+    cfg = ModelConfig.from_file(args.config) if args.config else preset_config(args.preset or "default")
+    if args.shard_size <= 0:
+        raise ValueError(f"--shard-size must be > 0 MB, got {args.shard_size}")
+    fp8 = args.fp8 if args.fp8 is not None else cfg.fp8_block_size is not None
+    out = write_synthetic_checkpoint(
+        cfg,
+        args.out_dir,
+        seed=args.seed,
+        dtype=getattr(torch, DTYPES[args.dtype]),
+        fp8=fp8,
+        max_shard_bytes=int(args.shard_size * 2**20),
+    )
+    if cfg.vocab_size == 129280:
+        copy_default_tokenizer(out)
+    files = sorted(out.glob("*.safetensors"))
+    size = sum(f.stat().st_size for f in files)
+    print(
+        f"wrote {out} ({len(files)} safetensors file(s), {size / 2**20:.1f} MB, fp8={fp8})", file=sys.stderr
+    )
+    return 0
+
+
+# ---- generate ---------------------------------------------------------------------------------
+
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="complete a raw prompt and stream the text to stdout")
+    p.add_argument("--prompt", required=True, help="prompt text (BOS is prepended)")
+    p.add_argument(
+        "--model", type=Path, help="HF model directory (default: the embedded random-weight model)"
+    )
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="bf16")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=_generate)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from dsv32.chat.tokenizer import load_tokenizer
+    from dsv32.generate import generate
+    from dsv32.weights.default_model import ensure_default_model
+    from dsv32.weights.loader import load_model
+
+    if args.max_tokens < 0:
+        raise ValueError(f"--max-tokens must be >= 0, got {args.max_tokens}")
+    model_dir = args.model
+    if model_dir is None:
+        print(
+            "note: using the built-in default model, which has RANDOM weights: its output is noise",
+            file=sys.stderr,
+        )
+        model_dir = ensure_default_model()
+    model = load_model(
+        model_dir, dtype=getattr(torch, DTYPES[args.dtype]), device=args.device, progress=False
+    )
+    tok = load_tokenizer(model_dir)
+    prompt_ids = tok.encode(args.prompt, add_bos=True)
+    out_ids: list[int] = []
+    shown = ""
+    for tid in generate(
+        model,
+        prompt_ids,
+        args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        eos_id=tok.eos_id,
+    ):
+        out_ids.append(tid)
+        text = tok.decode(out_ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for its remaining bytes
+            continue
+        sys.stdout.write(text[len(shown) :] if text.startswith(shown) else text)
+        sys.stdout.flush()
+        shown = text
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    return 0
+
+
+# ---- bench (implemented in dsv32.bench) -------------------------------------------------------
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="benchmarks")
+    bsub = p.add_subparsers(dest="what", required=True, metavar="BENCHMARK")
+    m = bsub.add_parser("model", help="prefill / decode speed of the model on synthetic weights")
+    m.add_argument(
+        "--config", default=None, help="a preset name or an HF config.json path (default: bench-small)"
+    )
+    m.add_argument("--prefill", type=int, default=1024, metavar="N", help="prompt tokens")
+    m.add_argument("--decode", type=int, default=64, metavar="N", help="decoded tokens")
+    m.add_argument(
+        "--out", type=Path, default=Path("benchmarks/results"), metavar="DIR", help="where to write results"
+    )
+    m.set_defaults(func=_bench)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    try:
+        from dsv32.bench import main_bench
+    except ImportError as e:
+        raise OSError(f"the bench command is not available: {e}") from None
+    return main_bench(args)
+
+
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_make_checkpoint,
+    _add_generate,
+    _add_bench,
+]
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
