@@ -208,17 +208,21 @@ def test_writer_671b_layout_streams(tmp_path: Path) -> None:
         "ModelConfig(num_hidden_layers=2, first_k_dense_replace=1, n_routed_experts=8, n_group=4, "
         "topk_group=2, num_experts_per_tok=4, fp8_block_size=(128, 128), fp8_scale_fmt='ue8m0')"
     )
-    grew = _peak_rss_mb_while_writing(cfg_expr, tmp_path, fp8=True)
-    assert grew < 300, f"writing grew the peak RSS by {grew} MB"
-    layout = checkpoint_layout(ModelConfig.from_file(tmp_path))
-    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
-    assert set(index["weight_map"]) == set(layout)
-    for fname in set(index["weight_map"].values()):
-        with safe_open(tmp_path / fname, framework="pt") as h:
-            for k in h.keys():
-                sl = h.get_slice(k)
-                assert (tuple(sl.get_shape()), KIND[sl.get_dtype()]) == (
-                    layout[k].shape,
-                    layout[k].dtype_kind,
-                )
-    assert index["metadata"]["total_size"] == 9_413_589_376
+    try:
+        grew = _peak_rss_mb_while_writing(cfg_expr, tmp_path, fp8=True)
+        assert grew < 300, f"writing grew the peak RSS by {grew} MB"
+        layout = checkpoint_layout(ModelConfig.from_file(tmp_path))
+        index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+        assert set(index["weight_map"]) == set(layout)
+        for fname in set(index["weight_map"].values()):
+            with safe_open(tmp_path / fname, framework="pt") as h:
+                for k in h.keys():
+                    sl = h.get_slice(k)
+                    assert (tuple(sl.get_shape()), KIND[sl.get_dtype()]) == (
+                        layout[k].shape,
+                        layout[k].dtype_kind,
+                    )
+        assert index["metadata"]["total_size"] == 9_413_589_376
+    finally:  # pytest keeps tmp dirs of recent runs; 9.4 GB is too much to leave behind
+        for f in tmp_path.glob("*.safetensors"):
+            f.unlink()
