@@ -9,15 +9,16 @@ from torch import nn
 FP8_DTYPE = torch.float8_e4m3fn
 
 
-def dequantize_fp8_blocks(weight: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def dequantize_fp8_blocks(
+    weight: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype, block: tuple[int, int] = (128, 128)
+) -> torch.Tensor:
     """W[i, j] = float(Wq[i, j]) * S[i // bo, j // bi] with S of shape [ceil(out/bo), ceil(in/bi)].
 
-    ``weight_scale_inv`` is the multiplier despite its name (DeepSeek's convention). The block size is
-    derived from the two shapes, so 128x128 checkpoints and edge blocks need no extra argument.
+    ``weight_scale_inv`` is the multiplier despite its name (DeepSeek's convention). The block size must
+    be given: it cannot be derived from the shapes when the last block is partial (576 rows / 5 scales).
     """
     out_f, in_f = weight.shape
-    so, si = scale_inv.shape
-    bo, bi = -(-out_f // so), -(-in_f // si)  # ceil division recovers the block size
+    bo, bi = block
     s = scale_inv.to(torch.float32)
     s = s.repeat_interleave(bo, dim=0)[:out_f].repeat_interleave(bi, dim=1)[:, :in_f]
     return (weight.to(torch.float32) * s).to(dtype)
@@ -53,24 +54,33 @@ class Linear(nn.Module):
         self.in_features = in_features
         self.out_features = out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
-        self.weight_scale_inv: torch.Tensor | None = None
+        self.register_buffer("weight_scale_inv", None)  # set by load_fp8
+        self.fp8_block: tuple[int, int] = (128, 128)
 
     @property
     def is_fp8(self) -> bool:
         return self.weight.dtype == FP8_DTYPE
 
-    def load_fp8(self, weight: torch.Tensor, scale_inv: torch.Tensor) -> None:
-        """Keep an FP8 block-quantized weight as is (registered as ``weight`` + ``weight_scale_inv``)."""
+    def load_fp8(
+        self, weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] = (128, 128)
+    ) -> None:
+        """Keep an FP8 block-quantized weight as is (``weight`` e4m3 + ``weight_scale_inv`` per block)."""
         if tuple(weight.shape) != (self.out_features, self.in_features):
             raise ValueError(
                 f"fp8 weight shape {tuple(weight.shape)} != expected {(self.out_features, self.in_features)}"
             )
+        want = (-(-self.out_features // block[0]), -(-self.in_features // block[1]))
+        if tuple(scale_inv.shape) != want:
+            raise ValueError(
+                f"fp8 scale shape {tuple(scale_inv.shape)} != expected {want} for {block} blocks"
+            )
         self.weight = nn.Parameter(weight.to(FP8_DTYPE), requires_grad=False)
-        self.register_buffer("weight_scale_inv", scale_inv.to(torch.float32))
+        self.weight_scale_inv = scale_inv.to(torch.float32)
+        self.fp8_block = block
 
     def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
         if self.is_fp8:
-            return dequantize_fp8_blocks(self.weight, self.weight_scale_inv, dtype)
+            return dequantize_fp8_blocks(self.weight, self.weight_scale_inv, dtype, self.fp8_block)
         return self.weight if self.weight.dtype == dtype else self.weight.to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -50,14 +50,24 @@ def rope_inv_freq(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
 
 
 class RotaryEmbedding:
-    """Computes cos/sin for absolute positions; no buffers, so the model can be built on 'meta'."""
+    """Computes cos/sin for absolute positions; no buffers, and the frequencies are made on first use
+    (on the CPU, whatever the default device), so the model can be built on 'meta'."""
 
     def __init__(self, cfg: ModelConfig):
-        self.inv_freq, self.attention_factor = rope_inv_freq(cfg)
+        self.cfg = cfg
+        self._inv_freq: dict[torch.device, torch.Tensor] = {}
+        self.attention_factor = rope_inv_freq(cfg)[1]
+
+    def inv_freq(self, device: torch.device) -> torch.Tensor:
+        if device not in self._inv_freq:
+            with torch.device("cpu"):
+                inv_freq, _ = rope_inv_freq(self.cfg)
+            self._inv_freq[device] = inv_freq.to(device)
+        return self._inv_freq[device]
 
     def __call__(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [...] (int) -> cos, sin [..., d_r/2] in ``dtype``."""
-        angles = positions.to(torch.float32)[..., None] * self.inv_freq.to(positions.device)
+        angles = positions.to(torch.float32)[..., None] * self.inv_freq(positions.device)
         cos = angles.cos() * self.attention_factor
         sin = angles.sin() * self.attention_factor
         return cos.to(dtype), sin.to(dtype)

@@ -96,12 +96,10 @@ def load_model(
         for name in plan.fp8:
             module = model.get_submodule(name.rpartition(".")[0])
             if isinstance(module, Linear):
-                if "weight_scale_inv" in vars(module):
-                    # Linear keeps a plain ``None`` attribute there, which register_buffer refuses to replace
-                    del module.weight_scale_inv
                 module.load_fp8(
                     torch.empty(expected[name], dtype=FP8_DTYPE, device="meta"),
                     torch.empty(stored[scale_name(name)].shape, dtype=torch.float32, device="meta"),
+                    block,
                 )
     _materialize(model, device, dtype)
 
@@ -382,7 +380,7 @@ def _stored_equals(fh: BinaryIO, st: StoredTensor, t: torch.Tensor) -> bool:
 
 def _materialize(model: nn.Module, device: str | torch.device, dtype: torch.dtype) -> None:
     """Allocate every meta parameter and buffer on ``device`` in its final dtype, keeping shared tensors
-    shared (``to_empty`` would untie them), and recreate plain-tensor state that was built on meta."""
+    shared (``to_empty`` would untie them)."""
     new: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(meta tensor) -> (meta tensor, new tensor)
     for mod_name, module in model.named_modules():
         own = list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
@@ -400,10 +398,6 @@ def _materialize(model: nn.Module, device: str | torch.device, dtype: torch.dtyp
                     fresh = nn.Parameter(fresh, requires_grad=False)
                 new[id(t)] = (t, fresh)
             setattr(module, key, new[id(t)][1])
-    # RotaryEmbedding computes its inverse frequencies at construction (on meta here): build it again
-    rotary = getattr(model, "rotary", None)
-    if rotary is not None and getattr(getattr(rotary, "inv_freq", None), "is_meta", False):
-        model.rotary = type(rotary)(model.config)
 
 
 def _names(names: list[str]) -> str:

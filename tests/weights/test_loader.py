@@ -151,11 +151,6 @@ def test_fp8_kept(tmp_path: Path) -> None:
     assert torch.equal(kept(IDS), dense(IDS))
 
 
-@pytest.mark.xfail(
-    reason="dsv32.model.layers.dequantize_fp8_blocks derives the block size from the shapes, which is "
-    "ambiguous for partial edge blocks (192 rows / 2 scale rows -> 96, not 128); needs the block size",
-    strict=False,
-)
 def test_fp8_kept_partial_edge_blocks(tmp_path: Path) -> None:
     cfg = small_config()  # q_b_proj has 4*48 = 192 rows: one full and one partial 128-row block
     d = write_synthetic_checkpoint(cfg, tmp_path, fp8=True)
