@@ -16,12 +16,18 @@ def dequantize_fp8_blocks(
 
     ``weight_scale_inv`` is the multiplier despite its name (DeepSeek's convention). The block size must
     be given: it cannot be derived from the shapes when the last block is partial (576 rows / 5 scales).
+    Works in row chunks, so the only large allocation is the result.
     """
     out_f, in_f = weight.shape
     bo, bi = block
-    s = scale_inv.to(torch.float32)
-    s = s.repeat_interleave(bo, dim=0)[:out_f].repeat_interleave(bi, dim=1)[:, :in_f]
-    return (weight.to(torch.float32) * s).to(dtype)
+    out = torch.empty(out_f, in_f, dtype=dtype, device=weight.device)
+    rows = max(1, (1 << 22) // max(in_f, 1) // bo) * bo  # ~4M elements per chunk, whole row blocks
+    for r0 in range(0, out_f, rows):
+        r1 = min(out_f, r0 + rows)
+        s = scale_inv[r0 // bo : -(-r1 // bo)].to(torch.float32)
+        s = s.repeat_interleave(bo, dim=0)[: r1 - r0].repeat_interleave(bi, dim=1)[:, :in_f]
+        out[r0:r1] = weight[r0:r1].to(torch.float32) * s
+    return out
 
 
 class RMSNorm(nn.Module):

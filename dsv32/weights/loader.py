@@ -26,7 +26,7 @@ from torch import nn
 from tqdm import tqdm
 
 from dsv32.config import ModelConfig
-from dsv32.model.layers import FP8_DTYPE, Linear
+from dsv32.model.layers import FP8_DTYPE, Linear, dequantize_fp8_blocks
 from dsv32.model.transformer import DeepseekForCausalLM
 from dsv32.weights.layout import SCALE_SUFFIX, scale_name
 
@@ -353,15 +353,12 @@ def _dequantize_into(
     fh: BinaryIO, st: StoredTensor, scale: torch.Tensor, block: tuple[int, int], dst: torch.Tensor
 ) -> None:
     """dst = W_fp8 * scale per (bo x bi) block; row chunks of whole blocks keep temporaries small."""
-    bo, bi = block
+    bo = block[0]
     out_f, in_f = dst.shape
-    scale = scale.to(torch.float32)
     for r0, r1 in _row_chunks((out_f, in_f), 4, multiple=bo):
         w = torch.empty(r1 - r0, in_f, dtype=FP8_DTYPE)
         _read_bytes(fh, st, r0 * in_f, w)
-        s = scale[r0 // bo : -(-r1 // bo)].repeat_interleave(bo, 0)[: r1 - r0]
-        s = s.repeat_interleave(bi, 1)[:, :in_f]
-        dst[r0:r1].copy_(w.to(torch.float32) * s)
+        dst[r0:r1].copy_(dequantize_fp8_blocks(w, scale[r0 // bo : -(-r1 // bo)], dst.dtype, block))
 
 
 def _stored_equals(fh: BinaryIO, st: StoredTensor, t: torch.Tensor) -> bool:
