@@ -11,19 +11,47 @@ more keys are visible than that, attention reads only those (see ``sparse_attn``
 
 from __future__ import annotations
 
-from typing import Literal
+from dataclasses import dataclass
+from typing import Literal, Protocol
 
 import torch
 from torch import nn
 
 from dsv32.config import ModelConfig
 from dsv32.model.indexer import Indexer
-from dsv32.model.kv_cache import LayerCache
+from dsv32.model.kv_cache import KVCache
 from dsv32.model.layers import Linear, RMSNorm
 from dsv32.model.rope import apply_rope_half, apply_rope_interleaved
 from dsv32.model.sparse_attn import attention_absorbed, attention_naive, expand_latent
 
 AttnForm = Literal["auto", "naive", "absorbed"]
+
+
+@dataclass
+class MLAInputs:
+    """Projections of T tokens: queries, the new latent entries (what a cache stores) and the indexer
+    inputs. Shapes [B, T, ...]; ``rows`` takes a slice of the tokens."""
+
+    x: torch.Tensor  # [B, T, D] attention input (the indexer reads it)
+    c_q: torch.Tensor | None  # [B, T, q_lora_rank]
+    q_nope: torch.Tensor  # [B, T, H, d_n]
+    q_pe: torch.Tensor  # [B, T, H, d_r]
+    c_kv: torch.Tensor  # [B, T, d_c]
+    k_pe: torch.Tensor  # [B, T, d_r]
+    k_index: torch.Tensor | None  # [B, T, d_I]
+    cos: torch.Tensor  # [T, d_r/2]
+    sin: torch.Tensor
+
+    def rows(self, sl: slice) -> MLAInputs:
+        def cut(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t[:, sl]
+
+        return MLAInputs(
+            self.x[:, sl], cut(self.c_q), self.q_nope[:, sl], self.q_pe[:, sl], self.c_kv[:, sl],
+            self.k_pe[:, sl], cut(self.k_index), self.cos[sl], self.sin[sl],
+        )  # fmt: skip
+
+
 QUERY_CHUNK_ELEMENTS = 1 << 25  # queries x keys x heads per attention / indexer chunk
 
 
@@ -49,41 +77,39 @@ class MLA(nn.Module):
         self.o_proj = Linear(self.n_heads * cfg.v_head_dim, cfg.hidden_size)
         self.indexer = Indexer(cfg) if cfg.has_indexer else None
 
-    def forward(
-        self,
-        x: torch.Tensor,  # [B, T, D]
-        q_pos: torch.Tensor,  # [T] absolute positions
-        cos: torch.Tensor,  # [T, d_r/2]
-        sin: torch.Tensor,
-        cache: LayerCache | None = None,
-        start_pos: int = 0,
-        form: AttnForm = "auto",
-    ) -> torch.Tensor:
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> MLAInputs:
+        """Per-token projections of x [B, T, D]; cos/sin [T, d_r/2] at each token's position."""
         B, T, _ = x.shape
-        H = self.n_heads
-        # queries
         if self.q_lora_rank is None:
             c_q = None
             q = self.q_proj(x)
         else:
             c_q = self.q_a_layernorm(self.q_a_proj(x))
             q = self.q_b_proj(c_q)
-        q_nope, q_pe = q.view(B, T, H, -1).split([self.d_nope, self.d_rope], dim=-1)
+        q_nope, q_pe = q.view(B, T, self.n_heads, -1).split([self.d_nope, self.d_rope], dim=-1)
         q_pe = self.rope(q_pe, cos[:, None], sin[:, None])
-        # the latent: what the cache holds
         c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.d_latent, self.d_rope], dim=-1)
         c_kv = self.kv_a_layernorm(c_kv)
         k_pe = self.rope(k_pe, cos, sin)
         k_index = self.indexer.key(x, cos, sin) if self.indexer is not None else None
-        if cache is not None:
-            c_kv, k_pe, k_index = cache.write(start_pos, c_kv, k_pe, k_index)
-        S = c_kv.shape[1]
+        return MLAInputs(x, c_q, q_nope, q_pe, c_kv, k_pe, k_index, cos, sin)
 
+    def attend(
+        self,
+        inp: MLAInputs,  # the T query tokens of ONE sequence (batch B shares positions)
+        c_kv: torch.Tensor,  # [B, S, d_c] every visible latent entry (cache + these tokens)
+        k_pe: torch.Tensor,  # [B, S, d_r]
+        k_index: torch.Tensor | None,  # [B, S, d_I]
+        q_pos: torch.Tensor,  # [T] absolute positions of the queries
+        form: AttnForm = "auto",
+    ) -> torch.Tensor:
+        """The attention core over the latent entries -> per-head outputs [B, T, H, d_v]."""
+        T, H, S = q_pos.shape[0], self.n_heads, c_kv.shape[1]
         if form == "auto":
             form = "absorbed" if T == 1 else "naive"
         if form not in ("naive", "absorbed"):
             raise ValueError(f"unknown attention form {form!r}")
-        w_kv_b = self.kv_b_proj.dense_weight(x.dtype).view(H, self.d_nope + self.d_v, self.d_latent)
+        w_kv_b = self.kv_b_proj.dense_weight(c_kv.dtype).view(H, self.d_nope + self.d_v, self.d_latent)
         if form == "naive":
             k_nope, v = expand_latent(c_kv, w_kv_b, self.d_nope)  # once for all query chunks
         # DSA selects keys only when more are visible than index_topk (otherwise attention is dense).
@@ -95,13 +121,62 @@ class MLA(nn.Module):
             t = slice(t0, min(T, t0 + rows))
             topk_idx = topk_valid = None
             if sparse:
-                topk_idx, topk_valid = self.indexer(x[:, t], c_q[:, t], cos[t], sin[t], k_index, q_pos[t])
+                topk_idx, topk_valid = self.indexer(
+                    inp.x[:, t], inp.c_q[:, t], inp.cos[t], inp.sin[t], k_index, q_pos[t]
+                )
             if form == "naive":
-                o = attention_naive(q_nope[:, t], q_pe[:, t], k_nope, v, k_pe, q_pos[t], self.scale, topk_idx)
+                o = attention_naive(
+                    inp.q_nope[:, t], inp.q_pe[:, t], k_nope, v, k_pe, q_pos[t], self.scale, topk_idx
+                )
             else:
                 o = attention_absorbed(
-                    q_nope[:, t], q_pe[:, t], c_kv, k_pe, w_kv_b, q_pos[t], self.scale, topk_idx, topk_valid
+                    inp.q_nope[:, t],
+                    inp.q_pe[:, t],
+                    c_kv,
+                    k_pe,
+                    w_kv_b,
+                    q_pos[t],
+                    self.scale,
+                    topk_idx,
+                    topk_valid,
                 )
             outs.append(o)
-        o = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
-        return self.o_proj(o.reshape(B, T, H * self.d_v))
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+
+    def forward(self, x: torch.Tensor, ctx: AttentionContext, layer_idx: int) -> torch.Tensor:
+        """x [B, T, D] -> [B, T, D]. ``ctx`` stores the new latent entries and runs ``attend``."""
+        inp = self.project(x, ctx.cos, ctx.sin)
+        o = ctx.attend(layer_idx, self, inp)
+        return self.o_proj(o.flatten(-2))
+
+
+class AttentionContext(Protocol):
+    """Where a forward's tokens sit and where their latent entries go: the model's contiguous cache
+    (``ContiguousContext``) or the engine's paged cache. cos/sin [T, d_r/2] for every token."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+    def attend(self, layer_idx: int, mla: MLA, inp: MLAInputs) -> torch.Tensor: ...
+
+
+class ContiguousContext:
+    """All B sequences at the same positions [start_pos, start_pos + T), optionally with a KVCache."""
+
+    def __init__(
+        self,
+        q_pos: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: KVCache | None = None,
+        start_pos: int = 0,
+        form: AttnForm = "auto",
+    ):
+        self.q_pos, self.cos, self.sin = q_pos, cos, sin
+        self.cache, self.start_pos, self.form = cache, start_pos, form
+
+    def attend(self, layer_idx: int, mla: MLA, inp: MLAInputs) -> torch.Tensor:
+        c_kv, k_pe, k_index = inp.c_kv, inp.k_pe, inp.k_index
+        if self.cache is not None:
+            c_kv, k_pe, k_index = self.cache[layer_idx].write(self.start_pos, c_kv, k_pe, k_index)
+        return mla.attend(inp, c_kv, k_pe, k_index, self.q_pos, self.form)

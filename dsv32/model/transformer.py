@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 from dsv32.config import ModelConfig
-from dsv32.model.kv_cache import KVCache, LayerCache
+from dsv32.model.kv_cache import KVCache
 from dsv32.model.layers import MLP, Linear, RMSNorm
-from dsv32.model.mla import MLA, AttnForm
+from dsv32.model.mla import MLA, AttentionContext, AttnForm, ContiguousContext
 from dsv32.model.moe import MoE
 from dsv32.model.rope import RotaryEmbedding
 
@@ -25,18 +25,10 @@ class Block(nn.Module):
         self.self_attn = MLA(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MoE(cfg) if cfg.is_moe_layer(layer_idx) else MLP(cfg.hidden_size, cfg.intermediate_size)
+        self.layer_idx = layer_idx
 
-    def forward(
-        self,
-        h: torch.Tensor,
-        q_pos: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        cache: LayerCache | None = None,
-        start_pos: int = 0,
-        form: AttnForm = "auto",
-    ) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), q_pos, cos, sin, cache, start_pos, form)
+    def forward(self, h: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), ctx, self.layer_idx)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -66,15 +58,11 @@ class MTPLayer(Block):
         self,
         hidden: torch.Tensor,  # [B, T, D] main-model hidden at positions i
         next_ids: torch.Tensor,  # [B, T] tokens at positions i+1
-        q_pos: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        cache: LayerCache | None = None,
-        start_pos: int = 0,
+        ctx: AttentionContext,
     ) -> torch.Tensor:
         e = self.enorm(self.embed_tokens(next_ids))
         u = self.eh_proj(torch.cat((e, self.hnorm(hidden)), dim=-1))
-        v = super().forward(u, q_pos, cos, sin, cache, start_pos)
+        v = super().forward(u, ctx)
         return self.shared_head.head(self.shared_head.norm(v))
 
 
@@ -148,10 +136,12 @@ class DeepseekForCausalLM(nn.Module):
         """A zeroed latent cache for ``batch`` sequences of up to ``max_len`` tokens (all layers incl. MTP)."""
         return KVCache(self.config, batch, max_len, len(self.model.layers), self.dtype, self.device)
 
-    def _positions(self, T: int, start_pos: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def contiguous_context(
+        self, T: int, start_pos: int = 0, cache: KVCache | None = None
+    ) -> ContiguousContext:
         q_pos = torch.arange(start_pos, start_pos + T, device=self.device)
         cos, sin = self.rotary(q_pos, self.dtype)
-        return q_pos, cos, sin
+        return ContiguousContext(q_pos, cos, sin, cache, start_pos, self.attn_form)
 
     def hidden_states(
         self, input_ids: torch.Tensor, start_pos: int = 0, cache: KVCache | None = None
@@ -159,13 +149,13 @@ class DeepseekForCausalLM(nn.Module):
         """Final hidden states [B, T, D] (after ``model.norm``), i.e. what lm_head reads."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
-        T = input_ids.shape[1]
-        q_pos, cos, sin = self._positions(T, start_pos)
-        h = self.model.embed_tokens(input_ids)
+        ctx = self.contiguous_context(input_ids.shape[1], start_pos, cache)
+        return self.forward_layers(self.model.embed_tokens(input_ids), ctx)
+
+    def forward_layers(self, h: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        """Embeddings h [B, T, D] through the main layers and the final norm."""
         for i in range(self.n_main_layers):
-            h = self.model.layers[i](
-                h, q_pos, cos, sin, cache[i] if cache is not None else None, start_pos, self.attn_form
-            )
+            h = self.model.layers[i](h, ctx)
         return self.model.norm(h)
 
     def forward(
@@ -184,8 +174,5 @@ class DeepseekForCausalLM(nn.Module):
         """Logits of MTP module ``depth`` for positions i+2 given hidden h_i [B, T, D] and tokens t_{i+1}."""
         if depth >= len(self.mtp_layers):
             raise ValueError(f"this model has {len(self.mtp_layers)} MTP layers; asked for depth {depth}")
-        q_pos, cos, sin = self._positions(hidden.shape[1], start_pos)
-        idx = self.n_main_layers + depth
-        return self.mtp_layers[depth].forward_mtp(
-            hidden, next_ids, q_pos, cos, sin, cache[idx] if cache is not None else None, start_pos
-        )
+        ctx = self.contiguous_context(hidden.shape[1], start_pos, cache)
+        return self.mtp_layers[depth].forward_mtp(hidden, next_ids, ctx)
