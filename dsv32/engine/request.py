@@ -1,0 +1,57 @@
+"""A request's life in the engine: its tokens, its block table, and how far the cache has caught up.
+
+Lifecycle: WAITING (queued; prefix-cache lookup on first schedule) → RUNNING (each step computes a chunk
+of the tokens not yet in the cache: prompt chunks, then one sampled token at a time) → FINISHED (blocks
+freed, full blocks stay in the prefix cache). A preempted request goes back to WAITING with its blocks
+freed and is recomputed later (its own blocks often survive in the prefix cache).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from dsv32.engine.block_pool import hash_block
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt_ids: list[int]
+    max_tokens: int  # resolved: never past the model's context
+    arrival: int  # monotonically increasing submission number (FIFO order, "newest" for preemption)
+    output_ids: list[int] = field(default_factory=list)
+    status: Status = Status.WAITING
+    block_table: list[int] = field(default_factory=list)
+    block_hashes: list[bytes] = field(default_factory=list)  # of the full blocks computed so far
+    num_computed: int = 0  # tokens whose latent entries are in the cache
+    num_cached_prompt: int | None = None  # prompt tokens served by the prefix cache (first schedule)
+    num_preemptions: int = 0
+    finish_reason: str | None = None
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == Status.FINISHED
+
+    def full_block_hashes(self, block_size: int, upto: int) -> list[bytes]:
+        """Chained hashes of the full blocks among the first ``upto`` tokens (extends ``block_hashes``)."""
+        ids = self.all_ids
+        hashes = list(self.block_hashes)
+        for b in range(len(hashes), upto // block_size):
+            parent = hashes[-1] if hashes else None
+            hashes.append(hash_block(parent, ids[b * block_size : (b + 1) * block_size]))
+        return hashes

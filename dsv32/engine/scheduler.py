@@ -1,0 +1,142 @@
+"""Continuous batching with one token budget per step.
+
+The scheduler only decides; the runner executes. Each step every running request asks for the tokens
+it has that the cache lacks (a prompt chunk, or the one token sampled last step), and waiting requests
+are admitted in arrival order while budget, sequence slots and blocks last — so decodes and chunked
+prefills share a step, and prefix hits simply start a request with some tokens already computed.
+When blocks run out, the newest running request is preempted (blocks freed, recomputed later).
+A waiting request that does not fit blocks the ones behind it, so none starves.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from dsv32.engine.block_pool import BlockPool
+from dsv32.engine.request import Request, Status
+
+
+@dataclass
+class ScheduledChunk:
+    request: Request
+    start: int  # first position computed this step (== request.num_computed)
+    num_tokens: int
+
+    @property
+    def samples(self) -> bool:
+        """Whether this chunk reaches the end of the known tokens, so the step samples a token."""
+        return self.start + self.num_tokens == self.request.num_tokens
+
+
+class Scheduler:
+    def __init__(self, pool: BlockPool, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048):
+        if max_num_seqs < 1 or max_num_batched_tokens < 1:
+            raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
+        self.pool = pool
+        self.block_size = pool.block_size
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+
+    # ---- queue ----------------------------------------------------------------------------
+    def add(self, req: Request) -> None:
+        self.waiting.append(req)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def finish(self, req: Request, reason: str) -> None:
+        """Finish (or abort) a request: its blocks are freed at once."""
+        if req.status == Status.FINISHED:
+            return
+        if req.status == Status.RUNNING:
+            self.running.remove(req)
+        else:
+            self.waiting.remove(req)
+        self._release(req)
+        req.status = Status.FINISHED
+        req.finish_reason = reason
+
+    # ---- one step -------------------------------------------------------------------------
+    def schedule(self) -> list[ScheduledChunk]:
+        budget = self.max_num_batched_tokens
+        chunks: list[ScheduledChunk] = []
+        scheduled: set[int] = set()
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            n = min(req.num_tokens - req.num_computed, budget)
+            if n <= 0:  # nothing to compute (should not happen: every running request has a token)
+                i += 1
+                continue
+            if not self._ensure_blocks(req, req.num_computed + n):
+                # preempt the newest running request that is not already in this step, then retry
+                victim = max((r for r in self.running if id(r) not in scheduled), key=lambda r: r.arrival)
+                self._preempt(victim)
+                continue  # self.running shrank; re-check index i (it may have been the victim)
+            chunks.append(ScheduledChunk(req, req.num_computed, n))
+            scheduled.add(id(req))
+            budget -= n
+            i += 1
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            req = self.waiting[0]
+            if req.num_cached_prompt is None or not req.block_table:
+                self._take_prefix_hits(req)
+            n = min(req.num_tokens - req.num_computed, budget)
+            if not self._ensure_blocks(req, req.num_computed + n):
+                self._release(req)  # give back prefix hits; try again next step
+                break
+            self.waiting.popleft()
+            req.status = Status.RUNNING
+            self.running.append(req)
+            chunks.append(ScheduledChunk(req, req.num_computed, n))
+            budget -= n
+        return chunks
+
+    def after_step(self, chunks: list[ScheduledChunk]) -> None:
+        """Advance each chunk's request and publish its newly completed full blocks to the prefix cache.
+
+        Call after the sampled tokens have been appended to ``output_ids``."""
+        for c in chunks:
+            req = c.request
+            if req.status != Status.RUNNING:
+                continue
+            req.num_computed = c.start + c.num_tokens
+            hashes = req.full_block_hashes(self.block_size, req.num_computed)
+            for b in range(len(req.block_hashes), len(hashes)):
+                self.pool.mark_full(req.block_table[b], hashes[b])
+            req.block_hashes = hashes
+
+    # ---- helpers ----------------------------------------------------------------------------
+    def _take_prefix_hits(self, req: Request) -> None:
+        # at least one token must be computed, to have logits to sample from
+        hashes = req.full_block_hashes(self.block_size, req.num_tokens - 1)
+        blocks = self.pool.lookup_prefix(hashes)
+        req.block_table = blocks
+        req.block_hashes = hashes[: len(blocks)]
+        req.num_computed = len(blocks) * self.block_size
+        if req.num_cached_prompt is None:  # reported once, from the first admission
+            req.num_cached_prompt = min(req.num_computed, len(req.prompt_ids))
+
+    def _ensure_blocks(self, req: Request, n_tokens: int) -> bool:
+        need = -(-n_tokens // self.block_size) - len(req.block_table)
+        if need > self.pool.num_free:
+            return False
+        for _ in range(need):
+            req.block_table.append(self.pool.allocate())
+        return True
+
+    def _release(self, req: Request) -> None:
+        self.pool.free(req.block_table)
+        req.block_table = []
+        req.block_hashes = []
+        req.num_computed = 0
+
+    def _preempt(self, req: Request) -> None:
+        self.running.remove(req)
+        self._release(req)
+        req.status = Status.WAITING
+        req.num_preemptions += 1
+        self.waiting.appendleft(req)
