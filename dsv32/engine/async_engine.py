@@ -1,0 +1,135 @@
+"""AsyncEngine: the engine API the server uses — submit, stream, abort, stats — with the model off the
+event loop.
+
+A background thread owns the EngineCore: it takes submissions and aborts from a queue between steps,
+runs steps while there is work, turns each step's tokens into ``RequestOutput``s (text deltas through
+the incremental detokenizer, stop strings) and hands them to each request's asyncio queue with
+``call_soon_threadsafe``. Requests cross this boundary as plain data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import queue
+import threading
+from collections.abc import AsyncIterator
+
+from dsv32.engine.core import EngineCore, EngineError
+from dsv32.engine.outputs import OutputProcessor, RequestOutput
+from dsv32.engine.sampling_params import SamplingParams
+
+
+class QueueFullError(EngineError):
+    """Too many requests are waiting; the server answers 503."""
+
+
+class AsyncEngine:
+    def __init__(self, core: EngineCore, tokenizer, max_waiting: int = 256):
+        self.core = core
+        self.tokenizer = tokenizer
+        self.max_waiting = max_waiting
+        self._commands: queue.Queue = queue.Queue()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._processor = OutputProcessor(tokenizer)
+        self._ids = itertools.count()
+        self._stopped = False
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="dsv32-engine", daemon=True)
+        self._thread.start()
+
+    # ---- public API -------------------------------------------------------------------------
+    async def generate(
+        self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None
+    ) -> AsyncIterator[RequestOutput]:
+        """Submit a request and stream its outputs; leaving the iteration early aborts the request."""
+        if self._error is not None:
+            raise RuntimeError(f"the engine stopped: {self._error}")
+        request_id = request_id or f"req-{next(self._ids)}"
+        if request_id in self._streams:
+            raise EngineError(f"request id {request_id!r} is already in use")
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = (loop, q)
+        accepted: asyncio.Future = loop.create_future()  # resolved by the engine thread: None or the error
+        self._commands.put(("add", request_id, list(prompt_ids), params, loop, accepted))
+        error = await accepted
+        if error is not None:
+            self._streams.pop(request_id, None)
+            raise error
+        finished = False
+        try:
+            while True:
+                item = await q.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finished:
+                    finished = True
+                    return
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                self._commands.put(("abort", request_id))
+
+    def abort(self, request_id: str) -> None:
+        self._commands.put(("abort", request_id))
+
+    def stats(self) -> dict:
+        return self.core.stats()
+
+    def num_waiting(self) -> int:
+        return len(self.core.scheduler.waiting)
+
+    def shutdown(self) -> None:
+        self._stopped = True
+        self._commands.put(("stop",))
+        self._thread.join(timeout=10)
+
+    # ---- engine thread ---------------------------------------------------------------------
+    def _handle(self, cmd: tuple) -> None:
+        if cmd[0] == "add":
+            _, rid, prompt_ids, params, loop, accepted = cmd
+            error = None
+            try:
+                if len(self.core.scheduler.waiting) >= self.max_waiting:
+                    raise QueueFullError(f"the waiting queue is full ({self.max_waiting} requests)")
+                self.core.add_request(rid, prompt_ids, params)
+                self._processor.add(rid, params, len(prompt_ids))
+            except Exception as e:  # noqa: BLE001 - handed to the caller
+                error = e
+            loop.call_soon_threadsafe(accepted.set_result, error)
+        elif cmd[0] == "abort":
+            if self.core.abort(cmd[1]):
+                self._processor.remove(cmd[1])
+
+    def _emit(self, out: RequestOutput) -> None:
+        stream = self._streams.get(out.request_id)
+        if stream is not None:
+            loop, q = stream
+            loop.call_soon_threadsafe(q.put_nowait, out)
+
+    def _loop(self) -> None:
+        try:
+            while not self._stopped:
+                block = not self.core.has_work()
+                try:
+                    cmd = self._commands.get(block=block, timeout=None if block else 0)
+                    if cmd[0] == "stop":
+                        return
+                    self._handle(cmd)
+                    while True:  # drain everything queued before stepping
+                        cmd = self._commands.get_nowait()
+                        if cmd[0] == "stop":
+                            return
+                        self._handle(cmd)
+                except queue.Empty:
+                    pass
+                if self.core.has_work():
+                    for out in self._processor.process(self.core, self.core.step()):
+                        self._emit(out)
+        except BaseException as e:  # noqa: BLE001 - a crashed engine must not hang its clients
+            self._error = e
+            for loop, q in list(self._streams.values()):
+                loop.call_soon_threadsafe(q.put_nowait, RuntimeError(f"the engine stopped: {e}"))
+            raise

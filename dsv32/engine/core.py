@@ -1,0 +1,181 @@
+"""EngineCore: the synchronous heart of the engine — add requests, step, abort.
+
+One ``step()``: the scheduler picks this step's chunks, the runner computes them against the paged
+cache, the sampler draws one token for every request whose known tokens are now all in the cache, and
+finished requests (EOS, stop token, stop string, max_tokens, context full, abort) release their blocks.
+Knows nothing of threads or HTTP: ``AsyncEngine`` and ``LLM`` drive it.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+from dsv32.engine.block_pool import BlockPool
+from dsv32.engine.paged_cache import PagedKVCache
+from dsv32.engine.request import Request
+from dsv32.engine.runner import ModelRunner
+from dsv32.engine.sampler import Sampler, SamplingState
+from dsv32.engine.sampling_params import SamplingParams
+from dsv32.engine.scheduler import Scheduler
+from dsv32.model.transformer import DeepseekForCausalLM
+
+
+class EngineError(ValueError):
+    """A request the engine cannot take (too long, bad ids, duplicate id); the message says why."""
+
+
+@dataclass
+class EngineConfig:
+    block_size: int = 16
+    num_blocks: int | None = None  # None: from cache_memory_gb
+    cache_memory_gb: float = 1.0
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+
+
+@dataclass
+class TokenOutput:
+    """What one step produced for one request."""
+
+    request_id: str
+    new_token_ids: list[int]
+    logprobs: list[dict] | None  # per new token: {"logprob": float, "top": [(id, logprob), ...]}
+    finished: bool
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+
+
+@dataclass
+class _Live:
+    request: Request
+    params: SamplingParams
+    state: SamplingState
+    stop_ids: set[int] = field(default_factory=set)
+
+
+class EngineCore:
+    def __init__(
+        self, model: DeepseekForCausalLM, config: EngineConfig | None = None, eos_id: int | None = None
+    ):
+        self.model = model
+        self.config = cfg = config or EngineConfig()
+        mcfg = model.config
+        self.max_model_len = cfg.max_model_len or mcfg.max_position_embeddings
+        self.eos_id = eos_id if eos_id is not None else mcfg.eos_token_id
+        n_layers = mcfg.num_hidden_layers
+        num_blocks = cfg.num_blocks
+        if num_blocks is None:
+            per_token = PagedKVCache.bytes_per_token(mcfg, n_layers, model.dtype)
+            num_blocks = max(1, int(cfg.cache_memory_gb * 2**30 // (per_token * cfg.block_size)))
+        self.pool = BlockPool(num_blocks, cfg.block_size)
+        self.cache = PagedKVCache(mcfg, num_blocks, cfg.block_size, n_layers, model.dtype, model.device)
+        self.scheduler = Scheduler(self.pool, cfg.max_num_seqs, cfg.max_num_batched_tokens)
+        self.runner = ModelRunner(model, self.cache)
+        self.sampler = Sampler()
+        self.live: dict[str, _Live] = {}
+        self._arrivals = itertools.count()
+
+    @property
+    def capacity_tokens(self) -> int:
+        return self.pool.num_blocks * self.pool.block_size
+
+    # ---- requests ---------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+        vocab = self.model.config.vocab_size
+        if request_id in self.live:
+            raise EngineError(f"request id {request_id!r} is already in use")
+        if not prompt_ids:
+            raise EngineError("the prompt must hold at least one token")
+        bad = [t for t in prompt_ids if not 0 <= t < vocab]
+        if bad:
+            raise EngineError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        params.validate(vocab)
+        n = len(prompt_ids)
+        room = min(self.max_model_len, self.capacity_tokens) - n
+        if room < 1:
+            limit = min(self.max_model_len, self.capacity_tokens)
+            raise EngineError(f"prompt of {n} tokens leaves no room to generate within {limit} tokens")
+        if params.max_tokens is not None and params.max_tokens > room:
+            raise EngineError(
+                f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) exceeds the limit of "
+                f"{n + room} tokens (model context {self.max_model_len}, cache {self.capacity_tokens})"
+            )
+        max_tokens = room if params.max_tokens is None else params.max_tokens
+        req = Request(request_id, list(prompt_ids), max_tokens, next(self._arrivals))
+        stop_ids = set(params.stop_token_ids or [])
+        if not params.ignore_eos and self.eos_id is not None:
+            stop_ids.add(self.eos_id)
+        self.live[request_id] = _Live(req, params, SamplingState.create(params, req.prompt_ids), stop_ids)
+        self.scheduler.add(req)
+
+    def abort(self, request_id: str) -> bool:
+        """Drop a request at once (its blocks are freed); False if it is unknown or already finished."""
+        live = self.live.pop(request_id, None)
+        if live is None:
+            return False
+        self.scheduler.finish(live.request, "abort")
+        return True
+
+    def finish(self, request_id: str, reason: str) -> None:
+        """End a request from outside (e.g. a stop string matched in its text)."""
+        live = self.live.pop(request_id, None)
+        if live is not None:
+            self.scheduler.finish(live.request, reason)
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    # ---- one step -----------------------------------------------------------------------------
+    def step(self) -> list[TokenOutput]:
+        chunks = self.scheduler.schedule()
+        if not chunks:
+            return []
+        logits = self.runner.execute(chunks)
+        sampling = [c for c in chunks if c.samples]
+        lives = [self.live[c.request.request_id] for c in sampling]
+        out = self.sampler(logits, [lv.state for lv in lives]) if lives else None
+        results: list[TokenOutput] = []
+        for i, lv in enumerate(lives):
+            tok = int(out.token_ids[i])
+            req = lv.request
+            req.output_ids.append(tok)
+            lv.state.output_ids.append(tok)
+            lp = None
+            if lv.params.logprobs and out.logprobs is not None:
+                k = lv.params.top_logprobs
+                top = []
+                if k and out.top_ids is not None:
+                    top = list(
+                        zip(out.top_ids[i, :k].tolist(), out.top_logprobs[i, :k].tolist(), strict=True)
+                    )
+                lp = [{"logprob": float(out.logprobs[i]), "top": top}]
+            reason = None
+            if tok in lv.stop_ids:
+                reason = "stop"
+            elif len(req.output_ids) >= req.max_tokens:
+                reason = "length"
+            results.append(
+                TokenOutput(
+                    req.request_id, [tok], lp, reason is not None, reason, len(req.prompt_ids),
+                    len(req.output_ids), req.num_cached_prompt or 0,
+                )
+            )  # fmt: skip
+        self.scheduler.after_step(chunks)
+        for r in results:
+            if r.finished:
+                self.finish(r.request_id, r.finish_reason)
+        return results
+
+    def stats(self) -> dict:
+        return {
+            "running": len(self.scheduler.running),
+            "waiting": len(self.scheduler.waiting),
+            "free_blocks": self.pool.num_free,
+            "total_blocks": self.pool.num_blocks,
+            "cached_blocks": self.pool.num_cached,
+            "prefix_cache_hit_rate": self.pool.hit_rate(),
+        }

@@ -1,0 +1,165 @@
+"""EngineCore, AsyncEngine and the offline LLM API end to end on a tiny random model."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from dsv32.engine.async_engine import AsyncEngine, QueueFullError
+from dsv32.engine.core import EngineConfig, EngineCore, EngineError
+from dsv32.engine.sampling_params import SamplingParams
+from dsv32.model.transformer import DeepseekForCausalLM
+from tests.engine.test_paged_runner import alone
+from tests.model.oracle import randomize_
+from tests.model.test_forms import tiny_config
+
+
+class ByteTokenizer:
+    """A real (if trivial) tokenizer for a 300-token model: id = byte value, ids >= 256 are specials."""
+
+    eos_id = 1
+
+    def decode(self, ids, skip_special_tokens=True):
+        data = bytes(i for i in ids if i < 256 and i != self.eos_id)
+        return data.decode("utf-8", errors="replace")
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = DeepseekForCausalLM(tiny_config(index_topk=12)).eval()
+    randomize_(m, seed=3)
+    return m
+
+
+def run_all(core: EngineCore) -> dict[str, list[int]]:
+    out: dict[str, list[int]] = {}
+    while core.has_work():
+        for o in core.step():
+            out.setdefault(o.request_id, []).extend(o.new_token_ids)
+    return out
+
+
+def test_greedy_engine_matches_alone_and_reports_cache_hits(model):
+    core = EngineCore(
+        model, EngineConfig(block_size=4, num_blocks=80, max_num_batched_tokens=16), eos_id=None
+    )
+    g = torch.Generator().manual_seed(5)
+    prefix = torch.randint(2, 300, (24,), generator=g).tolist()
+    prompts = {"a": prefix + [5, 6], "b": torch.randint(2, 300, (7,), generator=g).tolist()}
+    for rid, p in prompts.items():
+        core.add_request(rid, p, SamplingParams(temperature=0.0, max_tokens=6))
+    got = run_all(core)
+    for rid, p in prompts.items():
+        assert got[rid] == alone(model, p, 6)
+    # a later request sharing the 24-token prefix computes only the rest
+    core.add_request("c", prefix + [9], SamplingParams(temperature=0.0, max_tokens=3))
+    outs = []
+    while core.has_work():
+        outs += core.step()
+    assert outs[-1].cached_tokens == 24 and outs[-1].prompt_tokens == 25
+    core.pool.assert_no_leaks()
+
+
+def test_stop_token_and_max_tokens(model):
+    core = EngineCore(model, EngineConfig(block_size=4, num_blocks=40), eos_id=None)
+    prompt = [3, 4, 5, 6]
+    first = alone(model, prompt, 3)
+    core.add_request("s", prompt, SamplingParams(temperature=0.0, max_tokens=10, stop_token_ids=[first[1]]))
+    outs = []
+    while core.has_work():
+        outs += core.step()
+    assert [o.new_token_ids[0] for o in outs] == first[:2] and outs[-1].finish_reason == "stop"
+    core.add_request("m", prompt, SamplingParams(temperature=0.0, max_tokens=2))
+    outs = [o for o in run_steps(core)]
+    assert len(outs) == 2 and outs[-1].finish_reason == "length"
+    core.pool.assert_no_leaks()
+
+
+def run_steps(core):
+    while core.has_work():
+        yield from core.step()
+
+
+def test_bad_requests_are_errors_not_crashes(model):
+    core = EngineCore(model, EngineConfig(block_size=4, num_blocks=8, max_model_len=64), eos_id=None)
+    with pytest.raises(EngineError, match="at least one token"):
+        core.add_request("x", [], SamplingParams())
+    with pytest.raises(EngineError, match="outside the vocabulary"):
+        core.add_request("x", [5, 300], SamplingParams())
+    with pytest.raises(EngineError, match=r"max_tokens \(40\)"):
+        core.add_request("x", [5] * 10, SamplingParams(max_tokens=40))  # cache holds 32 tokens
+    core.add_request("x", [5], SamplingParams(max_tokens=2))
+    with pytest.raises(EngineError, match="already in use"):
+        core.add_request("x", [5], SamplingParams())
+    assert core.abort("x") and not core.abort("x")
+    core.pool.assert_no_leaks()
+
+
+def test_seeded_sampling_is_reproducible_in_any_batch(model):
+    params = SamplingParams(temperature=1.0, top_p=0.9, seed=1234, max_tokens=8)
+
+    def run(others: int) -> list[int]:
+        core = EngineCore(model, EngineConfig(block_size=4, num_blocks=80), eos_id=None)
+        core.add_request("seeded", [7, 8, 9], params)
+        for i in range(others):
+            core.add_request(f"o{i}", [10 + i, 11], SamplingParams(temperature=1.0, max_tokens=8))
+        return run_all(core)["seeded"]
+
+    assert run(0) == run(3)
+
+
+def test_async_engine_streams_aborts_and_frees_blocks(model):
+    core = EngineCore(model, EngineConfig(block_size=4, num_blocks=60), eos_id=None)
+    engine = AsyncEngine(core, ByteTokenizer(), max_waiting=64)
+
+    async def main():
+        async def collect(prompt, n):
+            toks, text = [], ""
+            async for out in engine.generate(prompt, SamplingParams(temperature=0.0, max_tokens=n)):
+                toks += out.new_token_ids
+                text += out.text
+                last = out
+            return toks, text, last
+
+        results = await asyncio.gather(*(collect([20 + i, 30, 40], 5) for i in range(4)))
+        for i, (toks, _, last) in enumerate(results):
+            assert toks == alone(model, [20 + i, 30, 40], 5)
+            assert last.finished and last.finish_reason == "length" and last.usage.completion_tokens == 5
+
+        # leaving the stream early aborts the request and frees its blocks
+        agen = engine.generate([50, 51], SamplingParams(temperature=0.0, max_tokens=40))
+        await agen.__anext__()
+        await agen.aclose()
+        for _ in range(100):
+            if not core.has_work():
+                break
+            await asyncio.sleep(0.01)
+        assert not core.has_work()
+        core.pool.assert_no_leaks()
+
+        with pytest.raises(EngineError, match="outside the vocabulary"):
+            async for _ in engine.generate([999], SamplingParams()):
+                pass
+
+    try:
+        asyncio.run(main())
+    finally:
+        engine.shutdown()
+
+
+def test_async_engine_queue_limit(model):
+    core = EngineCore(model, EngineConfig(block_size=4, num_blocks=60), eos_id=None)
+    engine = AsyncEngine(core, ByteTokenizer(), max_waiting=0)
+
+    async def main():
+        with pytest.raises(QueueFullError):
+            async for _ in engine.generate([5, 6], SamplingParams()):
+                pass
+
+    try:
+        asyncio.run(main())
+    finally:
+        engine.shutdown()
