@@ -1,0 +1,154 @@
+"""Per-request sampling and stopping options: plain data, checked against the API's ranges.
+
+The fields and ranges follow the DeepSeek / OpenAI chat API (``shared/spec/api.md`` §3.1, §11) plus the
+vLLM-style extras the engine supports (top_k, min_p, top_a, repetition_penalty, stop_token_ids, ...).
+A ``SamplingParams`` holds only builtins, so it crosses thread and process boundaries as is.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+MAX_STOP_STRINGS = 16  # api.md §3.1: stop takes at most 16 sequences
+MAX_TOP_LOGPROBS = 20
+MAX_LOGIT_BIAS = 100.0
+_SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
+
+
+class SamplingParamsError(ValueError):
+    """A sampling option out of range; the message names the field, the value and what is allowed."""
+
+    def __init__(self, field: str, value: Any, allowed: str):
+        self.field = field
+        self.value = value
+        self.allowed = allowed
+        super().__init__(f"{field} must be {allowed}, got {value!r}")
+
+
+@dataclass
+class SamplingParams:
+    """How to pick each next token and when to stop.
+
+    ``temperature == 0`` is greedy (argmax after logit_bias and penalties). ``top_k`` of -1 or 0 is off.
+    ``max_tokens=None`` generates until the context is full. ``stop`` strings end generation before the
+    string (it is not part of the returned text); ``stop_token_ids`` end it on those tokens even with
+    ``ignore_eos``. ``logprobs`` returns the sampled token's log-probability and, with ``top_logprobs`` > 0,
+    that many most likely alternatives (see ``Sampler`` for which distribution they describe).
+    """
+
+    max_tokens: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    min_p: float = 0.0
+    top_a: float = 0.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] | None = None
+    seed: int | None = None
+    stop: list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    logprobs: bool = False
+    top_logprobs: int = 0
+    skip_special_tokens: bool = True
+
+    def __post_init__(self) -> None:
+        # Accept the API's spellings: one stop string, and JSON object keys ("123") for logit_bias.
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        elif isinstance(self.stop, tuple):
+            self.stop = list(self.stop)
+        if isinstance(self.stop_token_ids, tuple):
+            self.stop_token_ids = list(self.stop_token_ids)
+        if isinstance(self.logit_bias, dict):
+            self.logit_bias = {_int_key(k): v for k, v in self.logit_bias.items()}
+        self.validate()
+
+    @property
+    def greedy(self) -> bool:
+        """True when the token is the argmax (temperature 0)."""
+        return self.temperature == 0
+
+    def validate(self, vocab_size: int | None = None) -> None:
+        """Raise ``SamplingParamsError`` for the first field out of range.
+
+        With ``vocab_size`` the token ids in ``logit_bias`` and ``stop_token_ids`` are checked too.
+        """
+        if self.max_tokens is not None and not (_is_int(self.max_tokens) and self.max_tokens >= 1):
+            raise SamplingParamsError("max_tokens", self.max_tokens, "an integer >= 1 or None")
+        _check_range("temperature", self.temperature, 0.0, 2.0)
+        if not (_is_number(self.top_p) and 0.0 < self.top_p <= 1.0):
+            raise SamplingParamsError("top_p", self.top_p, "a number in (0, 1]")
+        if not (_is_int(self.top_k) and self.top_k >= -1):
+            raise SamplingParamsError("top_k", self.top_k, "an integer >= 1, or -1 or 0 for off")
+        _check_range("min_p", self.min_p, 0.0, 1.0)
+        _check_range("top_a", self.top_a, 0.0, 1.0)
+        _check_range("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
+        _check_range("presence_penalty", self.presence_penalty, -2.0, 2.0)
+        if not (_is_number(self.repetition_penalty) and 0.0 < self.repetition_penalty <= 2.0):
+            raise SamplingParamsError("repetition_penalty", self.repetition_penalty, "a number in (0, 2]")
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict):
+                raise SamplingParamsError("logit_bias", self.logit_bias, "an object {token_id: bias}")
+            for tok, bias in self.logit_bias.items():
+                _check_token(f"logit_bias[{tok!r}]", tok, vocab_size, "logit_bias key")
+                _check_range(f"logit_bias[{tok}]", bias, -MAX_LOGIT_BIAS, MAX_LOGIT_BIAS)
+        if self.seed is not None and not (
+            _is_int(self.seed) and _SEED_RANGE[0] <= self.seed <= _SEED_RANGE[1]
+        ):
+            raise SamplingParamsError(
+                "seed", self.seed, f"an integer in [{_SEED_RANGE[0]}, {_SEED_RANGE[1]}]"
+            )
+        if self.stop is not None:
+            if not isinstance(self.stop, list) or len(self.stop) > MAX_STOP_STRINGS:
+                raise SamplingParamsError(
+                    "stop", self.stop, f"a string or a list of at most {MAX_STOP_STRINGS}"
+                )
+            for i, s in enumerate(self.stop):
+                if not isinstance(s, str) or not s:
+                    raise SamplingParamsError(f"stop[{i}]", s, "a non-empty string")
+        if self.stop_token_ids is not None:
+            if not isinstance(self.stop_token_ids, list):
+                raise SamplingParamsError("stop_token_ids", self.stop_token_ids, "a list of token ids")
+            for i, tok in enumerate(self.stop_token_ids):
+                _check_token(f"stop_token_ids[{i}]", tok, vocab_size, "a token id")
+        for name in ("ignore_eos", "logprobs", "skip_special_tokens"):
+            if not isinstance(getattr(self, name), bool):
+                raise SamplingParamsError(name, getattr(self, name), "true or false")
+        if not (_is_int(self.top_logprobs) and 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS):
+            raise SamplingParamsError(
+                "top_logprobs", self.top_logprobs, f"an integer in [0, {MAX_TOP_LOGPROBS}]"
+            )
+        if self.top_logprobs > 0 and not self.logprobs:
+            raise SamplingParamsError("top_logprobs", self.top_logprobs, "0 unless logprobs is true")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
+
+
+def _check_range(field: str, v: Any, lo: float, hi: float) -> None:
+    if not (_is_number(v) and lo <= v <= hi):
+        raise SamplingParamsError(field, v, f"a number in [{lo:g}, {hi:g}]")
+
+
+def _check_token(field: str, tok: Any, vocab_size: int | None, what: str) -> None:
+    if not _is_int(tok) or tok < 0:
+        raise SamplingParamsError(field, tok, f"{what} (an integer >= 0)")
+    if vocab_size is not None and tok >= vocab_size:
+        raise SamplingParamsError(field, tok, f"{what} in [0, {vocab_size - 1}]")
+
+
+def _int_key(k: Any) -> Any:
+    """JSON object keys arrive as strings; "123" means token 123. Anything else is left for validate()."""
+    if isinstance(k, str) and k.strip().lstrip("-").isdigit():
+        return int(k)
+    return k
