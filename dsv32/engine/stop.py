@@ -1,0 +1,106 @@
+"""When a request stops: stop strings over streamed text, and the token-level checks (EOS, stop ids, length).
+
+Stop strings are matched on text, not tokens, so one may span any number of tokens. ``StopChecker`` is fed
+each text delta and returns only text that can no longer turn out to be the start of a stop string;
+the rest is held back until the next delta decides it, so a stream never shows part of a stop string.
+On a match the text is cut before the stop string, which is not returned (as OpenAI does).
+
+Which stop string matches does not depend on how the text was split into deltas: the match is the one
+that is complete first as the text grows (the earliest end; on a tie the earliest start, i.e. the longest).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterable
+from typing import NamedTuple
+
+from dsv32.chat.textscan import held_suffix
+from dsv32.engine.sampling_params import SamplingParams
+
+
+class StopUpdate(NamedTuple):
+    """What ``StopChecker.feed`` returns: the text safe to emit now, and the stop string if one matched."""
+
+    text: str
+    matched: str | None
+
+
+class StopChecker:
+    """Incremental stop-string matcher for one request's output text."""
+
+    def __init__(self, stop: Iterable[str] | str | None):
+        if isinstance(stop, str):
+            stop = [stop]
+        self.stop = [s for s in (stop or []) if s]
+        self.matched: str | None = None
+        self._held = ""
+
+    @property
+    def stopped(self) -> bool:
+        return self.matched is not None
+
+    @property
+    def held(self) -> str:
+        """Text received but not yet emitted (a possible start of a stop string)."""
+        return self._held
+
+    def feed(self, delta: str) -> StopUpdate:
+        """Take the next text delta; return the text now safe to emit and the stop string if one matched.
+
+        After a match everything further is dropped and ``feed`` returns ``("", None)``.
+        """
+        if self.matched is not None:
+            return StopUpdate("", None)
+        text = self._held + delta
+        if not self.stop:
+            self._held = ""
+            return StopUpdate(text, None)
+        pos, found = _first_completed(text, self.stop)
+        if found is not None:
+            self.matched = found
+            self._held = ""
+            return StopUpdate(text[:pos], found)
+        keep = held_suffix(text, self.stop)
+        self._held = text[len(text) - keep :]
+        return StopUpdate(text[: len(text) - keep], None)
+
+    def flush(self) -> str:
+        """Generation ended for another reason: emit what was held back (nothing after a match)."""
+        text, self._held = self._held, ""
+        return "" if self.matched is not None else text
+
+
+def _first_completed(text: str, stops: list[str]) -> tuple[int, str | None]:
+    """The stop string whose first occurrence ends earliest (ties: starts earliest): (start, string)."""
+    best_end, best_start, best = len(text) + 1, 0, None
+    for s in stops:
+        i = text.find(s)
+        if i < 0:
+            continue
+        end = i + len(s)
+        if end < best_end or (end == best_end and i < best_start):
+            best_end, best_start, best = end, i, s
+    return best_start, best
+
+
+def check_token_stop(
+    params: SamplingParams,
+    token_id: int,
+    num_output_tokens: int,
+    eos_token_ids: Collection[int] = (),
+    max_output_tokens: int | None = None,
+) -> str | None:
+    """Finish reason after sampling ``token_id`` (already counted in ``num_output_tokens``), or None.
+
+    "stop": an EOS id (unless ``ignore_eos``) or one of ``stop_token_ids`` (even with ``ignore_eos``).
+    "length": ``max_tokens`` reached, or ``max_output_tokens`` (the engine's room left in the context).
+    A stop token wins over length when both apply to the same token.
+    """
+    if (not params.ignore_eos and token_id in eos_token_ids) or (
+        params.stop_token_ids and token_id in params.stop_token_ids
+    ):
+        return "stop"
+    limits = [n for n in (params.max_tokens, max_output_tokens) if n is not None]
+    if limits and num_output_tokens >= min(limits):
+        return "length"
+    return None
