@@ -95,7 +95,7 @@ class AsyncEngine:
                 if len(self.core.scheduler.waiting) >= self.max_waiting:
                     raise QueueFullError(f"the waiting queue is full ({self.max_waiting} requests)")
                 self.core.add_request(rid, prompt_ids, params)
-                self._processor.add(rid, params, len(prompt_ids))
+                self._processor.add(rid, params)
             except Exception as e:  # noqa: BLE001 - handed to the caller
                 error = e
             loop.call_soon_threadsafe(accepted.set_result, error)

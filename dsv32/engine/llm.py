@@ -73,7 +73,7 @@ class LLM:
         try:
             for i, (ids, p) in enumerate(zip(prompt_token_ids, params, strict=True)):
                 self.engine.add_request(f"llm-{id(results)}-{i}", list(ids), p)
-                processor.add(f"llm-{id(results)}-{i}", p, len(ids))
+                processor.add(f"llm-{id(results)}-{i}", p)
             while self.engine.has_work():
                 for out in processor.process(self.engine, self.engine.step()):
                     res = results[int(out.request_id.rsplit("-", 1)[1])]

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from dsv32.chat.detokenizer import IncrementalDetokenizer
 from dsv32.engine.core import EngineCore, TokenOutput
 from dsv32.engine.sampling_params import SamplingParams
 from dsv32.engine.stop import StopChecker
@@ -35,10 +36,7 @@ class RequestOutput:
 
 @dataclass
 class _TextState:
-    params: SamplingParams
-    prompt_len: int
-    ids: list[int] = field(default_factory=list)
-    shown: int = 0  # characters of the decoded text already emitted or held by the stop checker
+    detok: IncrementalDetokenizer
     stop: StopChecker | None = None
 
 
@@ -49,21 +47,12 @@ class OutputProcessor:
         self.tokenizer = tokenizer
         self.states: dict[str, _TextState] = {}
 
-    def add(self, request_id: str, params: SamplingParams, prompt_len: int) -> None:
-        stop = StopChecker(params.stop) if params.stop else None
-        self.states[request_id] = _TextState(params, prompt_len, stop=stop)
+    def add(self, request_id: str, params: SamplingParams) -> None:
+        detok = IncrementalDetokenizer(self.tokenizer, skip_special_tokens=params.skip_special_tokens)
+        self.states[request_id] = _TextState(detok, StopChecker(params.stop) if params.stop else None)
 
     def remove(self, request_id: str) -> None:
         self.states.pop(request_id, None)
-
-    def _delta(self, st: _TextState, new_ids: list[int]) -> str:
-        st.ids.extend(new_ids)
-        text = self.tokenizer.decode(st.ids, skip_special_tokens=st.params.skip_special_tokens)
-        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the rest of its bytes
-            return ""
-        delta = text[st.shown :]
-        st.shown = len(text)
-        return delta
 
     def process(self, core: EngineCore, outs: list[TokenOutput]) -> list[RequestOutput]:
         results = []
@@ -71,8 +60,10 @@ class OutputProcessor:
             st = self.states.get(o.request_id)
             if st is None:
                 continue
-            delta = self._delta(st, o.new_token_ids)
+            delta = st.detok.add(o.new_token_ids)
             finished, reason = o.finished, o.finish_reason
+            if finished:
+                delta += st.detok.flush()
             if st.stop is not None:
                 delta, matched = st.stop.feed(delta)
                 if matched and not finished:

@@ -7,6 +7,7 @@ import asyncio
 import pytest
 import torch
 
+from dsv32.chat.tokenizer import load_tokenizer
 from dsv32.engine.async_engine import AsyncEngine, QueueFullError
 from dsv32.engine.core import EngineConfig, EngineCore, EngineError
 from dsv32.engine.sampling_params import SamplingParams
@@ -14,16 +15,6 @@ from dsv32.model.transformer import DeepseekForCausalLM
 from tests.engine.test_paged_runner import alone
 from tests.model.oracle import randomize_
 from tests.model.test_forms import tiny_config
-
-
-class ByteTokenizer:
-    """A real (if trivial) tokenizer for a 300-token model: id = byte value, ids >= 256 are specials."""
-
-    eos_id = 1
-
-    def decode(self, ids, skip_special_tokens=True):
-        data = bytes(i for i in ids if i < 256 and i != self.eos_id)
-        return data.decode("utf-8", errors="replace")
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +104,7 @@ def test_seeded_sampling_is_reproducible_in_any_batch(model):
 
 def test_async_engine_streams_aborts_and_frees_blocks(model):
     core = EngineCore(model, EngineConfig(block_size=4, num_blocks=60), eos_id=None)
-    engine = AsyncEngine(core, ByteTokenizer(), max_waiting=64)
+    engine = AsyncEngine(core, load_tokenizer(), max_waiting=64)
 
     async def main():
         async def collect(prompt, n):
@@ -152,7 +143,7 @@ def test_async_engine_streams_aborts_and_frees_blocks(model):
 
 def test_async_engine_queue_limit(model):
     core = EngineCore(model, EngineConfig(block_size=4, num_blocks=60), eos_id=None)
-    engine = AsyncEngine(core, ByteTokenizer(), max_waiting=0)
+    engine = AsyncEngine(core, load_tokenizer(), max_waiting=0)
 
     async def main():
         with pytest.raises(QueueFullError):
