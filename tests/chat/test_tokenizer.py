@@ -11,7 +11,7 @@ import pytest
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import models, pre_tokenizers
 
-from dsv32.chat.tokenizer import Tokenizer, default_tokenizer_dir, load_tokenizer
+from dsv32.chat.tokenizer import Tokenizer, default_tokenizer_dir, default_tokenizer_json, load_tokenizer
 
 BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
 
@@ -23,10 +23,12 @@ def tok() -> Tokenizer:
 
 def test_default_tokenizer_ids(tok: Tokenizer) -> None:
     assert tok.path == default_tokenizer_dir() / "tokenizer.json"
-    assert tok.vocab_size == 129280
+    assert tok.vocab_size == 128815  # ids 0-128814 (V3.2); the model pads its embedding to 129,280 rows
     assert (tok.bos_id, tok.eos_id) == (0, 1)
     assert tok.token_id(BOS) == 0 and tok.token_id(EOS) == 1
     assert tok.token_id("<｜User｜>") == 128803 and tok.token_id("<｜Assistant｜>") == 128804
+    assert tok.token_id("<think>") == 128798 and tok.token_id("</think>") == 128799
+    assert tok.token_id("<｜tool▁sep｜>") == 128814 and tok.token_id("<｜fim▁hole｜>") == 128800
     with pytest.raises(KeyError, match="not in the vocabulary"):
         tok.token_id("<｜no▁such▁token｜>")
 
@@ -50,6 +52,55 @@ def test_user_text_never_becomes_control_tokens(tok: Tokenizer) -> None:
     # trusted template text may opt in to matching control tokens
     assert tok.encode(f"{BOS}<｜User｜>hi", allow_special=True)[:2] == [0, 128803]
     assert 1 in tok.encode(f"x{EOS}", allow_special=True)
+
+
+def test_v32_model_card_token_ids(tok: Tokenizer) -> None:
+    # chat-format.md §6: the V3.2 README example, encoded with control-token matching
+    text = (
+        "<｜begin▁of▁sentence｜><｜User｜>hello<｜Assistant｜></think>Hello! I am DeepSeek.<｜end▁of▁sentence｜>"
+        "<｜User｜>1+1=?<｜Assistant｜><think>"
+    )
+    expected = [
+        0,
+        128803,
+        33310,
+        128804,
+        128799,
+        19923,
+        3,
+        342,
+        1030,
+        22651,
+        4374,
+        1465,
+        16,
+        1,
+        128803,
+        19,
+        13,
+        19,
+    ]
+    assert tok.encode(text, allow_special=True) == [*expected, 127252, 128804, 128798]
+    assert tok.encode("<｜DSML｜function_calls>") == [30, 28217, 10525, 7398, 28217, 8701, 4941, 12548, 32]
+
+
+def test_packaged_file_brought_to_v32_layout(tok: Tokenizer) -> None:
+    layout = json.loads(default_tokenizer_json())
+    added = {t["id"]: t for t in layout["added_tokens"]}
+    assert max(added) == 128814 and len(added) == 818  # ids 0-2 and 128000-128814
+    assert (added[128798]["content"], added[128799]["content"]) == ("<think>", "</think>")
+    assert added[128805]["special"] and added[0]["special"] and not added[128803]["special"]
+    assert tok.special_ids == {t["id"] for t in layout["added_tokens"] if t["special"]}
+    assert tok.added_tokens["<｜tool▁outputs▁end｜>"] == 128811
+
+
+def test_split_special_and_token_bytes(tok: Tokenizer) -> None:
+    assert tok.split_special("a<think>b</think><｜User｜>") == ["a", 128798, "b", 128799, 128803]
+    assert tok.split_special("plain <｜DSML｜ text") == ["plain <｜DSML｜ text"]
+    ids = tok.encode("中文 🙂")
+    assert b"".join(tok.token_bytes(i) for i in ids) == "中文 🙂".encode()
+    assert tok.token_bytes(1) == EOS.encode()
+    assert tok.encode_plain_batch(["a b", "", "<think>"]) == [tok.encode("a b"), [], tok.encode("<think>")]
 
 
 def test_decode_skip_special_tokens(tok: Tokenizer) -> None:
@@ -92,5 +143,5 @@ def test_bad_tokenizer_files(tmp_path: Path) -> None:
 
 
 def test_no_torch_import() -> None:
-    code = "import sys, dsv32.chat.tokenizer; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, dsv32.chat; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2])
