@@ -1,0 +1,126 @@
+"""Stop strings over streamed text (any splitting, never a partial stop string shown) and token-level stops."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from dsv32.chat.textscan import held_suffix
+from dsv32.engine.sampling_params import SamplingParams
+from dsv32.engine.stop import StopChecker, check_token_stop
+
+
+def reference(text: str, stops: list[str]) -> tuple[str, str | None]:
+    """The text a client should see and the stop string, found by growing the text one character at a time:
+    the first stop string to be complete wins (the longest if several complete at once)."""
+    for end in range(1, len(text) + 1):
+        done = [s for s in stops if text[:end].endswith(s)]
+        if done:
+            s = max(done, key=len)
+            return text[: end - len(s)], s
+    return text, None
+
+
+def random_split(text: str, rng: random.Random) -> list[str]:
+    cuts = sorted(rng.sample(range(1, len(text)), rng.randint(0, len(text) - 1))) if len(text) > 1 else []
+    bounds = [0, *cuts, len(text)]
+    parts = [text[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+    # sprinkle empty deltas (a token that decodes to nothing yet)
+    for _ in range(rng.randint(0, 3)):
+        parts.insert(rng.randint(0, len(parts)), "")
+    return parts
+
+
+def stream(parts: list[str], stops: list[str]) -> tuple[str, str | None]:
+    """Feed the parts; check after every delta that what was emitted is a prefix of the final answer and
+    that exactly the undecidable suffix is held back."""
+    want, want_stop = reference("".join(parts), stops)
+    checker = StopChecker(stops)
+    shown, fed = "", ""
+    for part in parts:
+        fed += part
+        text, matched = checker.feed(part)
+        shown += text
+        assert want.startswith(shown), (parts, stops, shown)  # nothing that will be cut was ever shown
+        if matched is not None:
+            assert matched == want_stop
+            assert checker.feed("more text") == ("", None)
+            assert checker.flush() == ""
+            return shown, matched
+        # held back: only the longest suffix that could still start a stop string
+        assert checker.held == fed[len(fed) - held_suffix(fed, stops) :]
+        assert shown + checker.held == fed
+    shown += checker.flush()
+    return shown, None
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_texts_and_splittings(seed: int) -> None:
+    rng = random.Random(seed)
+    alphabet = "ab\u00e9\u4e2d "
+    for _ in range(150):
+        stops = [
+            "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 5))) for _ in range(rng.randint(1, 4))
+        ]
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40)))
+        if rng.random() < 0.5:  # make a match likely
+            text = text[: len(text) // 2] + rng.choice(stops) + text[len(text) // 2 :]
+        want = reference(text, stops)
+        for _ in range(5):
+            assert stream(random_split(text, rng), stops) == want
+
+
+def test_stop_string_spanning_many_deltas() -> None:
+    stops = ["</answer>"]
+    text = "The result is 42.</answer> and then junk"
+    rng = random.Random(0)
+    for _ in range(300):
+        assert stream(random_split(text, rng), stops) == ("The result is 42.", "</answer>")
+
+
+def test_partial_stop_is_held_then_released() -> None:
+    c = StopChecker(["\n\nUser:"])
+    assert c.feed("Hi.\n") == ("Hi.", None)
+    assert c.feed("\nUs") == ("", None)
+    assert c.held == "\n\nUs"
+    assert c.feed("e") == ("", None)
+    assert c.feed("d to it") == ("\n\nUsed to it", None)
+    assert c.flush() == ""
+    c = StopChecker(["STOP"])
+    assert c.feed("abcST") == ("abc", None)
+    assert c.flush() == "ST"  # generation ended for another reason: nothing is lost
+
+
+def test_earliest_completed_match_wins_whatever_the_split() -> None:
+    # "xabc" starts first but "ab" is complete first: a stream would have stopped there
+    for parts in (["xabc"], ["x", "a", "b", "c"], ["xa", "bc"]):
+        assert stream(parts, ["xabc", "ab"]) == ("x", "ab")
+    # complete at the same character: the longer (earlier-starting) one
+    assert stream(["zabc"], ["bc", "abc"]) == ("z", "abc")
+
+
+def test_no_stop_strings_is_pass_through() -> None:
+    c = StopChecker(None)
+    assert c.feed("abc") == ("abc", None)
+    assert c.flush() == ""
+    assert StopChecker("x").stop == ["x"]
+
+
+def test_stop_at_the_very_start() -> None:
+    assert stream(["###", "rest"], ["###"]) == ("", "###")
+
+
+def test_token_stop() -> None:
+    p = SamplingParams(max_tokens=3, stop_token_ids=[7])
+    assert check_token_stop(p, 5, 1, eos_token_ids={2}) is None
+    assert check_token_stop(p, 2, 1, eos_token_ids={2}) == "stop"
+    assert check_token_stop(p, 7, 1) == "stop"
+    assert check_token_stop(p, 5, 3) == "length"
+    assert check_token_stop(p, 7, 3) == "stop"  # the stop token wins on the last allowed token
+    q = SamplingParams(ignore_eos=True, stop_token_ids=[7])
+    assert check_token_stop(q, 2, 1, eos_token_ids={2}) is None
+    assert check_token_stop(q, 7, 1, eos_token_ids={2}) == "stop"
+    assert check_token_stop(SamplingParams(), 5, 10, max_output_tokens=10) == "length"
+    assert check_token_stop(SamplingParams(max_tokens=50), 5, 10, max_output_tokens=10) == "length"
+    assert check_token_stop(SamplingParams(), 5, 9, max_output_tokens=10) is None
