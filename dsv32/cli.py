@@ -155,6 +155,45 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- serve ------------------------------------------------------------------------------------
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve the DeepSeek-compatible HTTP API (OpenAI-style routes)")
+    p.add_argument("--model", type=Path, help="HF model directory (default: the embedded random-weight model)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", action="append", default=[], dest="api_keys", metavar="KEY",
+                   help="accepted API key (repeatable); none given: no authentication")  # fmt: skip
+    p.add_argument("--served-model-name", help="extra model id to answer to (default: the directory name)")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--cache-memory-gb", type=float, default=1.0, help="memory for the paged latent cache")
+    p.add_argument("--max-num-seqs", type=int, default=64, help="requests decoded together")
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget of one step")
+    p.add_argument("--max-model-len", type=int, help="context limit (default: the model's)")
+    p.add_argument("--max-waiting", type=int, default=256, help="queued requests before answering 503")
+    p.add_argument("--max-concurrent-per-key", type=int, help="in-flight requests per API key before 429")
+    p.add_argument("--chat-format", choices=("v3.2", "v3.1", "v3"), help="override the prompt format")
+    p.set_defaults(func=_serve)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from dsv32.api.server import ServeOptions, serve
+
+    serve(
+        ServeOptions(
+            model=args.model, host=args.host, port=args.port, api_keys=args.api_keys,
+            served_model_name=args.served_model_name, dtype=DTYPES[args.dtype], device=args.device,
+            cache_memory_gb=args.cache_memory_gb, max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
+            max_waiting=args.max_waiting, max_concurrent_per_key=args.max_concurrent_per_key,
+            chat_format=args.chat_format,
+        )
+    )  # fmt: skip
+    return 0
+
+
 # ---- bench (implemented in dsv32.bench) -------------------------------------------------------
 
 
@@ -182,6 +221,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_serve,
     _add_make_checkpoint,
     _add_generate,
     _add_bench,

@@ -1,0 +1,135 @@
+"""The FastAPI application: routes, DeepSeek-style errors, API keys and per-key concurrency limits."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+from typing import Any
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from dsv32.api import openai_routes
+from dsv32.api.errors import APIError
+from dsv32.api.service import ServingContext
+
+log = logging.getLogger("dsv32.api")
+OPEN_PATHS = {"/health", "/openapi.json", "/docs", "/redoc", "/docs/oauth2-redirect"}
+# pydantic error types that mean "the body is malformed" (400) rather than "a value is invalid" (422)
+_MALFORMED = {"json_invalid", "missing", "model_type", "dict_type", "model_attributes_type"}
+
+
+def _error_response(err: APIError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status)
+
+
+def _validation_error(exc: RequestValidationError) -> APIError:
+    errors = list(exc.errors()) or [{"type": "value_error", "loc": (), "msg": "invalid request"}]
+
+    def malformed(e: dict) -> bool:  # structure problems outrank out-of-range values
+        loc = [p for p in e.get("loc", ()) if p != "body"]
+        return e.get("type") in _MALFORMED or not loc or loc[0] == "messages"
+
+    first = next((e for e in errors if malformed(e)), errors[0])
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    field = ".".join(loc) or None
+    if first.get("type") == "json_invalid":
+        return APIError(400, f"the request body is not valid JSON: {first.get('msg')}")
+    if malformed(first):
+        what = f"'{field}'" if field else "the request body"
+        return APIError(400, f"Invalid request: {what}: {first.get('msg')}", field)
+    got = first.get("input")
+    shown = (
+        json.dumps(got)[:80] if isinstance(got, (int, float, str, bool, type(None))) else type(got).__name__
+    )
+    return APIError(422, f"Invalid parameter '{field}': {first.get('msg')} (got {shown})", field)
+
+
+class KeyAndLimitMiddleware:
+    """API-key check (constant-time) and a per-key cap on in-flight requests (429 beyond it).
+
+    Pure ASGI so the count covers a streamed body until its last byte (or the client's disconnect)."""
+
+    def __init__(self, app, ctx: ServingContext):
+        self.app, self.ctx = app, ctx
+        self.in_flight: dict[str, int] = {}
+
+    def _key(self, scope) -> str | None:
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        auth = headers.get("authorization", "")
+        if auth.lower().startswith("bearer "):
+            return auth[7:].strip()
+        return headers.get("x-api-key")
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+            return await self.app(scope, receive, send)
+        key = self._key(scope) or ""
+        if self.ctx.api_keys:
+            ok = False
+            for k in self.ctx.api_keys:  # compare with every key: timing says nothing about which matched
+                ok |= hmac.compare_digest(key.encode(), k.encode())
+            if not ok:
+                shown = f"****{key[-4:]}" if len(key) >= 4 else "(none)"
+                resp = _error_response(
+                    APIError(401, f"Authentication Fails, your api key: {shown} is invalid")
+                )
+                return await resp(scope, receive, send)
+        limit = self.ctx.max_concurrent_per_key
+        if limit is None:
+            return await self.app(scope, receive, send)
+        if self.in_flight.get(key, 0) >= limit:
+            resp = _error_response(
+                APIError(429, f"Rate Limit Reached: at most {limit} concurrent requests per key")
+            )
+            return await resp(scope, receive, send)
+        self.in_flight[key] = self.in_flight.get(key, 0) + 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight[key] -= 1
+
+
+def create_app(ctx: ServingContext) -> FastAPI:
+    app = FastAPI(title="dsv32", description="DeepSeek-compatible API served by dsv32", version="0.1.0")
+    app.state.ctx = ctx
+    router = APIRouter()
+    openai_routes.register(router)
+    app.include_router(router)
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "model": ctx.served_model_name}
+
+    @app.get("/stats")
+    async def stats() -> dict[str, Any]:
+        return ctx.engine.stats()
+
+    @app.get("/user/balance")
+    async def balance() -> dict[str, Any]:
+        # self-hosted: nothing is billed, so the balance never runs out
+        return {"is_available": True, "balance_infos": [
+            {"currency": "USD", "total_balance": "0.00", "granted_balance": "0.00", "topped_up_balance": "0.00"}]}  # fmt: skip
+
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, exc: APIError) -> JSONResponse:
+        return _error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return _error_response(_validation_error(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return _error_response(APIError(exc.status_code, str(exc.detail)))
+
+    @app.exception_handler(Exception)
+    async def internal_error(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("internal error")
+        return _error_response(APIError(500, f"Server Error: {type(exc).__name__}"))
+
+    app.add_middleware(KeyAndLimitMiddleware, ctx=ctx)
+    return app

@@ -1,0 +1,428 @@
+"""OpenAI / DeepSeek routes: chat completions (+ beta prefix completion), FIM / text completions, models.
+
+One request, end to end: validate the body → render the prompt with the chat encoder (V3.2 DSML, V3.1,
+V3) → ``engine.generate(ids, SamplingParams)`` → incremental text → ``StreamParser`` (reasoning |
+content | tool calls) → SSE chunks or one JSON body in the DeepSeek shape.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from dsv32.api.errors import APIError, bad_request, invalid_param
+from dsv32.api.schemas import ChatCompletionRequest, CompletionRequest
+from dsv32.api.service import MODE_LIMITS, ServingContext
+from dsv32.chat import StreamParser, encode_fim, encode_prompt
+from dsv32.chat.errors import ChatFormatError
+from dsv32.engine.async_engine import QueueFullError
+from dsv32.engine.core import EngineError
+from dsv32.engine.outputs import RequestOutput
+from dsv32.engine.sampling_params import SamplingParams, SamplingParamsError
+
+THINK_END = "</think>"
+
+
+def _ctx(request: Request) -> ServingContext:
+    return request.app.state.ctx
+
+
+# ---- request -> (prompt ids, sampling params) ----------------------------------------------------
+
+
+def _thinking(req: ChatCompletionRequest, default: bool) -> bool:
+    if req.thinking is not None:
+        return req.thinking.type == "enabled"
+    if req.reasoning is not None and req.reasoning.enabled is not None:
+        return req.reasoning.enabled
+    return default
+
+
+def _max_tokens(ctx: ServingContext, requested: int | None, n_prompt: int, limits: tuple[int, int]) -> int:
+    default, ceiling = limits
+    if requested is not None and requested > ceiling:
+        raise invalid_param(f"max_tokens must be <= {ceiling} for this model, got {requested}", "max_tokens")
+    room = ctx.max_model_len - n_prompt
+    if requested is None:
+        if room < 1:
+            raise bad_request(
+                f"the prompt has {n_prompt} tokens, which leaves no room in the model's context of "
+                f"{ctx.max_model_len} tokens"
+            )
+        return min(default, room)
+    if n_prompt + requested > ctx.max_model_len:
+        raise bad_request(
+            f"this model's maximum context length is {ctx.max_model_len} tokens; the prompt has {n_prompt} "
+            f"tokens and max_tokens asks for {requested} more ({n_prompt + requested} in total)",
+            "max_tokens",
+        )
+    return requested
+
+
+def _logit_bias(raw: dict[str, float] | None) -> dict[int, float] | None:
+    if not raw:
+        return None
+    out = {}
+    for k, v in raw.items():
+        try:
+            out[int(k)] = v
+        except ValueError:
+            raise invalid_param(f"logit_bias keys must be token ids, got {k!r}", "logit_bias") from None
+    return out
+
+
+def _sampling(req, max_tokens: int, thinking: bool, *, logprobs: bool, top_logprobs: int) -> SamplingParams:
+    """SamplingParams from a request; in thinking mode temperature, top_p and penalties are ignored."""
+    kw: dict[str, Any] = dict(
+        max_tokens=max_tokens,
+        seed=req.seed,
+        stop=req.stop,
+        logit_bias=_logit_bias(req.logit_bias),
+        logprobs=logprobs,
+        top_logprobs=top_logprobs,
+    )
+    if not thinking:
+        for name in ("temperature", "top_p", "frequency_penalty", "presence_penalty"):
+            if getattr(req, name) is not None:
+                kw[name] = getattr(req, name)
+    for name in ("top_k", "min_p", "top_a", "repetition_penalty"):
+        if getattr(req, name) is not None:
+            kw[name] = getattr(req, name)
+    try:
+        return SamplingParams(**kw)
+    except SamplingParamsError as e:
+        raise invalid_param(str(e), e.field) from None
+
+
+# ---- shared response pieces --------------------------------------------------------------------
+
+
+def _usage(out: RequestOutput, reasoning_tokens: int | None) -> dict[str, Any]:
+    u = out.usage
+    usage = {
+        "prompt_tokens": u.prompt_tokens,
+        "completion_tokens": u.completion_tokens,
+        "total_tokens": u.prompt_tokens + u.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": u.cached_tokens},
+        "prompt_cache_hit_tokens": u.cached_tokens,
+        "prompt_cache_miss_tokens": u.miss_tokens,
+    }
+    if reasoning_tokens is not None:
+        usage["completion_tokens_details"] = {"reasoning_tokens": reasoning_tokens}
+    return usage
+
+
+def _token_logprobs(ctx: ServingContext, ids: list[int], lps: list[dict]) -> list[dict[str, Any]]:
+    def entry(tid: int, lp: float) -> dict[str, Any]:
+        b = (
+            ctx.tokenizer.token_bytes(tid)
+            if ctx.tokenizer.byte_level
+            else ctx.tokenizer.decode([tid]).encode()
+        )
+        return {"token": b.decode("utf-8", errors="replace"), "logprob": lp, "bytes": list(b)}
+
+    out = []
+    for tid, lp in zip(ids, lps, strict=False):
+        e = entry(tid, lp["logprob"])
+        e["top_logprobs"] = [entry(t, v) for t, v in lp["top"]]
+        out.append(e)
+    return out
+
+
+async def _with_keepalive(agen: AsyncIterator, interval: float) -> AsyncIterator:
+    """Items of ``agen``; ``None`` whenever ``interval`` seconds pass without one (SSE keep-alive)."""
+    it = agen.__aiter__()
+    pending: asyncio.Task | None = None
+    try:
+        while True:
+            if pending is None:
+                pending = asyncio.ensure_future(it.__anext__())
+            done, _ = await asyncio.wait({pending}, timeout=interval)
+            if not done:
+                yield None
+                continue
+            task, pending = pending, None
+            try:
+                yield task.result()
+            except StopAsyncIteration:
+                return
+    finally:
+        if pending is not None:
+            pending.cancel()
+        await agen.aclose()
+
+
+def _sse(obj: Any) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def _engine_errors(e: Exception) -> APIError:
+    if isinstance(e, QueueFullError):
+        return APIError(503, f"Server overloaded: {e}")
+    if isinstance(e, SamplingParamsError):
+        return invalid_param(str(e), e.field)
+    return bad_request(str(e))
+
+
+# ---- chat completions ----------------------------------------------------------------------------
+
+
+class _ChatRun:
+    """Turns engine outputs into parser deltas, counting reasoning tokens."""
+
+    def __init__(self, ctx: ServingContext, tools, thinking: bool, hide_reasoning: bool):
+        self.parser = StreamParser(tools=tools, thinking=thinking, family=ctx.family)
+        self.thinking = thinking
+        self.hide_reasoning = hide_reasoning
+        self.think_end_id = ctx.tokenizer.token_id(THINK_END) if thinking else None
+        self.reasoning_tokens = 0
+        self._in_reasoning = thinking
+        self.ids: list[int] = []
+        self.logprobs: list[dict] = []
+
+    def feed(self, out: RequestOutput) -> list[dict[str, Any]]:
+        for tid in out.new_token_ids:
+            if self._in_reasoning:
+                self.reasoning_tokens += 1
+                if tid == self.think_end_id:
+                    self._in_reasoning = False
+        self.ids += out.new_token_ids
+        if out.logprobs:
+            self.logprobs += out.logprobs
+        deltas = self.parser.feed(out.text)
+        if out.finished:
+            deltas += self.parser.finish()
+        return [
+            d.to_openai() for d in deltas if not (self.hide_reasoning and d.reasoning_content is not None)
+        ]
+
+    def finish_reason(self, engine_reason: str | None) -> str:
+        if engine_reason == "stop" and self.parser.result()["tool_calls"]:
+            return "tool_calls"
+        return engine_reason or "stop"
+
+
+def register(router: APIRouter) -> None:
+    for path in ("/chat/completions", "/v1/chat/completions", "/beta/chat/completions"):
+        router.add_api_route(path, chat_completions, methods=["POST"], response_model=None)
+    for path in ("/completions", "/v1/completions", "/beta/completions"):
+        router.add_api_route(path, completions, methods=["POST"], response_model=None)
+    for path in ("/models", "/v1/models"):
+        router.add_api_route(path, list_models, methods=["GET"])
+
+
+async def list_models(request: Request) -> dict[str, Any]:
+    ctx = _ctx(request)
+    return {
+        "object": "list",
+        "data": [{"id": n, "object": "model", "owned_by": "deepseek"} for n in ctx.model_names()],
+    }
+
+
+async def chat_completions(body: ChatCompletionRequest, request: Request):
+    ctx = _ctx(request)
+    beta = request.url.path.startswith("/beta/")
+    model, default_thinking = ctx.resolve_model(body.model)
+    if not model:
+        raise bad_request(
+            f"Model Not Exist: {body.model!r} (available: {', '.join(ctx.model_names())})", "model"
+        )
+    thinking = _thinking(body, default_thinking)
+    if thinking and ctx.family == "v3":
+        raise bad_request("this model has no thinking mode", "thinking")
+    if any(isinstance(m, dict) and m.get("prefix") for m in body.messages) and not beta:
+        raise bad_request("chat prefix completion (prefix: true) needs the /beta base URL", "messages")
+    if body.top_logprobs and not body.logprobs:
+        raise bad_request("top_logprobs requires logprobs: true", "top_logprobs")
+    if thinking and (body.logprobs or body.top_logprobs):
+        raise bad_request("logprobs and top_logprobs are not supported in thinking mode", "logprobs")
+    if body.response_format is not None and body.response_format.type == "json_schema":
+        raise invalid_param("response_format type 'json_schema' is not supported yet", "response_format")
+    tool_choice = body.tool_choice
+    if isinstance(tool_choice, str) and tool_choice not in ("none", "auto", "required"):
+        raise invalid_param(
+            f"tool_choice must be none, auto, required or a function, got {tool_choice!r}", "tool_choice"
+        )
+    if tool_choice not in (None, "none", "auto"):
+        raise invalid_param("tool_choice 'required' and named functions are not supported yet", "tool_choice")
+    tools = body.tools if tool_choice != "none" else None
+    try:
+        prompt_ids = encode_prompt(
+            body.messages, tools=tools, thinking=thinking, family=ctx.family, tokenizer=ctx.tokenizer
+        )
+    except ChatFormatError as e:
+        raise bad_request(str(e), e.field) from None
+    max_tokens = _max_tokens(ctx, body.max_tokens, len(prompt_ids), MODE_LIMITS[thinking])
+    params = _sampling(
+        body, max_tokens, thinking, logprobs=bool(body.logprobs), top_logprobs=body.top_logprobs or 0
+    )
+    hide = bool(body.reasoning and body.reasoning.exclude)
+    run = _ChatRun(ctx, tools, thinking, hide)
+    rid = f"{uuid.uuid4()}"
+    created = int(time.time())
+    try:
+        stream = await ctx.engine.submit(prompt_ids, params, rid)
+    except (EngineError, SamplingParamsError) as e:
+        raise _engine_errors(e) from None
+    head = {"id": rid, "created": created, "model": model, "system_fingerprint": ctx.system_fingerprint}
+
+    if not body.stream:
+        last = None
+        try:
+            async for out in stream:
+                run.feed(out)
+                last = out
+        finally:
+            await stream.aclose()
+        msg = run.parser.result()
+        message: dict[str, Any] = {"role": "assistant", "content": msg["content"]}
+        if thinking and not hide:
+            message["reasoning_content"] = msg["reasoning_content"] or ""
+        if msg["tool_calls"]:
+            message["tool_calls"] = msg["tool_calls"]
+        choice = {
+            "index": 0,
+            "message": message,
+            "logprobs": {"content": _token_logprobs(ctx, run.ids, run.logprobs)} if body.logprobs else None,
+            "finish_reason": run.finish_reason(last.finish_reason),
+        }
+        usage = _usage(last, run.reasoning_tokens if thinking else None)
+        return JSONResponse({**head, "object": "chat.completion", "choices": [choice], "usage": usage})
+
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+    def chunk(delta: dict[str, Any], finish: str | None = None, usage=None, logprobs=None) -> str:
+        c = {**head, "object": "chat.completion.chunk",
+             "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}  # fmt: skip
+        if include_usage:
+            c["usage"] = usage
+        return _sse(c)
+
+    async def events() -> AsyncIterator[str]:
+        first = {"role": "assistant", "content": None if thinking else ""}
+        if thinking and not hide:
+            first["reasoning_content"] = ""
+        yield chunk(first)
+        async for out in _with_keepalive(stream, ctx.keepalive_s):
+            if out is None:
+                yield ": keep-alive\n\n"
+                continue
+            lp = None
+            if body.logprobs and out.logprobs:
+                lp = {"content": _token_logprobs(ctx, out.new_token_ids, out.logprobs)}
+            deltas = run.feed(out)
+            for i, d in enumerate(deltas):
+                yield chunk(d, logprobs=lp if i == 0 else None)
+            if lp is not None and not deltas:
+                yield chunk({"content": ""}, logprobs=lp)
+            if out.finished:
+                usage = _usage(out, run.reasoning_tokens if thinking else None)
+                final = {**head, "object": "chat.completion.chunk",
+                         "choices": [{"index": 0, "delta": {"content": ""}, "logprobs": None,
+                                      "finish_reason": run.finish_reason(out.finish_reason)}]}  # fmt: skip
+                final["usage"] = None if include_usage else usage
+                yield _sse(final)
+                if include_usage:
+                    yield _sse({**head, "object": "chat.completion.chunk", "choices": [], "usage": usage})
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+# ---- text / FIM completions ------------------------------------------------------------------------
+
+
+async def completions(body: CompletionRequest, request: Request):
+    ctx = _ctx(request)
+    model, thinking = ctx.resolve_model(body.model)
+    if not model:
+        raise bad_request(
+            f"Model Not Exist: {body.model!r} (available: {', '.join(ctx.model_names())})", "model"
+        )
+    if thinking:
+        raise bad_request(
+            "FIM / text completion is not supported in thinking mode (use deepseek-chat)", "model"
+        )
+    if isinstance(body.prompt, list):
+        if body.suffix is not None:
+            raise bad_request("suffix needs a text prompt", "suffix")
+        prompt_ids = list(body.prompt)
+        bad = [t for t in prompt_ids if not 0 <= t < ctx.tokenizer.vocab_size]
+        if bad:
+            raise invalid_param(f"prompt token id {bad[0]} is outside the vocabulary", "prompt")
+    elif body.suffix is not None:
+        prompt_ids = encode_fim(body.prompt, body.suffix, tokenizer=ctx.tokenizer)
+    else:
+        prompt_ids = ctx.tokenizer.encode(body.prompt, add_bos=True)
+    if not prompt_ids:
+        raise bad_request("the prompt is empty", "prompt")
+    max_tokens = _max_tokens(ctx, body.max_tokens, len(prompt_ids), (4096, 4096))
+    n_lp = body.logprobs or 0
+    params = _sampling(body, max_tokens, False, logprobs=body.logprobs is not None, top_logprobs=n_lp)
+    rid = f"{uuid.uuid4()}"
+    try:
+        stream = await ctx.engine.submit(prompt_ids, params, rid)
+    except (EngineError, SamplingParamsError) as e:
+        raise _engine_errors(e) from None
+    head = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
+            "system_fingerprint": ctx.system_fingerprint}  # fmt: skip
+    echo = body.prompt if (body.echo and isinstance(body.prompt, str)) else ""
+
+    def legacy_logprobs(ids: list[int], lps: list[dict]) -> dict[str, Any] | None:
+        if body.logprobs is None:
+            return None
+        entries = _token_logprobs(ctx, ids, lps)
+        return {
+            "tokens": [e["token"] for e in entries],
+            "token_logprobs": [e["logprob"] for e in entries],
+            "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries],
+            "text_offset": [],
+        }
+
+    if not body.stream:
+        text, ids, lps, last = echo, [], [], None
+        try:
+            async for out in stream:
+                text += out.text
+                ids += out.new_token_ids
+                lps += out.logprobs or []
+                last = out
+        finally:
+            await stream.aclose()
+        choice = {
+            "index": 0,
+            "text": text,
+            "logprobs": legacy_logprobs(ids, lps),
+            "finish_reason": last.finish_reason,
+        }
+        return JSONResponse({**head, "choices": [choice], "usage": _usage(last, None)})
+
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+    async def events() -> AsyncIterator[str]:
+        if echo:
+            yield _sse(
+                {**head, "choices": [{"index": 0, "text": echo, "logprobs": None, "finish_reason": None}]}
+            )
+        async for out in _with_keepalive(stream, ctx.keepalive_s):
+            if out is None:
+                yield ": keep-alive\n\n"
+                continue
+            lp = legacy_logprobs(out.new_token_ids, out.logprobs or [])
+            c = {**head, "choices": [{"index": 0, "text": out.text, "logprobs": lp,
+                                      "finish_reason": out.finish_reason if out.finished else None}]}  # fmt: skip
+            if out.finished:
+                c["usage"] = None if include_usage else _usage(out, None)
+            yield _sse(c)
+            if out.finished and include_usage:
+                yield _sse({**head, "choices": [], "usage": _usage(out, None)})
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

@@ -1,0 +1,78 @@
+"""Request bodies of the OpenAI/DeepSeek routes, with the types, ranges and defaults of api.md.
+
+Unknown top-level keys are accepted and ignored (OpenAI SDK ``extra_body`` passes through). Messages are
+validated by the chat encoder, which names the offending field.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    include_usage: bool = False
+
+
+class Thinking(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: Literal["enabled", "disabled"]
+
+
+class Reasoning(BaseModel):
+    """OpenRouter-style ``reasoning``: ``enabled`` switches thinking; ``exclude`` hides the reasoning."""
+
+    model_config = ConfigDict(extra="allow")
+    enabled: bool | None = None
+    effort: str | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    exclude: bool = False
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: Literal["text", "json_object", "json_schema"] = "text"
+
+
+class SamplingFields(BaseModel):
+    """Fields shared by chat and text completions."""
+
+    model_config = ConfigDict(extra="allow")
+    model: str
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    top_k: int | None = Field(default=None, ge=-1)
+    min_p: float | None = Field(default=None, ge=0, le=1)
+    top_a: float | None = Field(default=None, ge=0, le=1)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    repetition_penalty: float | None = Field(default=None, gt=0, le=2)
+    seed: int | None = None
+    logit_bias: dict[str, float] | None = None
+    stop: str | list[str] | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    n: int | None = Field(default=None, ge=1, le=1)
+    user: str | None = None
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[dict[str, Any]] = Field(min_length=1)
+    thinking: Thinking | None = None
+    reasoning: Reasoning | None = None
+    logprobs: bool | None = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    response_format: ResponseFormat | None = None
+    tools: list[dict[str, Any]] | None = Field(default=None, max_length=128)
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+
+
+class CompletionRequest(SamplingFields):
+    prompt: str | list[int]
+    suffix: str | None = None
+    echo: bool | None = False
+    logprobs: int | None = Field(default=None, ge=0, le=20)

@@ -1,0 +1,83 @@
+"""``dsv32 serve``: load a model (or the embedded default), start the engine, serve the API with uvicorn."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from dsv32.api.app import create_app
+from dsv32.api.service import ServingContext
+
+
+@dataclass
+class ServeOptions:
+    model: Path | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_keys: list[str] = field(default_factory=list)
+    served_model_name: str | None = None
+    dtype: str = "float32"
+    device: str = "cpu"
+    cache_memory_gb: float = 1.0
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None
+    max_waiting: int = 256
+    max_concurrent_per_key: int | None = None
+    chat_format: str | None = None  # override the family picked from config.json
+    keepalive_s: float = 5.0
+
+
+def build_context(opts: ServeOptions) -> ServingContext:
+    """Model + engine + tokenizer + settings: everything the app needs."""
+    from dsv32.chat import family_for_model_dir, load_tokenizer
+    from dsv32.engine.async_engine import AsyncEngine
+    from dsv32.engine.core import EngineConfig, EngineCore
+    from dsv32.weights.default_model import ensure_default_model
+    from dsv32.weights.loader import load_model
+
+    model_dir = opts.model
+    if model_dir is None:
+        print(
+            "note: serving the built-in default model, which has RANDOM weights: its output is noise",
+            file=sys.stderr,
+        )
+        model_dir = ensure_default_model()
+    model = load_model(model_dir, dtype=getattr(torch, opts.dtype), device=opts.device, progress=True)
+    tokenizer = load_tokenizer(model_dir)
+    config = EngineConfig(
+        cache_memory_gb=opts.cache_memory_gb, max_num_seqs=opts.max_num_seqs,
+        max_num_batched_tokens=opts.max_num_batched_tokens, max_model_len=opts.max_model_len,
+    )  # fmt: skip
+    core = EngineCore(model, config, eos_id=tokenizer.eos_id)
+    engine = AsyncEngine(core, tokenizer, max_waiting=opts.max_waiting)
+    return ServingContext(
+        engine=engine,
+        tokenizer=tokenizer,
+        family=family_for_model_dir(model_dir, override=opts.chat_format),
+        max_model_len=min(core.max_model_len, core.capacity_tokens),
+        served_model_name=opts.served_model_name or Path(model_dir).name,
+        api_keys=list(opts.api_keys),
+        max_concurrent_per_key=opts.max_concurrent_per_key,
+        keepalive_s=opts.keepalive_s,
+        eos_id=tokenizer.eos_id,
+    )
+
+
+def serve(opts: ServeOptions) -> None:
+    import uvicorn
+
+    ctx = build_context(opts)
+    app = create_app(ctx)
+    print(
+        f"dsv32 serving {ctx.served_model_name} on http://{opts.host}:{opts.port}",
+        file=sys.stderr,
+        flush=True,
+    )
+    try:
+        uvicorn.run(app, host=opts.host, port=opts.port, log_level="warning")
+    finally:
+        ctx.engine.shutdown()
