@@ -1,0 +1,80 @@
+"""Start the real app under uvicorn on a free loopback port, in a background thread."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator
+
+import uvicorn
+
+from dsv32.api.app import create_app
+from dsv32.api.service import ServingContext
+from dsv32.chat.detokenizer import IncrementalDetokenizer
+from dsv32.engine.outputs import RequestOutput, Usage
+from dsv32.engine.sampling_params import SamplingParams
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RunningServer:
+    def __init__(self, ctx: ServingContext):
+        self.ctx = ctx
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(create_app(ctx), host="127.0.0.1", port=self.port, log_level="warning")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> RunningServer:
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started:
+            if time.time() > deadline or not self.thread.is_alive():
+                raise RuntimeError("server did not start")
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+class ScriptedEngine:
+    """A test-only token source behind the engine interface: it answers every request with the next
+    scripted completion text (tokenized with the real tokenizer, streamed token by token), so tool calls
+    and thinking can be exercised with a random-weight model. It records each prompt it was given."""
+
+    def __init__(self, tokenizer, eos_id: int):
+        self.tokenizer, self.eos_id = tokenizer, eos_id
+        self.scripts: list[str] = []
+        self.prompts: list[list[int]] = []
+
+    async def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None):
+        self.prompts.append(list(prompt_ids))
+        text = self.scripts.pop(0) if self.scripts else "ok"
+        ids = self.tokenizer.encode(text, allow_special=True) + [self.eos_id]
+        ids = ids[: params.max_tokens]
+        return self._stream(request_id or "scripted", prompt_ids, ids, params)
+
+    async def _stream(self, rid, prompt_ids, ids, params) -> AsyncIterator[RequestOutput]:
+        detok = IncrementalDetokenizer(self.tokenizer, skip_special_tokens=params.skip_special_tokens)
+        for i, tid in enumerate(ids):
+            await asyncio.sleep(0)
+            last = i == len(ids) - 1
+            text = detok.add([tid]) + (detok.flush() if last else "")
+            reason = ("stop" if tid == self.eos_id else "length") if last else None
+            usage = Usage(len(prompt_ids), i + 1, 0)
+            yield RequestOutput(rid, [tid], text, None, last, reason, usage)
+
+    def stats(self) -> dict:
+        return {}
+
+    def num_waiting(self) -> int:
+        return 0

@@ -1,0 +1,225 @@
+"""The DeepSeek-compatible routes through the real openai SDK and raw HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import openai
+import pytest
+
+D = "｜DSML｜"
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Weather of a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"location": {"type": "string"}, "days": {"type": "integer"}},
+            "required": ["location"],
+        },
+    },
+}
+
+
+def dsml_calls(*calls: tuple[str, dict]) -> str:
+    invokes = []
+    for name, args in calls:
+        params = []
+        for k, v in args.items():
+            is_str = isinstance(v, str)
+            val = v if is_str else json.dumps(v)
+            params.append(
+                f'<{D}parameter name="{k}" string="{"true" if is_str else "false"}">{val}</{D}parameter>'
+            )
+        invokes.append(f'<{D}invoke name="{name}">\n' + "\n".join(params) + f"\n</{D}invoke>")
+    return f"\n\n<{D}function_calls>\n" + "\n".join(invokes) + f"\n</{D}function_calls>"
+
+
+def client(srv, **kw) -> openai.OpenAI:
+    return openai.OpenAI(base_url=srv.url, api_key="sk-test", max_retries=0, **kw)
+
+
+def test_seed_curl_sample_with_only_the_base_url_changed(engine_server):
+    # seed 000: POST .../chat/completions, Bearer key, model deepseek/deepseek-v3.2, one user message
+    r = httpx.post(
+        f"{engine_server.url}/v1/chat/completions",
+        headers={"Authorization": "Bearer API_KEY", "Content-Type": "application/json"},
+        json={
+            "model": "deepseek/deepseek-v3.2",
+            "messages": [{"role": "user", "content": "你好"}],
+            "max_tokens": 8,
+        },
+        timeout=60,
+    )
+    assert r.status_code == 200
+    body = r.json()
+    assert body["object"] == "chat.completion" and body["model"] == "deepseek-chat"
+    assert body["choices"][0]["message"]["role"] == "assistant"
+    assert body["choices"][0]["finish_reason"] in ("stop", "length")
+    u = body["usage"]
+    assert u["total_tokens"] == u["prompt_tokens"] + u["completion_tokens"]
+    assert u["prompt_cache_hit_tokens"] + u["prompt_cache_miss_tokens"] == u["prompt_tokens"]
+    assert u["prompt_tokens_details"]["cached_tokens"] == u["prompt_cache_hit_tokens"]
+    assert body["system_fingerprint"]
+
+
+def test_openai_sdk_sync_stream_and_async(engine_server):
+    c = client(engine_server)
+    r = c.chat.completions.create(
+        model="deepseek-chat", messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+        max_tokens=6, temperature=0,
+    )  # fmt: skip
+    assert r.choices[0].message.content is not None and r.usage.completion_tokens <= 6
+    # greedy is deterministic: streaming gives the same text, and the first delta carries the role
+    chunks = list(
+        c.chat.completions.create(
+            model="deepseek-chat", messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+            max_tokens=6, temperature=0, stream=True, stream_options={"include_usage": True},
+        )
+    )  # fmt: skip
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert text == r.choices[0].message.content
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == r.usage.completion_tokens
+    assert [ch for ch in chunks if ch.choices][-1].choices[0].finish_reason == r.choices[0].finish_reason
+
+    async def run():
+        ac = openai.AsyncOpenAI(base_url=engine_server.url, api_key="sk", max_retries=0)
+        rs = await asyncio.gather(*(
+            ac.chat.completions.create(model="deepseek-chat", messages=[{"role": "user", "content": f"n{i}"}], max_tokens=4)
+            for i in range(4)
+        ))  # fmt: skip
+        return [x.usage.completion_tokens for x in rs]
+
+    assert all(n >= 1 for n in asyncio.run(run()))
+
+
+def test_thinking_mode_returns_reasoning_separately(engine_server):
+    c = client(engine_server)
+    r = c.chat.completions.create(
+        model="deepseek-reasoner", messages=[{"role": "user", "content": "9.11 vs 9.8?"}], max_tokens=6
+    )
+    msg = r.model_dump()["choices"][0]["message"]
+    assert isinstance(msg["reasoning_content"], str)
+    assert r.usage.completion_tokens_details.reasoning_tokens >= 1
+    # thinking switched on for deepseek-chat with the thinking field, streamed
+    chunks = list(c.chat.completions.create(
+        model="deepseek-chat", messages=[{"role": "user", "content": "hi"}], max_tokens=5, stream=True,
+        extra_body={"thinking": {"type": "enabled"}},
+    ))  # fmt: skip
+    first = chunks[0].choices[0].delta.model_dump()
+    assert first["role"] == "assistant" and first["reasoning_content"] == ""
+    # logprobs are refused in thinking mode
+    with pytest.raises(openai.BadRequestError):
+        c.chat.completions.create(
+            model="deepseek-reasoner", messages=[{"role": "user", "content": "x"}], logprobs=True
+        )
+
+
+def test_scripted_thinking_answer_and_dropped_history(scripted_server, tokenizer):
+    c = client(scripted_server)
+    scripted_server.engine.scripts = ["Let me think.</think>The answer is 9.8."]
+    r = c.chat.completions.create(
+        model="deepseek-reasoner", messages=[{"role": "user", "content": "9.11 or 9.8?"}]
+    )
+    msg = r.model_dump()["choices"][0]["message"]
+    assert msg["reasoning_content"] == "Let me think." and msg["content"] == "The answer is 9.8."
+    assert r.choices[0].finish_reason == "stop"
+    # next turn sends the reasoning back: accepted, and dropped from the prompt (earlier user turn)
+    scripted_server.engine.scripts = ["Fine.</think>Yes."]
+    c.chat.completions.create(model="deepseek-reasoner", messages=[
+        {"role": "user", "content": "9.11 or 9.8?"},
+        {"role": "assistant", "content": "The answer is 9.8.", "reasoning_content": "SECRET-REASONING"},
+        {"role": "user", "content": "Sure?"},
+    ])  # fmt: skip
+    assert "SECRET-REASONING" not in tokenizer.decode(scripted_server.engine.prompts[-1])
+
+
+@pytest.mark.parametrize("model", ["deepseek-chat", "deepseek-reasoner"])
+def test_full_tool_loop_with_parallel_calls(scripted_server, tokenizer, model):
+    c = client(scripted_server)
+    think = "I need the weather.</think>" if model == "deepseek-reasoner" else ""
+    scripted_server.engine.scripts = [
+        think
+        + dsml_calls(
+            ("get_weather", {"location": "Hangzhou"}), ("get_weather", {"location": "Paris", "days": 2})
+        ),
+        ("Done thinking.</think>" if think else "") + "Sunny in both.",
+    ]
+    messages = [{"role": "user", "content": "Weather in Hangzhou and Paris?"}]
+    r = c.chat.completions.create(model=model, messages=messages, tools=[WEATHER])
+    calls = r.choices[0].message.tool_calls
+    assert r.choices[0].finish_reason == "tool_calls"
+    assert [tc.function.name for tc in calls] == ["get_weather", "get_weather"]
+    assert json.loads(calls[0].function.arguments) == {"location": "Hangzhou"}
+    assert json.loads(calls[1].function.arguments) == {"location": "Paris", "days": 2}
+    assert all(tc.id.startswith("call_") for tc in calls)
+    assistant = r.choices[0].message.model_dump(exclude_none=True)
+    messages.append(assistant)
+    for tc, result in zip(calls, ["22C sunny", "18C sunny"], strict=True):
+        messages.append({"role": "tool", "tool_call_id": tc.id, "content": result})
+    final = c.chat.completions.create(model=model, messages=messages, tools=[WEATHER])
+    assert final.choices[0].message.content == "Sunny in both." and final.choices[0].finish_reason == "stop"
+    prompt = tokenizer.decode(scripted_server.engine.prompts[-1])
+    assert "22C sunny" in prompt and "18C sunny" in prompt
+    if think:  # reasoning inside the current tool loop is kept in the prompt
+        assert "I need the weather." in prompt
+
+
+def test_streamed_tool_call_arguments_concatenate(scripted_server):
+    c = client(scripted_server)
+    scripted_server.engine.scripts = [dsml_calls(("get_weather", {"location": "Hangzhou", "days": 3}))]
+    chunks = list(c.chat.completions.create(
+        model="deepseek-chat", messages=[{"role": "user", "content": "w?"}], tools=[WEATHER], stream=True))  # fmt: skip
+    parts = [tc for ch in chunks if ch.choices for tc in (ch.choices[0].delta.tool_calls or [])]
+    assert parts[0].id.startswith("call_") and parts[0].function.name == "get_weather"
+    args = "".join(p.function.arguments or "" for p in parts)
+    assert json.loads(args) == {"location": "Hangzhou", "days": 3}
+    assert [ch for ch in chunks if ch.choices][-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_chat_prefix_completion_continues_the_prefix(scripted_server, tokenizer):
+    c = client(scripted_server)
+    scripted_server.engine.scripts = ["print('hi')\n```"]
+    r = openai.OpenAI(base_url=scripted_server.url + "/beta", api_key="k", max_retries=0).chat.completions.create(
+        model="deepseek-chat",
+        messages=[{"role": "user", "content": "Write hello world"}, {"role": "assistant", "content": "```python\n", "prefix": True}],
+        stop=["```"],
+    )  # fmt: skip
+    assert r.choices[0].message.content.startswith("print('hi')")
+    prompt = tokenizer.decode(scripted_server.engine.prompts[-1])
+    assert prompt.endswith("```python\n")  # continued, not closed
+    with pytest.raises(openai.BadRequestError, match="beta"):
+        c.chat.completions.create(
+            model="deepseek-chat", messages=[{"role": "user", "content": "x"}, {"role": "assistant", "content": "y", "prefix": True}])  # fmt: skip
+
+
+def test_fim_completion(scripted_server, tokenizer):
+    scripted_server.engine.scripts = ["    return a + b"]
+    c = openai.OpenAI(base_url=scripted_server.url + "/beta", api_key="k", max_retries=0)
+    r = c.completions.create(
+        model="deepseek-chat", prompt="def add(a, b):\n", suffix="\n\nprint(add(1, 2))", max_tokens=64
+    )
+    assert r.choices[0].text == "    return a + b" and r.object == "text_completion"
+    prompt = tokenizer.decode(scripted_server.engine.prompts[-1])
+    assert "<｜fim▁hole｜>" in prompt and prompt.index("def add") < prompt.index("print(add")
+
+
+def test_usage_reports_cache_hits_on_a_repeated_long_prompt(engine_server):
+    c = client(engine_server)
+    long = " ".join(f"word{i}" for i in range(400))
+    kw = dict(model="deepseek-chat", messages=[{"role": "user", "content": long}], max_tokens=2)
+    first = c.chat.completions.create(**kw).model_dump()["usage"]
+    second = c.chat.completions.create(**kw).model_dump()["usage"]
+    assert first["prompt_cache_hit_tokens"] == 0
+    assert second["prompt_cache_hit_tokens"] >= second["prompt_tokens"] - 32
+    assert second["prompt_cache_miss_tokens"] == second["prompt_tokens"] - second["prompt_cache_hit_tokens"]
+
+
+def test_models_route(engine_server):
+    ids = [m.id for m in client(engine_server).models.list()]
+    assert {"deepseek-chat", "deepseek-reasoner"} <= set(ids)
+    assert httpx.get(engine_server.url + "/openapi.json").json()["paths"]["/chat/completions"]
