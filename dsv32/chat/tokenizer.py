@@ -144,10 +144,13 @@ class Tokenizer:
         return out
 
     def token_bytes(self, token_id: int) -> bytes:
-        """The raw bytes one id stands for (byte-level tokenizers only; control tokens: their UTF-8 text)."""
+        """The raw bytes one id stands for (byte-level tokenizers only; control tokens: their UTF-8 text).
+
+        Ids past the vocabulary (a model's padding rows) stand for nothing, as in ``decode``."""
         if not self.byte_level:
             raise ValueError(f"{self.path} is not a byte-level BPE tokenizer")
-        return self._token_bytes[token_id]
+        table = self._token_bytes
+        return table[token_id] if 0 <= token_id < len(table) else b""
 
     def token_id(self, name: str) -> int:
         """Id of a single token given by its exact string, e.g. ``"<｜User｜>"``; KeyError if unknown."""
