@@ -55,6 +55,7 @@ class ScriptedEngine:
         self.tokenizer, self.eos_id = tokenizer, eos_id
         self.scripts: list[str] = []
         self.prompts: list[list[int]] = []
+        self.first_delay = 0.0  # seconds before the first token (as if queued)
 
     async def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None):
         self.prompts.append(list(prompt_ids))
@@ -65,6 +66,7 @@ class ScriptedEngine:
 
     async def _stream(self, rid, prompt_ids, ids, params) -> AsyncIterator[RequestOutput]:
         detok = IncrementalDetokenizer(self.tokenizer, skip_special_tokens=params.skip_special_tokens)
+        await asyncio.sleep(self.first_delay)
         for i, tid in enumerate(ids):
             await asyncio.sleep(0)
             last = i == len(ids) - 1

@@ -1,0 +1,93 @@
+"""Concurrency, aborts, keep-alives, API keys and per-key limits against the real server."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import openai
+import torch
+
+from dsv32.api.service import ServingContext
+from dsv32.engine.async_engine import AsyncEngine
+from dsv32.engine.core import EngineConfig, EngineCore
+from dsv32.weights.loader import load_model
+from tests.api.server_harness import RunningServer
+
+
+def test_64_concurrent_streams_and_10_aborted_mid_stream(engine_server):
+    async def run():
+        ac = openai.AsyncOpenAI(base_url=engine_server.url, api_key="k", max_retries=0, timeout=300)
+
+        async def one(i: int) -> int:
+            stream = await ac.chat.completions.create(
+                model="deepseek-chat", messages=[{"role": "user", "content": f"client {i}"}],
+                max_tokens=12 if i >= 10 else 400, temperature=0.8, stream=True,
+            )  # fmt: skip
+            n = 0
+            async for _chunk in stream:
+                n += 1
+                if i < 10 and n == 3:  # these clients hang up mid-stream
+                    await stream.close()
+                    return -1
+            return n
+
+        return await asyncio.gather(*(one(i) for i in range(64)), return_exceptions=True)
+
+    results = asyncio.run(run())
+    errors = [r for r in results if isinstance(r, BaseException)]
+    assert not errors, errors[:3]
+    assert all(r > 2 for r in results[10:])
+    deadline = time.time() + 30
+    while time.time() < deadline:  # the aborted requests' blocks come back at once (next engine step)
+        stats = httpx.get(engine_server.url + "/stats").json()
+        if stats["running"] == 0 and stats["waiting"] == 0:
+            break
+        time.sleep(0.1)
+    assert stats["running"] == 0 and stats["waiting"] == 0
+    assert stats["free_blocks"] == stats["total_blocks"]
+
+
+def test_keepalive_comments_while_waiting(scripted_server):
+    scripted_server.engine.first_delay = 1.2
+    scripted_server.ctx.keepalive_s = 0.3
+    with httpx.stream("POST", scripted_server.url + "/chat/completions", timeout=30, json={
+        "model": "deepseek-chat", "messages": [{"role": "user", "content": "x"}], "stream": True}) as r:  # fmt: skip
+        raw = "".join(r.iter_text())
+    assert ": keep-alive\n\n" in raw and raw.rstrip().endswith("data: [DONE]")
+
+
+def test_api_keys_and_per_key_limit(default_model_dir, tokenizer):
+    model = load_model(default_model_dir, dtype=torch.float32, progress=False)
+    core = EngineCore(model, EngineConfig(num_blocks=256), eos_id=tokenizer.eos_id)
+    engine = AsyncEngine(core, tokenizer)
+    ctx = ServingContext(engine=engine, tokenizer=tokenizer, family="v3.2", max_model_len=4096,
+                         api_keys=["sk-good", "sk-other"], max_concurrent_per_key=2)  # fmt: skip
+    body = {"model": "deepseek-chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 200}
+    try:
+        with RunningServer(ctx) as srv:
+            r = httpx.post(
+                srv.url + "/chat/completions", json=body, headers={"Authorization": "Bearer sk-bad!"}
+            )
+            assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+            assert "sk-bad!" not in r.json()["error"]["message"]  # the key is masked
+            assert httpx.post(srv.url + "/chat/completions", json=body).status_code == 401
+            assert httpx.get(srv.url + "/health").status_code == 200  # open
+            ok = httpx.post(srv.url + "/chat/completions", json={**body, "max_tokens": 2},
+                            headers={"x-api-key": "sk-other"})  # fmt: skip
+            assert ok.status_code == 200
+
+            async def burst():
+                async with httpx.AsyncClient(timeout=120) as c:
+                    h = {"Authorization": "Bearer sk-good"}
+                    return await asyncio.gather(
+                        *(c.post(srv.url + "/chat/completions", json=body, headers=h) for _ in range(5))
+                    )
+
+            codes = sorted(r.status_code for r in asyncio.run(burst()))
+            assert codes.count(429) >= 1 and codes.count(200) >= 2
+            r429 = next(r for r in asyncio.run(burst()) if r.status_code == 429)
+            assert r429.json()["error"]["type"] == "rate_limit_error"
+    finally:
+        engine.shutdown()
