@@ -20,6 +20,42 @@ from dsv32.engine.outputs import OutputProcessor, RequestOutput
 from dsv32.engine.sampling_params import SamplingParams
 
 
+class RequestStream:
+    """The outputs of one accepted request, as an async iterator; ``aclose`` aborts it if unfinished."""
+
+    def __init__(self, engine: AsyncEngine, request_id: str, q: asyncio.Queue):
+        self.engine, self.request_id, self._q = engine, request_id, q
+        self.finished = False
+        self._closed = False
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self.finished or self._closed:
+            raise StopAsyncIteration
+        item = await self._q.get()
+        if isinstance(item, BaseException):
+            self.finished = True
+            await self.aclose()
+            raise item
+        if item.finished:
+            self.finished = True
+            self._closed = True
+            self.engine._close(self.request_id, finished=True)
+        return item
+
+    async def aclose(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self.engine._close(self.request_id, self.finished)
+
+    def __del__(self) -> None:  # a stream dropped without aclose must not keep its blocks
+        if not self._closed:
+            self._closed = True
+            self.engine._close(self.request_id, self.finished)
+
+
 class QueueFullError(EngineError):
     """Too many requests are waiting; the server answers 503."""
 
@@ -39,10 +75,14 @@ class AsyncEngine:
         self._thread.start()
 
     # ---- public API -------------------------------------------------------------------------
-    async def generate(
+    async def submit(
         self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None
-    ) -> AsyncIterator[RequestOutput]:
-        """Submit a request and stream its outputs; leaving the iteration early aborts the request."""
+    ) -> RequestStream:
+        """Queue a request; returns its output stream once the engine has accepted it.
+
+        Rejections (bad prompt, too long, queue full) raise here, before any output exists. Closing the
+        stream (``aclose``) before it finished aborts the request and frees its blocks.
+        """
         if self._error is not None:
             raise RuntimeError(f"the engine stopped: {self._error}")
         request_id = request_id or f"req-{next(self._ids)}"
@@ -53,24 +93,32 @@ class AsyncEngine:
         self._streams[request_id] = (loop, q)
         accepted: asyncio.Future = loop.create_future()  # resolved by the engine thread: None or the error
         self._commands.put(("add", request_id, list(prompt_ids), params, loop, accepted))
-        error = await accepted
+        try:
+            error = await accepted
+        except asyncio.CancelledError:
+            self._streams.pop(request_id, None)
+            self._commands.put(("abort", request_id))
+            raise
         if error is not None:
             self._streams.pop(request_id, None)
             raise error
-        finished = False
+        return RequestStream(self, request_id, q)
+
+    async def generate(
+        self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None
+    ) -> AsyncIterator[RequestOutput]:
+        """Submit and stream in one call; leaving the iteration early aborts the request."""
+        stream = await self.submit(prompt_ids, params, request_id)
         try:
-            while True:
-                item = await q.get()
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-                if item.finished:
-                    finished = True
-                    return
+            async for out in stream:
+                yield out
         finally:
-            self._streams.pop(request_id, None)
-            if not finished:
-                self._commands.put(("abort", request_id))
+            await stream.aclose()
+
+    def _close(self, request_id: str, finished: bool) -> None:
+        self._streams.pop(request_id, None)
+        if not finished:
+            self._commands.put(("abort", request_id))
 
     def abort(self, request_id: str) -> None:
         self._commands.put(("abort", request_id))
