@@ -140,8 +140,12 @@ def main_bench(args: argparse.Namespace) -> int:
     """Entry point of ``dsv32 bench`` (the CLI parses the arguments)."""
     from dsv32.presets import resolve_preset
 
+    if args.what == "chat":
+        from dsv32.chat.bench import main_bench_chat
+
+        return main_bench_chat(args)
     if args.what != "model":
-        raise SystemExit(f"error: unknown benchmark {args.what!r} (available: model)")
+        raise SystemExit(f"error: unknown benchmark {args.what!r} (available: model, chat)")
     config = resolve_preset(args.config or "bench-small")
     r = bench_model(config, args.prefill, args.decode, Path(args.out))
     print(_markdown(r))

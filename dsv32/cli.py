@@ -210,6 +210,12 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         "--out", type=Path, default=Path("benchmarks/results"), metavar="DIR", help="where to write results"
     )
     m.set_defaults(func=_bench)
+    c = bsub.add_parser("chat", help="time to encode a ~100K-token conversation, per chat format")
+    c.add_argument("--tokens", type=int, default=100_000, metavar="N", help="conversation size in tokens")
+    c.add_argument(
+        "--out", type=Path, default=Path("benchmarks/results"), metavar="DIR", help="where to write results"
+    )
+    c.set_defaults(func=_bench)
 
 
 def _bench(args: argparse.Namespace) -> int:
