@@ -14,11 +14,12 @@ import os
 import platform
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from dsv32.chat.render import encode_prompt, render_prompt
-from dsv32.chat.tokenizer import load_tokenizer
+from dsv32.chat.tokenizer import Tokenizer, load_tokenizer
 
 WORDS = (
     "the model reads a long prompt and answers with care while tools return data about weather cities dates "
@@ -93,13 +94,13 @@ def build_conversation(target_tokens: int, seed: int = 0) -> list[dict[str, Any]
         messages.pop()
 
 
-def _count(messages: list[dict[str, Any]], tok) -> int:
+def _count(messages: list[dict[str, Any]], tok: Tokenizer) -> int:
     if messages[-1]["role"] != "user":
         messages = [*messages, {"role": "user", "content": "?"}]
     return len(encode_prompt(messages, tools=TOOLS, tokenizer=tok))
 
 
-def _best(fn, repeats: int) -> tuple[Any, float]:
+def _best(fn: Callable[[], Any], repeats: int) -> tuple[Any, float]:
     times, out = [], None
     for _ in range(repeats):
         t0 = time.perf_counter()
