@@ -194,6 +194,24 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- chat -------------------------------------------------------------------------------------
+
+
+def _add_chat(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("chat", help="interactive terminal chat (streams; /think toggles thinking)")
+    p.add_argument("--model", type=Path, help="HF model directory (default: the embedded random-weight model)")
+    p.add_argument("--think", action="store_true", help="start in thinking mode")
+    p.add_argument("--max-tokens", type=int, default=512)
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.set_defaults(func=_chat)
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from dsv32.chat_cli import run_chat
+
+    return run_chat(args.model, thinking=args.think, max_tokens=args.max_tokens, temperature=args.temperature)
+
+
 # ---- bench (implemented in dsv32.bench) -------------------------------------------------------
 
 
@@ -228,6 +246,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_serve,
+    _add_chat,
     _add_make_checkpoint,
     _add_generate,
     _add_bench,

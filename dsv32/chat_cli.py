@@ -1,0 +1,98 @@
+"""``dsv32 chat``: an interactive terminal chat on a local model, streamed.
+
+Reasoning is shown dimmed, tool calls in cyan; ``/think`` toggles thinking mode, ``/reset`` starts a new
+conversation, ``/exit`` (or Ctrl-D) quits. The conversation is rendered with the model's chat format and
+run through the same engine as the server.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import TextIO
+
+DIM, CYAN, RESET = "\033[2m", "\033[36m", "\033[0m"
+HELP = "commands: /think (toggle thinking), /reset (new conversation), /exit"
+
+
+def run_chat(
+    model_dir: Path | None,
+    *,
+    thinking: bool = False,
+    max_tokens: int = 512,
+    temperature: float = 0.7,
+    stdin: TextIO = sys.stdin,
+    stdout: TextIO = sys.stdout,
+) -> int:
+    import torch
+
+    from dsv32.chat import StreamParser, encode_prompt, family_for_model_dir, load_tokenizer
+    from dsv32.engine.core import EngineCore
+    from dsv32.engine.outputs import OutputProcessor
+    from dsv32.engine.sampling_params import SamplingParams
+    from dsv32.weights.default_model import ensure_default_model
+    from dsv32.weights.loader import load_model
+
+    if model_dir is None:
+        print("note: using the built-in default model, which has RANDOM weights: its output is noise", file=sys.stderr)
+        model_dir = ensure_default_model()
+    model = load_model(model_dir, dtype=torch.float32, progress=False)
+    tokenizer = load_tokenizer(model_dir)
+    family = family_for_model_dir(model_dir)
+    engine = EngineCore(model, eos_id=tokenizer.eos_id)
+    color = stdout.isatty()
+
+    def paint(text: str, code: str) -> str:
+        return f"{code}{text}{RESET}" if color else text
+
+    messages: list[dict] = []
+    stdout.write(f"dsv32 chat ({family}, thinking {'on' if thinking else 'off'}). {HELP}\n")
+    turn = 0
+    while True:
+        stdout.write("> ")
+        stdout.flush()
+        line = stdin.readline()
+        if not line:
+            stdout.write("\n")
+            return 0
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            return 0
+        if text == "/think":
+            thinking = not thinking
+            stdout.write(f"thinking {'on' if thinking else 'off'}\n")
+            continue
+        if text == "/reset":
+            messages = []
+            stdout.write("new conversation\n")
+            continue
+        messages.append({"role": "user", "content": text})
+        ids = encode_prompt(messages, thinking=thinking, family=family, tokenizer=tokenizer)
+        params = SamplingParams(max_tokens=min(max_tokens, engine.max_model_len - len(ids)), temperature=temperature)
+        rid = f"chat-{turn}"
+        turn += 1
+        engine.add_request(rid, ids, params)
+        processor = OutputProcessor(tokenizer)
+        processor.add(rid, params)
+        parser = StreamParser(thinking=thinking, family=family)
+        while engine.has_work():
+            for out in processor.process(engine, engine.step()):
+                deltas = parser.feed(out.text) + (parser.finish() if out.finished else [])
+                for d in deltas:
+                    if d.reasoning_content:
+                        stdout.write(paint(d.reasoning_content, DIM))
+                    elif d.content:
+                        stdout.write(d.content)
+                    elif d.tool_call and "id" in d.tool_call:
+                        stdout.write(paint(f"\n[tool call {d.tool_call['function']['name']}] ", CYAN))
+                    elif d.tool_call:
+                        stdout.write(paint(d.tool_call["function"].get("arguments", ""), CYAN))
+                stdout.flush()
+        stdout.write("\n")
+        msg = parser.result()
+        reply = {"role": "assistant", "content": msg["content"]}
+        if msg["tool_calls"]:
+            reply["tool_calls"] = msg["tool_calls"]
+        messages.append(reply)
