@@ -245,8 +245,8 @@ class StreamParser:
             return False
         for tag in self._syntax.open_tags:  # a second block right after the first
             if rest.startswith(tag):
-                self._buf = rest[len(tag) :]
-                self._tentative, self._block_calls = "", 0
+                self._tentative = self._buf[: len(self._buf) - len(rest)] + tag
+                self._buf, self._block_calls = rest[len(tag) :], 0
                 self._block = self._syntax.block(self._schemas)
                 self._state = "tools"
                 return True

@@ -406,6 +406,8 @@ def test_cut_off_and_trailing_text() -> None:
     assert [c["function"]["name"] for c in two_blocks["tool_calls"]] == ["f", "g"] and two_blocks[
         "problems"
     ] == []
+    bad_second = parse("c" + dsml_block(dsml_call("f")) + dsml_block("junk"))
+    assert bad_second["content"] == "c" + dsml_block("junk") and len(bad_second["tool_calls"]) == 1
     assert parse("a" + EOS + "b")["content"] == "a"
 
 
