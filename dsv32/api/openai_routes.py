@@ -177,8 +177,11 @@ def _engine_errors(e: Exception) -> APIError:
 class _ChatRun:
     """Turns engine outputs into parser deltas, counting reasoning tokens."""
 
-    def __init__(self, ctx: ServingContext, tools, thinking: bool, hide_reasoning: bool):
+    def __init__(
+        self, ctx: ServingContext, tools, thinking: bool, hide_reasoning: bool, parallel: bool = True
+    ):
         self.parser = StreamParser(tools=tools, thinking=thinking, family=ctx.family)
+        self.parallel = parallel  # False (OpenRouter's parallel_tool_calls): only the first call is kept
         self.thinking = thinking
         self.hide_reasoning = hide_reasoning
         self.think_end_id = ctx.tokenizer.token_id(THINK_END) if thinking else None
@@ -264,7 +267,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         body, max_tokens, thinking, logprobs=bool(body.logprobs), top_logprobs=body.top_logprobs or 0
     )
     hide = bool(body.reasoning and body.reasoning.exclude)
-    run = _ChatRun(ctx, tools, thinking, hide)
+    run = _ChatRun(ctx, tools, thinking, hide, parallel=body.parallel_tool_calls is not False)
     rid = f"{uuid.uuid4()}"
     created = int(time.time())
     try:
@@ -285,8 +288,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         message: dict[str, Any] = {"role": "assistant", "content": msg["content"]}
         if thinking and not hide:
             message["reasoning_content"] = msg["reasoning_content"] or ""
-        if msg["tool_calls"]:
-            message["tool_calls"] = msg["tool_calls"]
+        if run.tool_calls():
+            message["tool_calls"] = run.tool_calls()
         choice = {
             "index": 0,
             "message": message,

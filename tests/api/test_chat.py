@@ -223,3 +223,15 @@ def test_models_route(engine_server):
     ids = [m.id for m in client(engine_server).models.list()]
     assert {"deepseek-chat", "deepseek-reasoner"} <= set(ids)
     assert httpx.get(engine_server.url + "/openapi.json").json()["paths"]["/chat/completions"]
+
+
+def test_parallel_tool_calls_false_keeps_the_first_call(scripted_server):
+    c = client(scripted_server)
+    two = dsml_calls(("get_weather", {"location": "A"}), ("get_weather", {"location": "B"}))
+    scripted_server.engine.scripts = [two, two]
+    r = c.chat.completions.create(model="deepseek-chat", messages=[{"role": "user", "content": "w?"}],
+                                  tools=[WEATHER], parallel_tool_calls=False)  # fmt: skip
+    assert [json.loads(t.function.arguments)["location"] for t in r.choices[0].message.tool_calls] == ["A"]
+    chunks = list(c.chat.completions.create(model="deepseek-chat", messages=[{"role": "user", "content": "w?"}],
+                                            tools=[WEATHER], parallel_tool_calls=False, stream=True))  # fmt: skip
+    assert {tc.index for ch in chunks if ch.choices for tc in (ch.choices[0].delta.tool_calls or [])} == {0}
