@@ -202,9 +202,16 @@ class _ChatRun:
         deltas = self.parser.feed(out.text)
         if out.finished:
             deltas += self.parser.finish()
-        return [
-            d.to_openai() for d in deltas if not (self.hide_reasoning and d.reasoning_content is not None)
-        ]
+        return [d.to_openai() for d in deltas if self._keep(d)]
+
+    def _keep(self, d) -> bool:
+        if self.hide_reasoning and d.reasoning_content is not None:
+            return False
+        return self.parallel or d.tool_call is None or d.tool_call["index"] == 0
+
+    def tool_calls(self) -> list[dict[str, Any]]:
+        calls = self.parser.result()["tool_calls"]
+        return calls if self.parallel else calls[:1]
 
     def finish_reason(self, engine_reason: str | None) -> str:
         if engine_reason == "stop" and self.parser.result()["tool_calls"]:
