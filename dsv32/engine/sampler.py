@@ -23,9 +23,12 @@ Logprobs describe the distribution after steps 1-3 and before temperature and th
 OpenAI reports them, independent of the sampling knobs) while still reflecting logit_bias, whose purpose is
 to change the model's distribution.
 
-Filters need the sorted head of a row, never a full sort when it can be avoided: top_k takes
-``topk(k + 1)``; top_p rows without top_k start from the 512 most likely tokens and grow the candidate set
-eightfold until it holds the nucleus.
+How it stays fast at N=64, V=129280 on a CPU: the filters only ever need a per-row cut-off logit, so they
+are computed in logit units (temperature enters only inside the exponentials, never as an [N, V] division);
+top_k and top_p look at a sorted head of the row from ``topk`` (k + 1 entries for top_k; 64 for top_p
+alone, growing at least eightfold until it holds the nucleus, and shared with top_logprobs), never a full
+sort unless the nucleus is most of the row; the draw is a two-level inverse CDF (block sums, then one block), so no [N, V] running sum; and the
+[N, V] work buffers are kept between calls.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from torch import Tensor
 
 from dsv32.engine.sampling_params import SamplingParams
 
-_TOP_P_FIRST_CANDIDATES = 512
+_TOP_P_FIRST_CANDIDATES = 64
 _CANDIDATE_GROWTH = 8
 
 
@@ -128,7 +131,21 @@ class SamplerOutput:
 
 
 class Sampler:
-    """Samples the next token of each row; see the module docstring for the exact definitions."""
+    """Samples the next token of each row; see the module docstring for the exact definitions.
+
+    Keeps two [N, V] fp32 work buffers between calls (the biased / penalised logits, and the exponentials):
+    allocating and faulting in tens of MB per step would cost more than the math. One sampler per engine
+    thread.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, Tensor] = {}
+
+    def _buffer(self, name: str, rows: int, vocab: int, device: torch.device) -> Tensor:
+        buf = self._buffers.get(name)
+        if buf is None or buf.device != device or buf.numel() < rows * vocab:
+            buf = self._buffers[name] = torch.empty(rows * vocab, dtype=torch.float32, device=device)
+        return buf[: rows * vocab].view(rows, vocab)
 
     def __call__(self, logits: Tensor, states: list[SamplingState]) -> SamplerOutput:
         n, vocab = logits.shape
@@ -137,13 +154,13 @@ class Sampler:
         device = logits.device
         params = [s.params for s in states]
 
-        x = logits.float().contiguous()
-        if x.data_ptr() == logits.data_ptr() and (
-            any(p.logit_bias for p in params) or any(_has_penalty(p) for p in params)
-        ):
-            x = x.clone()  # the bias and penalties below write into x
-        _apply_logit_bias(x, states)
-        _apply_penalties(x, states)
+        if any(p.logit_bias for p in params) or any(_has_penalty(p) for p in params):
+            x = self._buffer("x", n, vocab, device).copy_(logits)  # written below; the caller's stay intact
+            _apply_logit_bias(x, states)
+            _apply_penalties(x, states)
+        else:
+            x = logits.float().contiguous()
+        tmp = self._buffer("tmp", n, vocab, device)
 
         token_ids = torch.empty(n, dtype=torch.long, device=device)
         greedy = [i for i, p in enumerate(params) if p.greedy]
@@ -153,26 +170,37 @@ class Sampler:
         elif greedy:
             gi = torch.tensor(greedy, device=device)
             token_ids[gi] = x.index_select(0, gi).argmax(-1)
+        head = None
         if rand:
             ri = torch.tensor(rand, device=device)
             rp = [params[i] for i in rand]
             # The one per-row loop: each request draws from its own generator.
             u = torch.cat([torch.rand(1, generator=states[i].generator) for i in rand]).to(device)
-            temp = torch.tensor([p.temperature for p in rp], device=device)
-            xs = (x if len(rand) == n else x.index_select(0, ri)) / temp[:, None]
-            sampled = _sample(
-                xs,
+            # top_logprobs can reuse the sorted head that top_k / top_p sampling takes of the same rows.
+            k_lp = max((p.top_logprobs for p in params), default=0)
+            shared = k_lp > 0 and all(
+                not p.greedy and (0 < p.top_k < vocab or p.top_p < 1) for p in params if p.top_logprobs
+            )
+            sampled, head = _sample(
+                x if len(rand) == n else x.index_select(0, ri),
+                temp=torch.tensor([p.temperature for p in rp], device=device),
                 top_k=torch.tensor([p.top_k for p in rp], device=device),
                 top_p=torch.tensor([p.top_p for p in rp], device=device),
                 min_p=torch.tensor([p.min_p for p in rp], device=device),
                 top_a=torch.tensor([p.top_a for p in rp], device=device),
                 u=u,
+                tmp=tmp,
+                head_size=k_lp if shared else 0,
             )
             if len(rand) == n:
                 token_ids = sampled
             else:
                 token_ids[ri] = sampled
-        return _logprobs(x, token_ids, params)
+            if head is not None and shared:
+                head = (ri[head[0]], head[1], head[2])  # rows as batch indices
+            else:
+                head = None
+        return _logprobs(x, token_ids, params, tmp, head)
 
 
 def _has_penalty(p: SamplingParams) -> bool:
@@ -223,131 +251,222 @@ def _apply_penalties(x: Tensor, states: list[SamplingState]) -> None:
         flat.index_add_(0, out_keys, -(freq[row] * counts.to(x.dtype) + pres[row]))
 
 
-def _sample(xs: Tensor, top_k: Tensor, top_p: Tensor, min_p: Tensor, top_a: Tensor, u: Tensor) -> Tensor:
-    """Filter and draw one token per row of temperature-scaled logits xs [R, V]; u [R] uniform in [0, 1)."""
-    r, vocab = xs.shape
-    device = xs.device
+def _sample(
+    x: Tensor,
+    temp: Tensor,
+    top_k: Tensor,
+    top_p: Tensor,
+    min_p: Tensor,
+    top_a: Tensor,
+    u: Tensor,
+    tmp: Tensor,
+    head_size: int = 0,
+) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor] | None]:
+    """One token per row of logits x [R, V] at temperatures temp [R] > 0; u [R] uniform in [0, 1).
+
+    Every cut-off ``t`` below is a logit: a row keeps the tokens with ``x >= t``. ``tmp`` is a work
+    buffer of at least [R, V]. Also returns the first sorted head it took, (rows, values, ids), at least
+    ``head_size`` wide, or None if no row needed one.
+    """
+    r, vocab = x.shape
+    device = x.device
     top_k = torch.where((top_k > 0) & (top_k < vocab), top_k, 0)  # 0: off
     needs_head = (top_k > 0) | (top_p < 1)
-    out = torch.empty(r, dtype=torch.long, device=device)
-    no_t = torch.full((r,), float("-inf"), device=device)
-
+    no_cut = torch.full((r,), float("-inf"), device=device)
     if not bool(needs_head.any()):
-        return _draw_full(xs, no_t, min_p, top_a, u)
+        return _draw_full(x, temp, no_cut, min_p, top_a, u, tmp), None
+    out = torch.empty(r, dtype=torch.long, device=device)
     plain = (~needs_head).nonzero().squeeze(1)
     if plain.numel():
-        out[plain] = _draw_full(xs[plain], no_t[plain], min_p[plain], top_a[plain], u[plain])
+        out[plain] = _draw_full(
+            x[plain], temp[plain], no_cut[plain], min_p[plain], top_a[plain], u[plain], tmp
+        )
 
     pending = needs_head.nonzero().squeeze(1)
-    if not pending.numel():
-        return out
-    k_pending = top_k[pending]
-    size = int(k_pending.max()) + 1
-    if bool((k_pending == 0).any()):
+    size = int(top_k[pending].max()) + 1
+    if bool((top_k[pending] == 0).any()):
         size = max(size, _TOP_P_FIRST_CANDIDATES)
+    size = max(size, head_size)
+    head, lse = None, None
     while pending.numel():
         size = min(size, vocab)
-        rows = xs[pending]
-        vals, idx = rows.topk(size)  # [m, size], most likely first
-        k, p = top_k[pending], top_p[pending]
         whole = size == vocab
+        rows = x if pending.numel() == r else x[pending]
+        vals, idx = rows.topk(size)  # [m, size], most likely first
+        if head is None:
+            head = (pending, vals, idx)
+        k, p, tp = top_k[pending], top_p[pending], temp[pending]
         # top_k: keep logits >= the k-th largest.
         kth = vals.gather(1, (k - 1).clamp(min=0)[:, None]).squeeze(1)
         kth = torch.where(k > 0, kth, float("-inf"))
-        # Normaliser of the top_k survivors: from the head when it holds them all (no ties at the cut-off
-        # running past it), from the whole row otherwise (rows without top_k, or such ties).
-        head_holds = (k > 0) & (whole | (vals[:, -1] < kth))
-        lse = _masked_lse(vals, kth)
-        if not bool(head_holds.all()):
-            need = (~head_holds).nonzero().squeeze(1)
-            lse[need] = _masked_lse(rows[need], kth[need])
-        # top_p over the renormalised top_k survivors, from the head.
-        probs = torch.exp(torch.where(vals >= kth[:, None], vals, float("-inf")) - lse[:, None])
+        if lse is None:  # later rounds only hold top_p rows without top_k: their normaliser is known
+            # Normaliser of the top_k survivors: from the head when it holds them all (no ties at the
+            # cut-off running past it), from the whole row otherwise (rows without top_k, or such ties).
+            head_holds = (k > 0) & ((vals[:, -1] < kth) | whole)
+            lse = _lse(vals, tp, kth)
+            if not bool(head_holds.all()):
+                need = (~head_holds).nonzero().squeeze(1)
+                full = rows if need.numel() == rows.shape[0] else rows[need]
+                lse[need] = _lse(full, tp[need], kth[need], tmp)
+        # top_p over the renormalised top_k survivors, from the head: keep a token iff the mass ranked
+        # above it is < top_p.
+        probs = torch.exp(torch.where(vals >= kth[:, None], vals / tp[:, None], float("-inf")) - lse[:, None])
         cum = probs.cumsum(-1)
         n_keep = ((cum - probs) < p[:, None]).sum(-1).clamp(min=1)
         cut = vals.gather(1, (n_keep - 1)[:, None]).squeeze(1)
         t = torch.maximum(kth, torch.where(p < 1, cut, float("-inf")))
         # A top_p row without top_k is decided once the head's mass reaches top_p (or the head is the row).
         decided = (k > 0) | (cum[:, -1] >= p) | whole
-        done = decided.nonzero().squeeze(1)
+        if bool(decided.all()):
+            out[pending] = _draw_head(
+                rows, None, vals, idx, tp, t, min_p[pending], top_a[pending], u[pending], tmp
+            )
+            break
+        done, rest = decided.nonzero().squeeze(1), (~decided).nonzero().squeeze(1)
         if done.numel():
             sel = pending[done]
             out[sel] = _draw_head(
-                rows[done], vals[done], idx[done], t[done], whole, min_p[sel], top_a[sel], u[sel]
+                rows, done, vals[done], idx[done], tp[done], t[done], min_p[sel], top_a[sel], u[sel], tmp
             )
-        pending = pending[~decided]
-        size *= _CANDIDATE_GROWTH
-    return out
+        # Grow the head: the tokens past it are each at most as likely as its last one.
+        short = ((p[rest] - cum[rest, -1]) / probs[rest, -1]).max()
+        size = max(size * _CANDIDATE_GROWTH, size + int(min(float(short), vocab)) + 1)
+        if size > vocab // 2:
+            size = vocab
+        pending, lse = pending[rest], lse[rest]
+    return out, head
 
 
-def _masked_lse(x: Tensor, t: Tensor) -> Tensor:
-    """logsumexp over the entries of each row of x [m, n] that are >= t [m] (t never exceeds the row max)."""
-    m = x.amax(-1, keepdim=True)
-    return ((x - m).exp_().mul_(x >= t[:, None]).sum(-1)).log_() + m.squeeze(1)
+def _weights(x: Tensor, xmax: Tensor, temp: Tensor, t: Tensor, out: Tensor | None = None) -> Tensor:
+    """exp((x - xmax) / temp) where x >= t, else 0; rows of x [m, n]; written into ``out`` if given."""
+    if out is not None:
+        out = out[: x.shape[0], : x.shape[1]]
+    w = torch.sub(x, xmax[:, None], out=out).div_(temp[:, None]).exp_()
+    if bool(torch.isfinite(t).any()):
+        w.mul_(x >= t[:, None])
+    return w
 
 
-def _top_a(t: Tensor, xmax: Tensor, top_a: Tensor, lse_above: Callable[[Tensor], Tensor]) -> Tensor:
-    """Raise the cut-off t by top_a; ``lse_above(t)`` is the normaliser of the tokens still kept."""
-    if not bool((top_a > 0).any()):
-        return t
-    # p < a * p_max^2  <=>  x - lse < log(a) + 2 (x_max - lse)  <=>  x < log(a) + 2 x_max - lse
-    return torch.maximum(t, torch.log(top_a) + 2 * xmax - lse_above(t))
+def _lse(x: Tensor, temp: Tensor, t: Tensor, tmp: Tensor | None = None) -> Tensor:
+    """log sum exp(x / temp) over the entries x >= t of each row of x [m, n] (t never above the row max)."""
+    xmax = x.amax(-1)
+    return _weights(x, xmax, temp, t, tmp).sum(-1).log_() + xmax / temp
 
 
-def _draw_full(xs: Tensor, t: Tensor, min_p: Tensor, top_a: Tensor, u: Tensor) -> Tensor:
-    """Apply min_p and top_a above the cut-off t [m] and draw, over whole rows xs [m, V]."""
-    xmax = xs.amax(-1)
-    t = torch.maximum(t, xmax + torch.log(min_p))  # p < min_p * p_max  <=>  x < x_max + log(min_p)
-    t = _top_a(t, xmax, top_a, lambda tt: _masked_lse(xs, tt))
-    w = (xs - xmax[:, None]).exp_().mul_(xs >= t[:, None])
-    return _inverse_cdf(w.cumsum_(-1), u)
+def _min_p_top_a(
+    xmax: Tensor, temp: Tensor, t: Tensor, min_p: Tensor, top_a: Tensor, lse_above: Callable[[Tensor], Tensor]
+) -> Tensor:
+    """Raise the cut-off t [m] by min_p, then by top_a; ``lse_above(t)`` is the normaliser of x >= t."""
+    # p < min_p * p_max  <=>  (x - x_max) / T < log(min_p)
+    t = torch.maximum(t, xmax + temp * torch.log(min_p))
+    if bool((top_a > 0).any()):
+        # p < a * p_max^2  <=>  x / T - lse < log(a) + 2 (x_max / T - lse)  <=>  x < T (log(a) - lse) + 2 x_max
+        t = torch.maximum(t, temp * (torch.log(top_a) - lse_above(t)) + 2 * xmax)
+    return t
+
+
+def _draw_full(
+    x: Tensor, temp: Tensor, t: Tensor, min_p: Tensor, top_a: Tensor, u: Tensor, tmp: Tensor
+) -> Tensor:
+    """Apply min_p and top_a above the cut-off t [m] and draw, over whole rows x [m, V]."""
+    xmax = x.amax(-1)
+    t = _min_p_top_a(xmax, temp, t, min_p, top_a, lambda tt: _lse(x, temp, tt, tmp))
+    return _draw(_weights(x, xmax, temp, t, tmp), u)
 
 
 def _draw_head(
-    rows: Tensor, vals: Tensor, idx: Tensor, t: Tensor, whole: bool, min_p: Tensor, top_a: Tensor, u: Tensor
+    rows: Tensor,
+    sel: Tensor | None,
+    vals: Tensor,
+    idx: Tensor,
+    temp: Tensor,
+    t: Tensor,
+    min_p: Tensor,
+    top_a: Tensor,
+    u: Tensor,
+    tmp: Tensor,
 ) -> Tensor:
     """Apply min_p and top_a above the cut-off t [m] and draw from the sorted head (vals, idx) [m, size] of
-    rows [m, V]; rows with survivors past the head (ties at the cut-off) are drawn over the whole row."""
+    rows[sel] (all rows when sel is None); rows whose survivors run past the head (ties at the cut-off) are
+    drawn over the whole row."""
     xmax = vals[:, 0]
-    t = torch.maximum(t, xmax + torch.log(min_p))
-    fits = vals[:, -1] < t
-    if whole or bool(fits.all()):
-        return _draw_in_head(vals, idx, t, xmax, top_a, u)
+    t = torch.maximum(t, xmax + temp * torch.log(min_p))
+    fits = (vals[:, -1] < t) | (vals.shape[1] == rows.shape[1])
+    if bool(fits.all()):
+        return _draw_in_head(vals, idx, xmax, temp, t, top_a, u)
     out = torch.empty(vals.shape[0], dtype=torch.long, device=vals.device)
     spill, keep = (~fits).nonzero().squeeze(1), fits.nonzero().squeeze(1)
-    out[spill] = _draw_full(rows[spill], t[spill], min_p[spill], top_a[spill], u[spill])
+    full = rows[spill if sel is None else sel[spill]]
+    out[spill] = _draw_full(full, temp[spill], t[spill], min_p[spill], top_a[spill], u[spill], tmp)
     if keep.numel():
-        out[keep] = _draw_in_head(vals[keep], idx[keep], t[keep], xmax[keep], top_a[keep], u[keep])
+        out[keep] = _draw_in_head(
+            vals[keep], idx[keep], xmax[keep], temp[keep], t[keep], top_a[keep], u[keep]
+        )
     return out
 
 
-def _draw_in_head(vals: Tensor, idx: Tensor, t: Tensor, xmax: Tensor, top_a: Tensor, u: Tensor) -> Tensor:
-    t = _top_a(t, xmax, top_a, lambda tt: _masked_lse(vals, tt))
-    w = torch.exp(vals - xmax[:, None]) * (vals >= t[:, None])
-    return idx.gather(1, _inverse_cdf(w.cumsum(-1), u)[:, None]).squeeze(1)
+def _draw_in_head(
+    vals: Tensor, idx: Tensor, xmax: Tensor, temp: Tensor, t: Tensor, top_a: Tensor, u: Tensor
+) -> Tensor:
+    t = _min_p_top_a(xmax, temp, t, torch.zeros_like(t), top_a, lambda tt: _lse(vals, temp, tt))
+    return idx.gather(1, _draw(_weights(vals, xmax, temp, t), u)[:, None]).squeeze(1)
 
 
-def _inverse_cdf(cdf: Tensor, u: Tensor) -> Tensor:
-    """Index of the first entry of each cdf row [m, n] above u * total; never a zero-weight entry."""
-    total = cdf[:, -1:]
-    target = torch.minimum(u[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
-    return torch.searchsorted(cdf, target, right=True).squeeze(1)
+_BLOCK = 256
 
 
-def _logprobs(x: Tensor, token_ids: Tensor, params: list[SamplingParams]) -> SamplerOutput:
+def _draw(w: Tensor, u: Tensor) -> Tensor:
+    """Inverse CDF: per row of weights w [m, n] >= 0, the first index whose running sum exceeds u * total.
+
+    Two levels: the block of 256 holding the target from the block sums' running sum, then the index within
+    that block, so no [m, n] running sum is formed. Never returns a zero-weight index.
+    """
+    m, n = w.shape
+    nfull = n // _BLOCK
+    sums = w[:, : nfull * _BLOCK].unflatten(1, (nfull, _BLOCK)).sum(-1)  # [m, nfull]
+    if nfull * _BLOCK < n:
+        sums = torch.cat([sums, w[:, nfull * _BLOCK :].sum(-1, keepdim=True)], 1)
+    cdf = sums.cumsum(-1)
+    target = torch.minimum(u * cdf[:, -1], torch.nextafter(cdf[:, -1], torch.zeros_like(u)))
+    b = torch.searchsorted(cdf, target[:, None], right=True).squeeze(1)  # first block with cdf > target
+    before = torch.where(b > 0, cdf.gather(1, (b - 1).clamp(min=0)[:, None]).squeeze(1), 0.0)
+    cols = b[:, None] * _BLOCK + torch.arange(_BLOCK, device=w.device)
+    block = torch.where(cols < n, w.gather(1, cols.clamp(max=n - 1)), 0.0).cumsum(-1)
+    rest = torch.minimum(target - before, torch.nextafter(block[:, -1], torch.zeros_like(u)))
+    return b * _BLOCK + torch.searchsorted(block, rest[:, None], right=True).squeeze(1)
+
+
+def _logprobs(
+    x: Tensor,
+    token_ids: Tensor,
+    params: list[SamplingParams],
+    tmp: Tensor,
+    head: tuple[Tensor, Tensor, Tensor] | None,
+) -> SamplerOutput:
+    """log_softmax(x) = x - logsumexp(x) of the biased, penalised logits, for the rows that asked: at the
+    sampled token and the top ``top_logprobs`` (from ``head`` = (rows, sorted values, ids) when it covers
+    those rows)."""
     rows = [i for i, p in enumerate(params) if p.logprobs]
     if not rows:
         return SamplerOutput(token_ids)
-    n = x.shape[0]
-    device = x.device
-    k = max(p.top_logprobs for p in params)
+    n, device = x.shape[0], x.device
+    k = max(params[i].top_logprobs for i in rows)
+    index = torch.tensor(rows, device=device)
+    xr = x if len(rows) == n else x.index_select(0, index)
+    m = xr.amax(-1)
+    lse = torch.sub(xr, m[:, None], out=tmp[: len(rows)]).exp_().sum(-1).log_().add_(m)
     logprobs = torch.full((n,), float("nan"), device=device)
-    top_ids = torch.full((n, k), -1, dtype=torch.long, device=device) if k else None
-    top_lp = torch.full((n, k), float("nan"), device=device) if k else None
-    ri = torch.tensor(rows, device=device)
-    lp = (x if len(rows) == n else x.index_select(0, ri)).log_softmax(-1)
-    logprobs[ri] = lp.gather(1, token_ids[ri][:, None]).squeeze(1)
-    if k:
-        v, i = lp.topk(k)
-        top_lp[ri], top_ids[ri] = v, i
+    logprobs[index] = x[index, token_ids[index]] - lse
+    if not k:
+        return SamplerOutput(token_ids, logprobs)
+    if head is not None:
+        pos = torch.full((n,), -1, dtype=torch.long, device=device)
+        pos[head[0]] = torch.arange(head[0].numel(), device=device)
+        at = pos[index]
+        vals, ids = head[1][at, :k], head[2][at, :k]
+    else:
+        vals, ids = xr.topk(k)
+    top_ids = torch.full((n, k), -1, dtype=torch.long, device=device)
+    top_lp = torch.full((n, k), float("nan"), device=device)
+    top_ids[index], top_lp[index] = ids, vals - lse[:, None]
     return SamplerOutput(token_ids, logprobs, top_ids, top_lp)

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from dsv32.engine.sampler import Sampler, SamplingState, _apply_penalties, _sample
+from dsv32.engine.sampler import Sampler, SamplingState, _apply_penalties, _draw, _sample
 from dsv32.engine.sampling_params import SamplingParams
 
 SAMPLER = Sampler()
@@ -62,9 +62,12 @@ def filtered_ref(row: torch.Tensor, p: SamplingParams) -> torch.Tensor:
 def u_grid_histogram(xs: torch.Tensor, p: SamplingParams, m: int = 20000) -> torch.Tensor:
     """Empirical distribution of _sample over a uniform grid of u (the draw is the only randomness)."""
     u = (torch.arange(m, dtype=torch.float64) + 0.5) / m
-    rows = xs.float().expand(m, -1) / p.temperature
+    rows = xs.float().expand(m, -1)
     full = lambda v: torch.full((m,), v)  # noqa: E731
-    tok = _sample(rows, full(p.top_k), full(p.top_p), full(p.min_p), full(p.top_a), u.float())
+    tmp = torch.empty(m, xs.numel())
+    tok, _ = _sample(
+        rows, full(p.temperature), full(p.top_k), full(p.top_p), full(p.min_p), full(p.top_a), u.float(), tmp
+    )
     return torch.bincount(tok, minlength=xs.numel()).double() / m
 
 
@@ -98,7 +101,7 @@ def test_filters_keep_exactly_the_reference_distribution(kw: dict) -> None:
 
 
 def test_top_p_nucleus_larger_than_the_first_candidates() -> None:
-    # A nucleus of ~515 tokens: just past the first 512-token head, so the head grows to 4096.
+    # A nucleus of ~515 tokens: past the first 64-token head and the next 512-token one.
     torch.manual_seed(1)
     row = torch.cat([torch.randn(520) * 0.05 + 10, torch.randn(3480) * 0.05])[torch.randperm(4000)]
     p = SamplingParams(top_p=0.99)
@@ -115,6 +118,25 @@ def test_top_p_nucleus_larger_than_the_first_candidates() -> None:
         assert int((want > 0).sum()) > 4096
         got = u_grid_histogram(row, p, m=64)
         assert not bool((got > 0)[want == 0].any()) and int((got > 0).sum()) > 50
+
+
+def test_rows_decided_at_different_head_sizes_in_one_batch() -> None:
+    torch.manual_seed(11)
+    v, m = 1000, 3000
+    peaked = torch.randn(v) * 4
+    flat = torch.randn(v) * 0.3
+    cases = [(peaked, SamplingParams(top_p=0.8)), (flat, SamplingParams(top_p=0.9, temperature=1.5)),
+             (peaked, SamplingParams(top_k=40, top_p=0.95, top_a=0.05)), (flat, SamplingParams(min_p=0.5))]  # fmt: skip
+    u = ((torch.arange(m, dtype=torch.float64) + 0.5) / m).float().repeat(len(cases))
+    rows = torch.cat([row.expand(m, -1) for row, _ in cases])
+    col = lambda f: torch.tensor([getattr(p, f) for _, p in cases]).repeat_interleave(m)  # noqa: E731
+    tok, _ = _sample(rows, col("temperature"), col("top_k"), col("top_p"), col("min_p"), col("top_a"), u,
+                     torch.empty(rows.shape))  # fmt: skip
+    for i, (row, p) in enumerate(cases):
+        got = torch.bincount(tok[i * m : (i + 1) * m], minlength=v).double() / m
+        want = filtered_ref(row, p)
+        assert not bool((got > 0)[want == 0].any()), i
+        assert (got - want).abs().max() < 2.0 / m, i
 
 
 def test_ties_at_the_cut_off_are_kept() -> None:
@@ -240,6 +262,28 @@ def test_logprobs_are_before_temperature_and_truncation() -> None:
     assert no_top.logprobs is not None and no_top.top_ids is None and no_top.top_logprobs is None
 
 
+def test_top_logprobs_from_the_sampling_head() -> None:
+    # Every row asking top_logprobs samples with top_k / top_p: the sampler reuses that sorted head.
+    torch.manual_seed(12)
+    logits = torch.randn(4, 3000) * 2
+    states = [
+        state(top_k=3, logprobs=True, top_logprobs=20, seed=1, logit_bias={7: 4.0}),
+        state(top_p=0.5, logprobs=True, top_logprobs=4, seed=2, temperature=0.5),
+        state(seed=3),  # plain temperature, no logprobs
+        state(top_p=0.9, top_k=50, logprobs=True, seed=4),
+    ]
+    out = SAMPLER(logits, states)
+    for i in (0, 1):
+        want = torch.log_softmax(processed_ref(logits[i], states[i]), 0)
+        k = states[i].params.top_logprobs
+        assert torch.equal(out.top_ids[i, :k], want.topk(k).indices)
+        assert torch.allclose(out.top_logprobs[i, :k].double(), want.topk(k).values, atol=1e-5)
+    assert out.top_ids[2].tolist() == [-1] * 20
+    assert float(out.logprobs[3]) == pytest.approx(
+        float(torch.log_softmax(logits[3], 0)[out.token_ids[3]]), abs=1e-5
+    )
+
+
 def run_steps(row_logits: list[torch.Tensor], states: list[SamplingState], target: int) -> list[int]:
     """Sample len(row_logits) steps; row `target` gets row_logits[step], the others random logits."""
     gen = torch.Generator().manual_seed(99)
@@ -311,3 +355,21 @@ def test_inputs_untouched_bf16_and_output_cache() -> None:
 def test_rejects_mismatched_batch() -> None:
     with pytest.raises(ValueError, match="2 rows"):
         SAMPLER(torch.zeros(2, 10), [state()])
+
+
+def test_two_level_draw_is_the_exact_inverse_cdf() -> None:
+    torch.manual_seed(10)
+    n = 1000  # not a multiple of the 256-wide blocks
+    w = torch.rand(n) * (torch.rand(n) < 0.3)
+    w[-1] = 0.0
+    m = 50000
+    u = (torch.arange(m, dtype=torch.float64) + 0.5) / m
+    idx = _draw(w.expand(m, -1), u.float())
+    want = w.double() / w.double().sum()
+    got = torch.bincount(idx, minlength=n).double() / m
+    assert bool((w[idx] > 0).all())
+    assert (got - want).abs().max() < 2.0 / m
+    # the extreme draws land on the first and the last positive weight
+    ends = _draw(w.expand(2, -1), torch.tensor([0.0, 1.0 - 2**-24]))
+    positive = (w > 0).nonzero().squeeze(1)
+    assert ends.tolist() == [int(positive[0]), int(positive[-1])]
