@@ -144,8 +144,18 @@ def main_bench(args: argparse.Namespace) -> int:
         from dsv32.chat.bench import main_bench_chat
 
         return main_bench_chat(args)
+    if args.what == "engine":
+        from dsv32.engine.bench import main_bench_engine
+
+        return main_bench_engine(args)
+    if args.what == "server":
+        from dsv32.api.bench import bench_server
+
+        r = bench_server(Path(args.out), streams=args.streams, tokens=args.tokens)
+        print((Path(args.out) / "bench_server.md").read_text())
+        return 0
     if args.what != "model":
-        raise SystemExit(f"error: unknown benchmark {args.what!r} (available: model, chat)")
+        raise SystemExit(f"error: unknown benchmark {args.what!r} (available: model, chat, engine, server)")
     config = resolve_preset(args.config or "bench-small")
     r = bench_model(config, args.prefill, args.decode, Path(args.out))
     print(_markdown(r))

@@ -228,12 +228,28 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         "--out", type=Path, default=Path("benchmarks/results"), metavar="DIR", help="where to write results"
     )
     m.set_defaults(func=_bench)
+    sv = bsub.add_parser("server", help="HTTP + SSE + parsing overhead per streamed token vs the engine alone")
+    sv.add_argument("--streams", type=int, default=8, help="concurrent streams")
+    sv.add_argument("--tokens", type=int, default=64, help="tokens per stream")
+    sv.add_argument("--out", type=Path, default=Path("benchmarks/results"), metavar="DIR")
+    sv.set_defaults(func=_bench)
     c = bsub.add_parser("chat", help="time to encode a ~100K-token conversation, per chat format")
     c.add_argument("--tokens", type=int, default=100_000, metavar="N", help="conversation size in tokens")
     c.add_argument(
         "--out", type=Path, default=Path("benchmarks/results"), metavar="DIR", help="where to write results"
     )
     c.set_defaults(func=_bench)
+    e = bsub.add_parser("engine", help="the engine vs transformers: decode, prefill, concurrency, cache, DSA")
+    e.add_argument("--config", default=None, help="a preset or an HF config.json path (default: bench-small)")
+    e.add_argument("--quick", action="store_true", help="a smoke run: tiny sizes, one round")
+    e.add_argument("--parts", default=None, help="a subset of: decode,prefill,concurrency,prefix,dsa")
+    e.add_argument("--repeats", type=int, default=None, metavar="N", help="rounds (default 2)")
+    e.add_argument("--decode", type=int, default=None, metavar="N", help="batch-1 decode tokens")
+    e.add_argument("--concurrency", default=None, metavar="LIST", help="default 1,4,16,64")
+    e.add_argument("--ttft-prompt", type=int, default=None, metavar="N", help="prefix-cache prompt")
+    e.add_argument("--contexts", default=None, metavar="LIST", help="default 4096,16384,32768")
+    e.add_argument("--out", type=Path, default=Path("benchmarks/results"), metavar="DIR")
+    e.set_defaults(func=_bench)
 
 
 def _bench(args: argparse.Namespace) -> int:

@@ -92,7 +92,7 @@ def _sampling(req, max_tokens: int, thinking: bool, *, logprobs: bool, top_logpr
         for name in ("temperature", "top_p", "frequency_penalty", "presence_penalty"):
             if getattr(req, name) is not None:
                 kw[name] = getattr(req, name)
-    for name in ("top_k", "min_p", "top_a", "repetition_penalty"):
+    for name in ("top_k", "min_p", "top_a", "repetition_penalty", "ignore_eos"):
         if getattr(req, name) is not None:
             kw[name] = getattr(req, name)
     try:

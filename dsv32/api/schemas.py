@@ -56,6 +56,7 @@ class SamplingFields(BaseModel):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     n: int | None = Field(default=None, ge=1, le=1)
+    ignore_eos: bool | None = None  # vLLM extension: keep generating past EOS (benchmarks)
     user: str | None = None
 
 

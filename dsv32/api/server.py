@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import socket
 import sys
+import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,6 +68,39 @@ def build_context(opts: ServeOptions) -> ServingContext:
         keepalive_s=opts.keepalive_s,
         eos_id=tokenizer.eos_id,
     )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class BackgroundServer:
+    """The app under uvicorn on a free loopback port, in a thread (tests and benchmarks)."""
+
+    def __init__(self, ctx: ServingContext, host: str = "127.0.0.1"):
+        import uvicorn
+
+        self.ctx = ctx
+        self.port = free_port()
+        self.url = f"http://{host}:{self.port}"
+        config = uvicorn.Config(create_app(ctx), host=host, port=self.port, log_level="warning")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> BackgroundServer:
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started:
+            if time.time() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the server did not start")
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
 
 
 def serve(opts: ServeOptions) -> None:

@@ -1,49 +1,16 @@
-"""Start the real app under uvicorn on a free loopback port, in a background thread."""
+"""The real server in a thread (``BackgroundServer``) and a scripted token source for it."""
 
 from __future__ import annotations
 
 import asyncio
-import socket
-import threading
-import time
 from collections.abc import AsyncIterator
 
-import uvicorn
-
-from dsv32.api.app import create_app
-from dsv32.api.service import ServingContext
+from dsv32.api.server import BackgroundServer
 from dsv32.chat.detokenizer import IncrementalDetokenizer
 from dsv32.engine.outputs import RequestOutput, Usage
 from dsv32.engine.sampling_params import SamplingParams
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class RunningServer:
-    def __init__(self, ctx: ServingContext):
-        self.ctx = ctx
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(create_app(ctx), host="127.0.0.1", port=self.port, log_level="warning")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> RunningServer:
-        self.thread.start()
-        deadline = time.time() + 30
-        while not self.server.started:
-            if time.time() > deadline or not self.thread.is_alive():
-                raise RuntimeError("server did not start")
-            time.sleep(0.05)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
+RunningServer = BackgroundServer
 
 
 class ScriptedEngine:
