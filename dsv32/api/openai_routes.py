@@ -7,7 +7,6 @@ content | tool calls) → SSE chunks or one JSON body in the DeepSeek shape.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 import uuid
@@ -17,17 +16,21 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from dsv32.api.errors import APIError, bad_request, invalid_param
+from dsv32.api.errors import bad_request, invalid_param
+from dsv32.api.generation import (
+    ChatRun,
+    engine_error,
+    max_tokens_for,
+    sampling_params_for,
+    with_keepalive,
+)
 from dsv32.api.schemas import ChatCompletionRequest, CompletionRequest
 from dsv32.api.service import MODE_LIMITS, ServingContext
-from dsv32.chat import StreamParser, encode_fim, encode_prompt
+from dsv32.chat import encode_fim, encode_prompt
 from dsv32.chat.errors import ChatFormatError
-from dsv32.engine.async_engine import QueueFullError
 from dsv32.engine.core import EngineError
 from dsv32.engine.outputs import RequestOutput
-from dsv32.engine.sampling_params import SamplingParams, SamplingParamsError
-
-THINK_END = "</think>"
+from dsv32.engine.sampling_params import SamplingParamsError
 
 
 def _ctx(request: Request) -> ServingContext:
@@ -43,65 +46,6 @@ def _thinking(req: ChatCompletionRequest, default: bool) -> bool:
     if req.reasoning is not None and req.reasoning.enabled is not None:
         return req.reasoning.enabled
     return default
-
-
-def _max_tokens(ctx: ServingContext, requested: int | None, n_prompt: int, limits: tuple[int, int]) -> int:
-    default, ceiling = limits
-    if requested is not None and requested > ceiling:
-        raise invalid_param(f"max_tokens must be <= {ceiling} for this model, got {requested}", "max_tokens")
-    room = ctx.max_model_len - n_prompt
-    if requested is None:
-        if room < 1:
-            raise bad_request(
-                f"the prompt has {n_prompt} tokens, which leaves no room in the model's context of "
-                f"{ctx.max_model_len} tokens"
-            )
-        return min(default, room)
-    if n_prompt + requested > ctx.max_model_len:
-        raise bad_request(
-            f"this model's maximum context length is {ctx.max_model_len} tokens; the prompt has {n_prompt} "
-            f"tokens and max_tokens asks for {requested} more ({n_prompt + requested} in total)",
-            "max_tokens",
-        )
-    return requested
-
-
-def _logit_bias(raw: dict[str, float] | None) -> dict[int, float] | None:
-    if not raw:
-        return None
-    out = {}
-    for k, v in raw.items():
-        try:
-            out[int(k)] = v
-        except ValueError:
-            raise invalid_param(f"logit_bias keys must be token ids, got {k!r}", "logit_bias") from None
-    return out
-
-
-def _sampling(req, max_tokens: int, thinking: bool, *, logprobs: bool, top_logprobs: int) -> SamplingParams:
-    """SamplingParams from a request; in thinking mode temperature, top_p and penalties are ignored."""
-    kw: dict[str, Any] = dict(
-        max_tokens=max_tokens,
-        seed=req.seed,
-        stop=req.stop,
-        logit_bias=_logit_bias(req.logit_bias),
-        logprobs=logprobs,
-        top_logprobs=top_logprobs,
-    )
-    if not thinking:
-        for name in ("temperature", "top_p", "frequency_penalty", "presence_penalty"):
-            if getattr(req, name) is not None:
-                kw[name] = getattr(req, name)
-    for name in ("top_k", "min_p", "top_a", "repetition_penalty", "ignore_eos"):
-        if getattr(req, name) is not None:
-            kw[name] = getattr(req, name)
-    try:
-        return SamplingParams(**kw)
-    except SamplingParamsError as e:
-        raise invalid_param(str(e), e.field) from None
-
-
-# ---- shared response pieces --------------------------------------------------------------------
 
 
 def _usage(out: RequestOutput, reasoning_tokens: int | None) -> dict[str, Any]:
@@ -136,87 +80,11 @@ def _token_logprobs(ctx: ServingContext, ids: list[int], lps: list[dict]) -> lis
     return out
 
 
-async def _with_keepalive(agen: AsyncIterator, interval: float) -> AsyncIterator:
-    """Items of ``agen``; ``None`` whenever ``interval`` seconds pass without one (SSE keep-alive)."""
-    it = agen.__aiter__()
-    pending: asyncio.Task | None = None
-    try:
-        while True:
-            if pending is None:
-                pending = asyncio.ensure_future(it.__anext__())
-            done, _ = await asyncio.wait({pending}, timeout=interval)
-            if not done:
-                yield None
-                continue
-            task, pending = pending, None
-            try:
-                yield task.result()
-            except StopAsyncIteration:
-                return
-    finally:
-        if pending is not None:
-            pending.cancel()
-        await agen.aclose()
-
-
 def _sse(obj: Any) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-def _engine_errors(e: Exception) -> APIError:
-    if isinstance(e, QueueFullError):
-        return APIError(503, f"Server overloaded: {e}")
-    if isinstance(e, SamplingParamsError):
-        return invalid_param(str(e), e.field)
-    return bad_request(str(e))
-
-
 # ---- chat completions ----------------------------------------------------------------------------
-
-
-class _ChatRun:
-    """Turns engine outputs into parser deltas, counting reasoning tokens."""
-
-    def __init__(
-        self, ctx: ServingContext, tools, thinking: bool, hide_reasoning: bool, parallel: bool = True
-    ):
-        self.parser = StreamParser(tools=tools, thinking=thinking, family=ctx.family)
-        self.parallel = parallel  # False (OpenRouter's parallel_tool_calls): only the first call is kept
-        self.thinking = thinking
-        self.hide_reasoning = hide_reasoning
-        self.think_end_id = ctx.tokenizer.token_id(THINK_END) if thinking else None
-        self.reasoning_tokens = 0
-        self._in_reasoning = thinking
-        self.ids: list[int] = []
-        self.logprobs: list[dict] = []
-
-    def feed(self, out: RequestOutput) -> list[dict[str, Any]]:
-        for tid in out.new_token_ids:
-            if self._in_reasoning:
-                self.reasoning_tokens += 1
-                if tid == self.think_end_id:
-                    self._in_reasoning = False
-        self.ids += out.new_token_ids
-        if out.logprobs:
-            self.logprobs += out.logprobs
-        deltas = self.parser.feed(out.text)
-        if out.finished:
-            deltas += self.parser.finish()
-        return [d.to_openai() for d in deltas if self._keep(d)]
-
-    def _keep(self, d) -> bool:
-        if self.hide_reasoning and d.reasoning_content is not None:
-            return False
-        return self.parallel or d.tool_call is None or d.tool_call["index"] == 0
-
-    def tool_calls(self) -> list[dict[str, Any]]:
-        calls = self.parser.result()["tool_calls"]
-        return calls if self.parallel else calls[:1]
-
-    def finish_reason(self, engine_reason: str | None) -> str:
-        if engine_reason == "stop" and self.parser.result()["tool_calls"]:
-            return "tool_calls"
-        return engine_reason or "stop"
 
 
 def register(router: APIRouter) -> None:
@@ -269,18 +137,18 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         )
     except ChatFormatError as e:
         raise bad_request(str(e), e.field) from None
-    max_tokens = _max_tokens(ctx, body.max_tokens, len(prompt_ids), MODE_LIMITS[thinking])
-    params = _sampling(
+    max_tokens = max_tokens_for(ctx, body.max_tokens, len(prompt_ids), MODE_LIMITS[thinking])
+    params = sampling_params_for(
         body, max_tokens, thinking, logprobs=bool(body.logprobs), top_logprobs=body.top_logprobs or 0
     )
     hide = bool(body.reasoning and body.reasoning.exclude)
-    run = _ChatRun(ctx, tools, thinking, hide, parallel=body.parallel_tool_calls is not False)
+    run = ChatRun(ctx, tools, thinking, hide, parallel=body.parallel_tool_calls is not False)
     rid = f"{uuid.uuid4()}"
     created = int(time.time())
     try:
         stream = await ctx.engine.submit(prompt_ids, params, rid)
     except (EngineError, SamplingParamsError) as e:
-        raise _engine_errors(e) from None
+        raise engine_error(e) from None
     head = {"id": rid, "created": created, "model": model, "system_fingerprint": ctx.system_fingerprint}
 
     if not body.stream:
@@ -320,7 +188,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         if thinking and not hide:
             first["reasoning_content"] = ""
         yield chunk(first)
-        async for out in _with_keepalive(stream, ctx.keepalive_s):
+        async for out in with_keepalive(stream, ctx.keepalive_s):
             if out is None:
                 yield ": keep-alive\n\n"
                 continue
@@ -373,14 +241,16 @@ async def completions(body: CompletionRequest, request: Request):
         prompt_ids = ctx.tokenizer.encode(body.prompt, add_bos=True)
     if not prompt_ids:
         raise bad_request("the prompt is empty", "prompt")
-    max_tokens = _max_tokens(ctx, body.max_tokens, len(prompt_ids), (4096, 4096))
+    max_tokens = max_tokens_for(ctx, body.max_tokens, len(prompt_ids), (4096, 4096))
     n_lp = body.logprobs or 0
-    params = _sampling(body, max_tokens, False, logprobs=body.logprobs is not None, top_logprobs=n_lp)
+    params = sampling_params_for(
+        body, max_tokens, False, logprobs=body.logprobs is not None, top_logprobs=n_lp
+    )
     rid = f"{uuid.uuid4()}"
     try:
         stream = await ctx.engine.submit(prompt_ids, params, rid)
     except (EngineError, SamplingParamsError) as e:
-        raise _engine_errors(e) from None
+        raise engine_error(e) from None
     head = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
             "system_fingerprint": ctx.system_fingerprint}  # fmt: skip
     echo = body.prompt if (body.echo and isinstance(body.prompt, str)) else ""
@@ -421,7 +291,7 @@ async def completions(body: CompletionRequest, request: Request):
             yield _sse(
                 {**head, "choices": [{"index": 0, "text": echo, "logprobs": None, "finish_reason": None}]}
             )
-        async for out in _with_keepalive(stream, ctx.keepalive_s):
+        async for out in with_keepalive(stream, ctx.keepalive_s):
             if out is None:
                 yield ": keep-alive\n\n"
                 continue

@@ -1,0 +1,154 @@
+"""What both front doors (OpenAI and Anthropic routes) share: limits, sampling parameters from a request,
+keep-alive streaming, engine errors, and ``ChatRun`` (engine outputs -> parser deltas)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+from dsv32.api.errors import APIError, bad_request, invalid_param
+from dsv32.api.service import ServingContext
+from dsv32.chat import StreamParser
+from dsv32.engine.async_engine import QueueFullError
+from dsv32.engine.outputs import RequestOutput
+from dsv32.engine.sampling_params import SamplingParams, SamplingParamsError
+
+THINK_END = "</think>"
+
+
+def max_tokens_for(ctx: ServingContext, requested: int | None, n_prompt: int, limits: tuple[int, int]) -> int:
+    default, ceiling = limits
+    if requested is not None and requested > ceiling:
+        raise invalid_param(f"max_tokens must be <= {ceiling} for this model, got {requested}", "max_tokens")
+    room = ctx.max_model_len - n_prompt
+    if requested is None:
+        if room < 1:
+            raise bad_request(
+                f"the prompt has {n_prompt} tokens, which leaves no room in the model's context of "
+                f"{ctx.max_model_len} tokens"
+            )
+        return min(default, room)
+    if n_prompt + requested > ctx.max_model_len:
+        raise bad_request(
+            f"this model's maximum context length is {ctx.max_model_len} tokens; the prompt has {n_prompt} "
+            f"tokens and max_tokens asks for {requested} more ({n_prompt + requested} in total)",
+            "max_tokens",
+        )
+    return requested
+
+
+def logit_bias_ids(raw: dict[str, float] | None) -> dict[int, float] | None:
+    if not raw:
+        return None
+    out = {}
+    for k, v in raw.items():
+        try:
+            out[int(k)] = v
+        except ValueError:
+            raise invalid_param(f"logit_bias keys must be token ids, got {k!r}", "logit_bias") from None
+    return out
+
+
+def sampling_params_for(
+    req, max_tokens: int, thinking: bool, *, logprobs: bool, top_logprobs: int
+) -> SamplingParams:
+    """SamplingParams from a request; in thinking mode temperature, top_p and penalties are ignored."""
+    kw: dict[str, Any] = dict(
+        max_tokens=max_tokens,
+        seed=req.seed,
+        stop=req.stop,
+        logit_bias=logit_bias_ids(req.logit_bias),
+        logprobs=logprobs,
+        top_logprobs=top_logprobs,
+    )
+    if not thinking:
+        for name in ("temperature", "top_p", "frequency_penalty", "presence_penalty"):
+            if getattr(req, name) is not None:
+                kw[name] = getattr(req, name)
+    for name in ("top_k", "min_p", "top_a", "repetition_penalty", "ignore_eos"):
+        if getattr(req, name) is not None:
+            kw[name] = getattr(req, name)
+    try:
+        return SamplingParams(**kw)
+    except SamplingParamsError as e:
+        raise invalid_param(str(e), e.field) from None
+
+
+# ---- shared response pieces --------------------------------------------------------------------
+
+
+async def with_keepalive(agen: AsyncIterator, interval: float) -> AsyncIterator:
+    """Items of ``agen``; ``None`` whenever ``interval`` seconds pass without one (SSE keep-alive)."""
+    it = agen.__aiter__()
+    pending: asyncio.Task | None = None
+    try:
+        while True:
+            if pending is None:
+                pending = asyncio.ensure_future(it.__anext__())
+            done, _ = await asyncio.wait({pending}, timeout=interval)
+            if not done:
+                yield None
+                continue
+            task, pending = pending, None
+            try:
+                yield task.result()
+            except StopAsyncIteration:
+                return
+    finally:
+        if pending is not None:
+            pending.cancel()
+        await agen.aclose()
+
+
+def engine_error(e: Exception) -> APIError:
+    if isinstance(e, QueueFullError):
+        return APIError(503, f"Server overloaded: {e}")
+    if isinstance(e, SamplingParamsError):
+        return invalid_param(str(e), e.field)
+    return bad_request(str(e))
+
+
+class ChatRun:
+    """Turns engine outputs into parser deltas, counting reasoning tokens."""
+
+    def __init__(
+        self, ctx: ServingContext, tools, thinking: bool, hide_reasoning: bool, parallel: bool = True
+    ):
+        self.parser = StreamParser(tools=tools, thinking=thinking, family=ctx.family)
+        self.parallel = parallel  # False (OpenRouter's parallel_tool_calls): only the first call is kept
+        self.thinking = thinking
+        self.hide_reasoning = hide_reasoning
+        self.think_end_id = ctx.tokenizer.token_id(THINK_END) if thinking else None
+        self.reasoning_tokens = 0
+        self._in_reasoning = thinking
+        self.ids: list[int] = []
+        self.logprobs: list[dict] = []
+
+    def feed(self, out: RequestOutput) -> list[dict[str, Any]]:
+        for tid in out.new_token_ids:
+            if self._in_reasoning:
+                self.reasoning_tokens += 1
+                if tid == self.think_end_id:
+                    self._in_reasoning = False
+        self.ids += out.new_token_ids
+        if out.logprobs:
+            self.logprobs += out.logprobs
+        deltas = self.parser.feed(out.text)
+        if out.finished:
+            deltas += self.parser.finish()
+        return [d.to_openai() for d in deltas if self._keep(d)]
+
+    def _keep(self, d) -> bool:
+        if self.hide_reasoning and d.reasoning_content is not None:
+            return False
+        return self.parallel or d.tool_call is None or d.tool_call["index"] == 0
+
+    def tool_calls(self) -> list[dict[str, Any]]:
+        calls = self.parser.result()["tool_calls"]
+        return calls if self.parallel else calls[:1]
+
+    def finish_reason(self, engine_reason: str | None) -> str:
+        if engine_reason == "stop" and self.parser.result()["tool_calls"]:
+            return "tool_calls"
+        return engine_reason or "stop"
