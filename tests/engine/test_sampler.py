@@ -340,6 +340,13 @@ def test_inputs_untouched_bf16_and_output_cache() -> None:
     ]
     out = SAMPLER(logits, states)
     assert torch.equal(logits, before)
+    plain = [
+        state(top_p=0.5, min_p=0.1, seed=1),
+        state(top_a=0.3, seed=2),
+        state(logprobs=True, top_logprobs=3),
+    ]
+    SAMPLER(logits, plain)
+    assert torch.equal(logits, before)
     out16 = SAMPLER(logits.bfloat16(), states)
     assert out16.token_ids.dtype == torch.long and out.token_ids.shape == (3,)
     # the output-id tensor follows the list as the engine appends, and survives a replaced list
