@@ -32,6 +32,7 @@ class RequestOutput:
     finished: bool
     finish_reason: str | None  # "stop" | "length" | "abort"
     usage: Usage
+    stop_sequence: str | None = None  # the stop string that ended the request, if one did
 
 
 @dataclass
@@ -66,14 +67,18 @@ class OutputProcessor:
                 delta += st.detok.flush()
             if st.stop is not None:
                 delta, matched = st.stop.feed(delta)
-                if matched and not finished:
-                    core.finish(o.request_id, "stop")
+                if matched:
+                    if not finished:
+                        core.finish(o.request_id, "stop")
                     finished, reason = True, "stop"
                 elif finished:
                     delta += st.stop.flush()
             usage = Usage(o.prompt_tokens, o.completion_tokens, o.cached_tokens)
+            stop_str = st.stop.matched if st.stop is not None else None
             results.append(
-                RequestOutput(o.request_id, o.new_token_ids, delta, o.logprobs, finished, reason, usage)
+                RequestOutput(
+                    o.request_id, o.new_token_ids, delta, o.logprobs, finished, reason, usage, stop_str
+                )
             )
             if finished:
                 del self.states[o.request_id]
