@@ -12,7 +12,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from dsv32.api import openai_routes
+from dsv32.api import anthropic_routes, openai_routes
+from dsv32.api.anthropic_routes import anthropic_error_body, is_anthropic_path
 from dsv32.api.errors import APIError
 from dsv32.api.service import ServingContext
 
@@ -22,7 +23,12 @@ OPEN_PATHS = {"/health", "/openapi.json", "/docs", "/redoc", "/docs/oauth2-redir
 _MALFORMED = {"json_invalid", "missing", "model_type", "dict_type", "model_attributes_type"}
 
 
-def _error_response(err: APIError) -> JSONResponse:
+def _error_response(err: APIError, path: str = "") -> JSONResponse:
+    """The error in the shape of the route's API: Anthropic's for the Messages routes (where an invalid
+    parameter is a 400, as Anthropic answers), DeepSeek/OpenAI's everywhere else."""
+    if is_anthropic_path(path):
+        status = 400 if err.status == 422 else err.status
+        return JSONResponse(anthropic_error_body(status, err.message), status_code=status)
     return JSONResponse(err.body(), status_code=err.status)
 
 
@@ -74,17 +80,15 @@ class KeyAndLimitMiddleware:
                 ok |= hmac.compare_digest(key.encode(), k.encode())
             if not ok:
                 shown = f"****{key[-4:]}" if len(key) >= 4 else "(none)"
-                resp = _error_response(
-                    APIError(401, f"Authentication Fails, your api key: {shown} is invalid")
-                )
+                err = APIError(401, f"Authentication Fails, your api key: {shown} is invalid")
+                resp = _error_response(err, scope["path"])
                 return await resp(scope, receive, send)
         limit = self.ctx.max_concurrent_per_key
         if limit is None:
             return await self.app(scope, receive, send)
         if self.in_flight.get(key, 0) >= limit:
-            resp = _error_response(
-                APIError(429, f"Rate Limit Reached: at most {limit} concurrent requests per key")
-            )
+            err = APIError(429, f"Rate Limit Reached: at most {limit} concurrent requests per key")
+            resp = _error_response(err, scope["path"])
             return await resp(scope, receive, send)
         self.in_flight[key] = self.in_flight.get(key, 0) + 1
         try:
@@ -98,6 +102,7 @@ def create_app(ctx: ServingContext) -> FastAPI:
     app.state.ctx = ctx
     router = APIRouter()
     openai_routes.register(router)
+    anthropic_routes.register(router)
     app.include_router(router)
 
     @app.get("/health")
@@ -115,21 +120,21 @@ def create_app(ctx: ServingContext) -> FastAPI:
             {"currency": "USD", "total_balance": "0.00", "granted_balance": "0.00", "topped_up_balance": "0.00"}]}  # fmt: skip
 
     @app.exception_handler(APIError)
-    async def api_error(_: Request, exc: APIError) -> JSONResponse:
-        return _error_response(exc)
+    async def api_error(request: Request, exc: APIError) -> JSONResponse:
+        return _error_response(exc, request.url.path)
 
     @app.exception_handler(RequestValidationError)
-    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return _error_response(_validation_error(exc))
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _error_response(_validation_error(exc), request.url.path)
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return _error_response(APIError(exc.status_code, str(exc.detail)))
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return _error_response(APIError(exc.status_code, str(exc.detail)), request.url.path)
 
     @app.exception_handler(Exception)
-    async def internal_error(_: Request, exc: Exception) -> JSONResponse:
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
         log.exception("internal error")
-        return _error_response(APIError(500, f"Server Error: {type(exc).__name__}"))
+        return _error_response(APIError(500, f"Server Error: {type(exc).__name__}"), request.url.path)
 
     app.add_middleware(KeyAndLimitMiddleware, ctx=ctx)
     return app

@@ -1,0 +1,351 @@
+"""The Anthropic Messages API (``/anthropic/v1/messages``, ``/v1/messages``, ``.../count_tokens``), so the
+``anthropic`` SDK and coding agents run on dsv32.
+
+The second front door: an Anthropic request is converted to the same OpenAI-style messages and tools,
+rendered by the same encoder and run by the same engine; only the request/response shapes differ
+(content blocks, ``stop_reason``, and Anthropic's SSE event sequence).
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import string
+import uuid
+from collections.abc import AsyncIterator
+from types import SimpleNamespace
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from dsv32.api.errors import bad_request
+from dsv32.api.generation import ChatRun, engine_error, max_tokens_for, sampling_params_for, with_keepalive
+from dsv32.api.service import MODE_LIMITS, REASONER_MODEL, ServingContext
+from dsv32.chat import encode_prompt
+from dsv32.chat.errors import ChatFormatError
+from dsv32.engine.core import EngineError
+from dsv32.engine.outputs import RequestOutput
+from dsv32.engine.sampling_params import SamplingParamsError
+
+UNSUPPORTED_BLOCKS = {
+    "image", "document", "search_result", "server_tool_use", "web_search_tool_result",
+    "code_execution_tool_result", "mcp_tool_use", "mcp_tool_result", "container_upload",
+}  # fmt: skip
+STOP_REASONS = {"length": "max_tokens", "abort": "end_turn"}
+SIGNATURE = "dsv32"  # thinking blocks carry an opaque signature; ignored on input
+
+
+class MessagesRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    model: str
+    max_tokens: int = Field(ge=1)
+    messages: list[dict[str, Any]] = Field(min_length=1)
+    system: str | list[dict[str, Any]] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: dict[str, Any] | None = None
+    thinking: dict[str, Any] | None = None
+    stop_sequences: list[str] | None = None
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    top_k: int | None = None  # accepted and ignored, as DeepSeek's compatibility table says
+    metadata: dict[str, Any] | None = None
+    stream: bool = False
+
+
+class CountTokensRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    model: str
+    messages: list[dict[str, Any]] = Field(min_length=1)
+    system: str | list[dict[str, Any]] | None = None
+    tools: list[dict[str, Any]] | None = None
+    thinking: dict[str, Any] | None = None
+
+
+def register(router: APIRouter) -> None:
+    for prefix in ("/anthropic/v1", "/v1"):
+        router.add_api_route(prefix + "/messages", messages, methods=["POST"], response_model=None)
+        router.add_api_route(prefix + "/messages/count_tokens", count_tokens, methods=["POST"])
+
+
+def is_anthropic_path(path: str) -> bool:
+    return path.startswith("/anthropic/") or path.startswith("/v1/messages")
+
+
+# ---- request conversion -------------------------------------------------------------------------------
+
+
+def _text_of(content: Any, where: str) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for i, b in enumerate(content):
+            if not isinstance(b, dict) or b.get("type") != "text" or not isinstance(b.get("text"), str):
+                kind = b.get("type") if isinstance(b, dict) else type(b).__name__
+                raise bad_request(f"{where}[{i}]: only text blocks are supported here, got {kind!r}", where)
+            parts.append(b["text"])
+        return "\n".join(parts)
+    if content is None:
+        return ""
+    raise bad_request(f"{where}: expected a string or a list of text blocks", where)
+
+
+def to_openai_messages(req: MessagesRequest | CountTokensRequest) -> list[dict[str, Any]]:
+    """Anthropic system + messages -> OpenAI-style messages for the shared encoder."""
+    out: list[dict[str, Any]] = []
+    if req.system:
+        out.append({"role": "system", "content": _text_of(req.system, "system")})
+    for i, m in enumerate(req.messages):
+        where = f"messages[{i}]"
+        role, content = m.get("role"), m.get("content")
+        if role not in ("user", "assistant"):
+            raise bad_request(f"{where}.role: must be 'user' or 'assistant', got {role!r}", f"{where}.role")
+        blocks = [{"type": "text", "text": content}] if isinstance(content, str) else content
+        if not isinstance(blocks, list):
+            raise bad_request(
+                f"{where}.content: expected a string or a list of content blocks", f"{where}.content"
+            )
+        texts, reasoning, calls = [], [], []
+        for j, b in enumerate(blocks):
+            bw = f"{where}.content[{j}]"
+            kind = b.get("type") if isinstance(b, dict) else None
+            if kind in UNSUPPORTED_BLOCKS:
+                raise bad_request(f"{bw}: content blocks of type {kind!r} are not supported", bw)
+            if kind == "text":
+                texts.append(_text_of([b], bw))
+            elif kind == "tool_result" and role == "user":
+                if "tool_use_id" not in b:
+                    raise bad_request(f"{bw}.tool_use_id: required", bw)
+                out.append({"role": "tool", "tool_call_id": str(b["tool_use_id"]),
+                            "content": _text_of(b.get("content"), f"{bw}.content")})  # fmt: skip
+            elif kind == "tool_use" and role == "assistant":
+                if not isinstance(b.get("name"), str) or not isinstance(b.get("input", {}), dict):
+                    raise bad_request(f"{bw}: tool_use needs a name and an object input", bw)
+                calls.append({"id": str(b.get("id", f"toolu_{j}")), "type": "function",
+                              "function": {"name": b["name"], "arguments": json.dumps(b.get("input", {}), ensure_ascii=False)}})  # fmt: skip
+            elif kind == "thinking" and role == "assistant":
+                reasoning.append(str(b.get("thinking", "")))
+            elif kind == "redacted_thinking" and role == "assistant":
+                continue  # opaque, nothing to render
+            else:
+                raise bad_request(
+                    f"{bw}: unknown or misplaced content block {kind!r} in a {role} message", bw
+                )
+        if role == "user":
+            if texts or not blocks:
+                out.append({"role": "user", "content": "\n".join(texts)})
+        else:
+            msg: dict[str, Any] = {"role": "assistant", "content": "\n".join(texts) if texts else None}
+            if reasoning:
+                msg["reasoning_content"] = "\n".join(reasoning)
+            if calls:
+                msg["tool_calls"] = calls
+            out.append(msg)
+    return out
+
+
+def to_openai_tools(tools: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+    if not tools:
+        return None
+    out = []
+    for i, t in enumerate(tools):
+        if not isinstance(t, dict) or not isinstance(t.get("name"), str):
+            raise bad_request(f"tools[{i}].name: required", f"tools[{i}]")
+        fn: dict[str, Any] = {"name": t["name"]}  # OpenAI's key order, so both doors render the same JSON
+        if t.get("description"):
+            fn["description"] = t["description"]
+        fn["parameters"] = t.get("input_schema") or {"type": "object", "properties": {}}
+        out.append({"type": "function", "function": fn})
+    return out
+
+
+def _thinking(req, ctx: ServingContext) -> bool:
+    t = req.thinking
+    if isinstance(t, dict) and t.get("type") in ("enabled", "disabled"):
+        return t["type"] == "enabled"
+    if t is not None:
+        raise bad_request("thinking.type must be 'enabled' or 'disabled'", "thinking")
+    return ctx.resolve_model(req.model)[0] == REASONER_MODEL
+
+
+def _prompt(req, ctx: ServingContext) -> tuple[list[int], list[dict[str, Any]] | None, bool]:
+    thinking = _thinking(req, ctx)
+    tools = to_openai_tools(req.tools)
+    choice = getattr(req, "tool_choice", None) or {}
+    kind = choice.get("type", "auto") if isinstance(choice, dict) else None
+    if kind not in ("auto", "any", "tool", "none"):
+        raise bad_request("tool_choice.type must be auto, any, tool or none", "tool_choice")
+    if kind in ("any", "tool"):
+        raise bad_request(
+            f"tool_choice type {kind!r} is not supported yet (needs constrained decoding)", "tool_choice"
+        )
+    if kind == "none":
+        tools = None
+    try:
+        ids = encode_prompt(
+            to_openai_messages(req),
+            tools=tools,
+            thinking=thinking,
+            family=ctx.family,
+            tokenizer=ctx.tokenizer,
+        )
+    except ChatFormatError as e:
+        raise bad_request(str(e), e.field) from None
+    return ids, tools, thinking
+
+
+# ---- routes --------------------------------------------------------------------------------------------
+
+
+async def count_tokens(body: CountTokensRequest, request: Request) -> dict[str, int]:
+    ids, _, _ = _prompt(body, request.app.state.ctx)
+    return {"input_tokens": len(ids)}
+
+
+def _tool_id() -> str:
+    return "toolu_" + "".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(24))
+
+
+def _stop_reason(run: ChatRun, out: RequestOutput) -> tuple[str, str | None]:
+    if out.stop_sequence is not None:
+        return "stop_sequence", out.stop_sequence
+    if run.finish_reason(out.finish_reason) == "tool_calls":
+        return "tool_use", None
+    return STOP_REASONS.get(out.finish_reason or "", "end_turn"), None
+
+
+def _usage(out: RequestOutput) -> dict[str, int]:
+    u = out.usage
+    return {"input_tokens": u.miss_tokens, "output_tokens": u.completion_tokens,
+            "cache_read_input_tokens": u.cached_tokens, "cache_creation_input_tokens": 0}  # fmt: skip
+
+
+async def messages(body: MessagesRequest, request: Request):
+    ctx: ServingContext = request.app.state.ctx
+    ids, tools, thinking = _prompt(body, ctx)
+    max_tokens = max_tokens_for(ctx, body.max_tokens, len(ids), (body.max_tokens, MODE_LIMITS[thinking][1]))
+    # only what the compatibility table supports: temperature, top_p, stop_sequences (top_k is ignored)
+    fields = SimpleNamespace(
+        temperature=body.temperature,
+        top_p=body.top_p,
+        stop=body.stop_sequences,
+        seed=None,
+        logit_bias=None,
+        frequency_penalty=None,
+        presence_penalty=None,
+        top_k=None,
+        min_p=None,
+        top_a=None,
+        repetition_penalty=None,
+        ignore_eos=None,
+    )
+    params = sampling_params_for(fields, max_tokens, thinking, logprobs=False, top_logprobs=0)
+    run = ChatRun(ctx, tools, thinking, hide_reasoning=False)
+    msg_id = f"msg_{uuid.uuid4().hex[:24]}"
+    try:
+        stream = await ctx.engine.submit(ids, params, msg_id)
+    except (EngineError, SamplingParamsError) as e:
+        raise engine_error(e) from None
+    model = body.model
+
+    if not body.stream:
+        last = None
+        try:
+            async for out in stream:
+                run.feed(out)
+                last = out
+        finally:
+            await stream.aclose()
+        res = run.parser.result()
+        content: list[dict[str, Any]] = []
+        if res["reasoning_content"]:
+            content.append({"type": "thinking", "thinking": res["reasoning_content"], "signature": SIGNATURE})
+        if res["content"] or not res["tool_calls"]:
+            content.append({"type": "text", "text": res["content"]})
+        for call in run.tool_calls():
+            content.append({"type": "tool_use", "id": _tool_id(), "name": call["function"]["name"],
+                            "input": json.loads(call["function"]["arguments"] or "{}")})  # fmt: skip
+        reason, seq = _stop_reason(run, last)
+        return JSONResponse({"id": msg_id, "type": "message", "role": "assistant", "model": model, "content": content,
+                             "stop_reason": reason, "stop_sequence": seq, "usage": _usage(last)})  # fmt: skip
+
+    def event(kind: str, data: dict[str, Any]) -> str:
+        return f"event: {kind}\ndata: {json.dumps({'type': kind, **data}, ensure_ascii=False)}\n\n"
+
+    async def events() -> AsyncIterator[str]:
+        yield event("message_start", {"message": {
+            "id": msg_id, "type": "message", "role": "assistant", "model": model, "content": [],
+            "stop_reason": None, "stop_sequence": None,
+            "usage": {"input_tokens": len(ids), "output_tokens": 0}}})  # fmt: skip
+        yield event("ping", {})
+        index, open_kind, seen_text = -1, None, False
+
+        def close() -> list[str]:
+            out = []
+            if open_kind == "thinking":
+                out.append(event("content_block_delta", {"index": index,
+                                                          "delta": {"type": "signature_delta", "signature": SIGNATURE}}))  # fmt: skip
+            if open_kind is not None:
+                out.append(event("content_block_stop", {"index": index}))
+            return out
+
+        async for out in with_keepalive(stream, ctx.keepalive_s):
+            if out is None:
+                yield event("ping", {})
+                continue
+            for d in run.feed(out):
+                if "reasoning_content" in d:
+                    kind, delta = "thinking", {"type": "thinking_delta", "thinking": d["reasoning_content"]}
+                    start = {"type": "thinking", "thinking": "", "signature": ""}
+                elif "tool_calls" in d:
+                    tc = d["tool_calls"][0]
+                    kind = f"tool_use:{tc['index']}"
+                    delta = {
+                        "type": "input_json_delta",
+                        "partial_json": tc.get("function", {}).get("arguments", ""),
+                    }
+                    start = {
+                        "type": "tool_use",
+                        "id": _tool_id(),
+                        "name": tc.get("function", {}).get("name", ""),
+                        "input": {},
+                    }
+                else:
+                    if not d.get("content"):
+                        continue
+                    kind, delta = "text", {"type": "text_delta", "text": d["content"]}
+                    start = {"type": "text", "text": ""}
+                seen_text |= kind == "text"
+                if kind != open_kind:
+                    for e in close():
+                        yield e
+                    index, open_kind = index + 1, kind
+                    yield event("content_block_start", {"index": index, "content_block": start})
+                if delta.get("partial_json") == "" and delta["type"] == "input_json_delta":
+                    continue
+                yield event("content_block_delta", {"index": index, "delta": delta})
+            if out.finished:
+                for e in close():
+                    yield e
+                if not seen_text and not run.tool_calls():  # like the JSON answer: a text block, maybe empty
+                    index += 1
+                    start = {"type": "text", "text": ""}
+                    yield event("content_block_start", {"index": index, "content_block": start})
+                    yield event("content_block_stop", {"index": index})
+                reason, seq = _stop_reason(run, out)
+                yield event(
+                    "message_delta",
+                    {"delta": {"stop_reason": reason, "stop_sequence": seq}, "usage": _usage(out)},
+                )
+                yield event("message_stop", {})
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+def anthropic_error_body(status: int, message: str) -> dict[str, Any]:
+    kinds = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+             404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error", 500: "api_error",
+             503: "overloaded_error", 529: "overloaded_error"}  # fmt: skip
+    return {"type": "error", "error": {"type": kinds.get(status, "api_error"), "message": message}}

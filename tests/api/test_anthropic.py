@@ -1,0 +1,141 @@
+"""The Anthropic Messages API through the real `anthropic` SDK (and raw HTTP) against the real server."""
+
+from __future__ import annotations
+
+import anthropic
+import httpx
+import openai
+import pytest
+
+from tests.api.test_chat import WEATHER, dsml_calls
+
+WEATHER_TOOL = {
+    "name": "get_weather",
+    "description": "Weather of a city",
+    "input_schema": WEATHER["function"]["parameters"],
+}
+
+
+def client(srv) -> anthropic.Anthropic:
+    return anthropic.Anthropic(base_url=srv.url + "/anthropic", api_key="sk-test", max_retries=0)
+
+
+def test_non_stream_and_stream_agree(engine_server):
+    c = client(engine_server)
+    kw = dict(model="deepseek-chat", max_tokens=10, extra_body={"temperature": 0.0}, system="Be brief.",
+              messages=[{"role": "user", "content": "Tell me about Hangzhou"}])  # fmt: skip
+    r = c.messages.create(**kw)
+    assert r.type == "message" and r.role == "assistant" and r.id.startswith("msg_")
+    assert r.stop_reason in ("end_turn", "max_tokens") and r.usage.output_tokens >= 1
+    with c.messages.stream(**kw) as s:
+        events = [e.type for e in s]
+        final = s.get_final_message()
+    assert events[0] == "message_start" and "message_stop" in events and "content_block_delta" in events
+    assert [b.model_dump() for b in final.content] == [b.model_dump() for b in r.content]
+    assert (final.stop_reason, final.usage.output_tokens) == (r.stop_reason, r.usage.output_tokens)
+
+
+def test_thinking_on_and_off(scripted_server):
+    c = client(scripted_server)
+    scripted_server.engine.scripts = ["Compare decimals.</think>9.8 is larger.", "9.8"]
+    r = c.messages.create(model="deepseek-chat", max_tokens=100, thinking={"type": "enabled", "budget_tokens": 50},
+                          messages=[{"role": "user", "content": "9.11 or 9.8?"}])  # fmt: skip
+    assert [b.type for b in r.content] == ["thinking", "text"]
+    assert r.content[0].thinking == "Compare decimals." and r.content[0].signature
+    assert r.content[1].text == "9.8 is larger." and r.stop_reason == "end_turn"
+    r = c.messages.create(
+        model="deepseek-chat", max_tokens=100, messages=[{"role": "user", "content": "again"}]
+    )
+    assert [b.type for b in r.content] == ["text"] and r.content[0].text == "9.8"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_multi_turn_tool_use_loop(scripted_server, tokenizer, stream):
+    c = client(scripted_server)
+    scripted_server.engine.scripts = [
+        "Let me check." + dsml_calls(("get_weather", {"location": "Hangzhou"}), ("get_weather", {"location": "Paris", "days": 2})),
+        "Both sunny.",
+    ]  # fmt: skip
+    messages = [{"role": "user", "content": "Weather in Hangzhou and Paris?"}]
+    kw = dict(model="deepseek-chat", max_tokens=200, tools=[WEATHER_TOOL])
+    if stream:
+        with c.messages.stream(messages=messages, **kw) as s:
+            r = s.get_final_message()
+    else:
+        r = c.messages.create(messages=messages, **kw)
+    assert r.stop_reason == "tool_use"
+    uses = [b for b in r.content if b.type == "tool_use"]
+    assert [u.input for u in uses] == [{"location": "Hangzhou"}, {"location": "Paris", "days": 2}]
+    assert all(u.id.startswith("toolu_") and u.name == "get_weather" for u in uses)
+    messages.append({"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in r.content]})
+    messages.append({"role": "user", "content": [
+        {"type": "tool_result", "tool_use_id": uses[0].id, "content": "22C sunny"},
+        {"type": "tool_result", "tool_use_id": uses[1].id, "content": [{"type": "text", "text": "18C sunny"}], "is_error": False},
+    ]})  # fmt: skip
+    final = c.messages.create(messages=messages, **kw)
+    assert final.content[0].text == "Both sunny." and final.stop_reason == "end_turn"
+    prompt = tokenizer.decode(scripted_server.engine.prompts[-1])
+    assert "22C sunny" in prompt and "18C sunny" in prompt and "Let me check." in prompt
+
+
+def test_count_tokens_equals_the_prompt_the_engine_got(scripted_server):
+    c = client(scripted_server)
+    kw = dict(model="deepseek-chat", system=[{"type": "text", "text": "You are terse."}],
+              messages=[{"role": "user", "content": "Hello there"}], tools=[WEATHER_TOOL])  # fmt: skip
+    n = c.messages.count_tokens(**kw).input_tokens
+    c.messages.create(max_tokens=5, **kw)
+    assert n == len(scripted_server.engine.prompts[-1])
+
+
+def test_one_encoder_two_front_doors(scripted_server):
+    """The same conversation through the OpenAI route and the Anthropic route renders the same prompt."""
+    oa = openai.OpenAI(base_url=scripted_server.url, api_key="k", max_retries=0)
+    call = {
+        "id": "call_1",
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": '{"location": "Oslo"}'},
+    }
+    oa.chat.completions.create(model="deepseek-reasoner", tools=[WEATHER], messages=[
+        {"role": "system", "content": "Sys."},
+        {"role": "user", "content": "Weather in Oslo?"},
+        {"role": "assistant", "content": "", "reasoning_content": "Need a tool.", "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "-3C snow"},
+    ])  # fmt: skip
+    client(scripted_server).messages.create(
+        model="deepseek-reasoner", max_tokens=100, system="Sys.", tools=[WEATHER_TOOL], messages=[
+            {"role": "user", "content": "Weather in Oslo?"},
+            {"role": "assistant", "content": [
+                {"type": "thinking", "thinking": "Need a tool.", "signature": "x"},
+                {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"location": "Oslo"}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "-3C snow"}]},
+        ])  # fmt: skip
+    openai_prompt, anthropic_prompt = scripted_server.engine.prompts[-2:]
+    assert openai_prompt == anthropic_prompt
+
+
+ERRORS = [
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}]}, 400, "max_tokens"),
+    ({"model": "m", "max_tokens": 5, "messages": []}, 400, "messages"),
+    ({"model": "m", "max_tokens": 0, "messages": [{"role": "user", "content": "x"}]}, 400, "max_tokens"),
+    ({"model": "m", "max_tokens": 5, "messages": [{"role": "system", "content": "x"}]}, 400, "role"),
+    ({"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": [{"type": "image", "source": {}}]}]}, 400, "not supported"),
+    ({"model": "m", "max_tokens": 5, "temperature": 3, "messages": [{"role": "user", "content": "x"}]}, 400, "temperature"),
+    ({"model": "m", "max_tokens": 5, "thinking": {"type": "sometimes"}, "messages": [{"role": "user", "content": "x"}]}, 400, "thinking"),
+    ({"model": "m", "max_tokens": 5, "tool_choice": {"type": "maybe"}, "messages": [{"role": "user", "content": "x"}]}, 400, "tool_choice"),
+    ({"model": "m", "max_tokens": 99999, "messages": [{"role": "user", "content": "x"}]}, 400, "max_tokens"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("body, status, words", ERRORS)
+def test_errors_in_anthropic_shape(engine_server, body, status, words):
+    r = httpx.post(engine_server.url + "/v1/messages", json=body, headers={"anthropic-version": "2023-06-01"})
+    assert r.status_code == status, r.text
+    err = r.json()
+    assert err["type"] == "error" and err["error"]["type"] == "invalid_request_error"
+    assert words.lower() in err["error"]["message"].lower()
+
+
+def test_sdk_raises_typed_errors(engine_server):
+    with pytest.raises(anthropic.BadRequestError):
+        client(engine_server).messages.create(model="m", max_tokens=5, messages=[
+            {"role": "user", "content": [{"type": "document", "source": {}}]}])  # fmt: skip
