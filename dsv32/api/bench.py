@@ -36,7 +36,9 @@ def bench_server(out_dir: Path, streams: int = 8, tokens: int = 64, rounds: int 
 
     async def engine_only(r: int) -> float:
         async def one(i: int) -> int:
-            ids = encode_prompt([{"role": "user", "content": f"round {r} " + prompts[i]}], tokenizer=tokenizer)
+            ids = encode_prompt(
+                [{"role": "user", "content": f"round {r} " + prompts[i]}], tokenizer=tokenizer
+            )
             params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
             return sum([len(o.new_token_ids) async for o in engine.generate(ids, params)])
 
