@@ -235,3 +235,16 @@ def test_parallel_tool_calls_false_keeps_the_first_call(scripted_server):
     chunks = list(c.chat.completions.create(model="deepseek-chat", messages=[{"role": "user", "content": "w?"}],
                                             tools=[WEATHER], parallel_tool_calls=False, stream=True))  # fmt: skip
     assert {tc.index for ch in chunks if ch.choices for tc in (ch.choices[0].delta.tool_calls or [])} == {0}
+
+
+def test_logprobs_objects(engine_server):
+    r = client(engine_server).chat.completions.create(
+        model="deepseek-chat", messages=[{"role": "user", "content": "hi"}], max_tokens=3, temperature=0,
+        logprobs=True, top_logprobs=3,
+    )  # fmt: skip
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens
+    for entry in content:
+        assert entry.logprob <= 0 and len(entry.top_logprobs) == 3
+        assert entry.top_logprobs[0].logprob >= entry.top_logprobs[-1].logprob
+        assert entry.logprob == pytest.approx(entry.top_logprobs[0].logprob)  # greedy picks the top token

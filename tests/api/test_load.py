@@ -91,3 +91,28 @@ def test_api_keys_and_per_key_limit(default_model_dir, tokenizer):
             assert r429.json()["error"]["type"] == "rate_limit_error"
     finally:
         engine.shutdown()
+
+
+def test_full_queue_is_503_and_anthropic_errors_keep_their_shape(default_model_dir, tokenizer):
+    model = load_model(default_model_dir, dtype=torch.float32, progress=False)
+    core = EngineCore(model, EngineConfig(num_blocks=256), eos_id=tokenizer.eos_id)
+    engine = AsyncEngine(core, tokenizer, max_waiting=0)  # every request finds the queue full
+    ctx = ServingContext(engine=engine, tokenizer=tokenizer, family="v3.2", max_model_len=4096,
+                         api_keys=["sk-good"], max_concurrent_per_key=0)  # fmt: skip
+    body = {"model": "deepseek-chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    try:
+        with RunningServer(ctx) as srv:
+            r = httpx.post(
+                srv.url + "/v1/messages", json={**body, "max_tokens": 2}, headers={"x-api-key": "nope"}
+            )
+            assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+            assert r.json()["type"] == "error"
+            r = httpx.post(srv.url + "/v1/messages", json=body, headers={"x-api-key": "sk-good"})
+            assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_error"
+            ctx.max_concurrent_per_key = None
+            r = httpx.post(
+                srv.url + "/chat/completions", json=body, headers={"Authorization": "Bearer sk-good"}
+            )
+            assert r.status_code == 503 and "queue is full" in r.json()["error"]["message"]
+    finally:
+        engine.shutdown()
