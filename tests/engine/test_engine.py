@@ -154,3 +154,25 @@ def test_async_engine_queue_limit(model):
         asyncio.run(main())
     finally:
         engine.shutdown()
+
+
+def test_2k_token_prefix_is_served_from_the_cache(model):
+    core = EngineCore(
+        model, EngineConfig(block_size=16, num_blocks=400, max_num_batched_tokens=4096), eos_id=None
+    )
+    g = torch.Generator().manual_seed(9)
+    prefix = torch.randint(2, 300, (2048,), generator=g).tolist()
+    core.add_request("first", prefix + [11, 12, 13], SamplingParams(temperature=0.0, max_tokens=2))
+    first = list(run_steps(core))
+    assert first[-1].cached_tokens == 0
+    computed: list[int] = []  # tokens run through the model per step
+    hook = model.model.embed_tokens.register_forward_hook(lambda m, i, o: computed.append(i[0].numel()))
+    try:
+        core.add_request("second", prefix + [21, 22], SamplingParams(temperature=0.0, max_tokens=2))
+        second = list(run_steps(core))
+    finally:
+        hook.remove()
+    assert second[-1].cached_tokens == 2048 and second[-1].prompt_tokens == 2050
+    assert computed == [2, 1]  # only the 2 new prompt tokens, then one decode step
+    assert second[0].new_token_ids == alone(model, prefix + [21, 22], 1)
+    core.pool.assert_no_leaks()
