@@ -176,3 +176,30 @@ def test_2k_token_prefix_is_served_from_the_cache(model):
     assert computed == [2, 1]  # only the 2 new prompt tokens, then one decode step
     assert second[0].new_token_ids == alone(model, prefix + [21, 22], 1)
     core.pool.assert_no_leaks()
+
+
+def test_stop_string_across_token_boundaries(model):
+    from dsv32.engine.outputs import OutputProcessor
+
+    tok = load_tokenizer()
+
+    def run(params):
+        core = EngineCore(model, EngineConfig(block_size=4, num_blocks=60), eos_id=None)
+        proc = OutputProcessor(tok)
+        core.add_request("r", [40, 50, 60], params)
+        proc.add("r", params)
+        outs = []
+        while core.has_work():
+            outs += proc.process(core, core.step())
+        return outs
+
+    free = run(SamplingParams(temperature=0.0, max_tokens=12))
+    text = "".join(o.text for o in free)
+    pieces = [tok.decode([t.new_token_ids[0]]) for t in free]
+    # a stop string that starts inside token 3 and ends inside token 5
+    start = len("".join(pieces[:3])) - 1
+    stop = text[start : start + len(pieces[3]) + 2]
+    assert len(stop) >= 3
+    outs = run(SamplingParams(temperature=0.0, max_tokens=12, stop=[stop]))
+    assert "".join(o.text for o in outs) == text[: text.index(stop)]
+    assert outs[-1].finish_reason == "stop" and outs[-1].stop_sequence == stop
