@@ -21,13 +21,11 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from dsv32.api.errors import bad_request
-from dsv32.api.generation import ChatRun, engine_error, max_tokens_for, sampling_params_for, with_keepalive
+from dsv32.api.generation import ChatRun, max_tokens_for, sampling_params_for, submit, with_keepalive
 from dsv32.api.service import MODE_LIMITS, REASONER_MODEL, ServingContext
 from dsv32.chat import encode_prompt
 from dsv32.chat.errors import ChatFormatError
-from dsv32.engine.core import EngineError
 from dsv32.engine.outputs import RequestOutput
-from dsv32.engine.sampling_params import SamplingParamsError
 
 UNSUPPORTED_BLOCKS = {
     "image", "document", "search_result", "server_tool_use", "web_search_tool_result",
@@ -244,20 +242,11 @@ async def messages(body: MessagesRequest, request: Request):
     params = sampling_params_for(fields, max_tokens, thinking, logprobs=False, top_logprobs=0)
     run = ChatRun(ctx, tools, thinking, hide_reasoning=False)
     msg_id = f"msg_{uuid.uuid4().hex[:24]}"
-    try:
-        stream = await ctx.engine.submit(ids, params, msg_id)
-    except (EngineError, SamplingParamsError) as e:
-        raise engine_error(e) from None
+    stream = await submit(ctx, ids, params, msg_id)
     model = body.model
 
     if not body.stream:
-        last = None
-        try:
-            async for out in stream:
-                run.feed(out)
-                last = out
-        finally:
-            await stream.aclose()
+        last = await run.run_to_end(stream)
         res = run.parser.result()
         content: list[dict[str, Any]] = []
         if res["reasoning_content"]:

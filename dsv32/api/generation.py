@@ -11,6 +11,7 @@ from dsv32.api.errors import APIError, bad_request, invalid_param
 from dsv32.api.service import ServingContext
 from dsv32.chat import StreamParser
 from dsv32.engine.async_engine import QueueFullError
+from dsv32.engine.core import EngineError
 from dsv32.engine.outputs import RequestOutput
 from dsv32.engine.sampling_params import SamplingParams, SamplingParamsError
 
@@ -101,6 +102,14 @@ async def with_keepalive(agen: AsyncIterator, interval: float) -> AsyncIterator:
         await agen.aclose()
 
 
+async def submit(ctx: ServingContext, prompt_ids: list[int], params: SamplingParams, request_id: str):
+    """Hand a request to the engine; its refusals become API errors (400/422/503)."""
+    try:
+        return await ctx.engine.submit(prompt_ids, params, request_id)
+    except (EngineError, SamplingParamsError) as e:
+        raise engine_error(e) from None
+
+
 def engine_error(e: Exception) -> APIError:
     if isinstance(e, QueueFullError):
         return APIError(503, f"Server overloaded: {e}")
@@ -147,6 +156,17 @@ class ChatRun:
     def tool_calls(self) -> list[dict[str, Any]]:
         calls = self.parser.result()["tool_calls"]
         return calls if self.parallel else calls[:1]
+
+    async def run_to_end(self, stream) -> RequestOutput:
+        """Feed a whole (non-streamed) request through; returns its last output."""
+        last = None
+        try:
+            async for out in stream:
+                self.feed(out)
+                last = out
+        finally:
+            await stream.aclose()
+        return last
 
     def finish_reason(self, engine_reason: str | None) -> str:
         if engine_reason == "stop" and self.parser.result()["tool_calls"]:

@@ -17,20 +17,12 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from dsv32.api.errors import bad_request, invalid_param
-from dsv32.api.generation import (
-    ChatRun,
-    engine_error,
-    max_tokens_for,
-    sampling_params_for,
-    with_keepalive,
-)
+from dsv32.api.generation import ChatRun, max_tokens_for, sampling_params_for, submit, with_keepalive
 from dsv32.api.schemas import ChatCompletionRequest, CompletionRequest
 from dsv32.api.service import MODE_LIMITS, ServingContext
 from dsv32.chat import encode_fim, encode_prompt
 from dsv32.chat.errors import ChatFormatError
-from dsv32.engine.core import EngineError
 from dsv32.engine.outputs import RequestOutput
-from dsv32.engine.sampling_params import SamplingParamsError
 
 
 def _ctx(request: Request) -> ServingContext:
@@ -145,20 +137,11 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     run = ChatRun(ctx, tools, thinking, hide, parallel=body.parallel_tool_calls is not False)
     rid = f"{uuid.uuid4()}"
     created = int(time.time())
-    try:
-        stream = await ctx.engine.submit(prompt_ids, params, rid)
-    except (EngineError, SamplingParamsError) as e:
-        raise engine_error(e) from None
+    stream = await submit(ctx, prompt_ids, params, rid)
     head = {"id": rid, "created": created, "model": model, "system_fingerprint": ctx.system_fingerprint}
 
     if not body.stream:
-        last = None
-        try:
-            async for out in stream:
-                run.feed(out)
-                last = out
-        finally:
-            await stream.aclose()
+        last = await run.run_to_end(stream)
         msg = run.parser.result()
         message: dict[str, Any] = {"role": "assistant", "content": msg["content"]}
         if thinking and not hide:
@@ -247,10 +230,7 @@ async def completions(body: CompletionRequest, request: Request):
         body, max_tokens, False, logprobs=body.logprobs is not None, top_logprobs=n_lp
     )
     rid = f"{uuid.uuid4()}"
-    try:
-        stream = await ctx.engine.submit(prompt_ids, params, rid)
-    except (EngineError, SamplingParamsError) as e:
-        raise engine_error(e) from None
+    stream = await submit(ctx, prompt_ids, params, rid)
     head = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
             "system_fingerprint": ctx.system_fingerprint}  # fmt: skip
     echo = body.prompt if (body.echo and isinstance(body.prompt, str)) else ""
