@@ -115,18 +115,12 @@ def _generate(args: argparse.Namespace) -> int:
 
     from dsv32.chat.tokenizer import load_tokenizer
     from dsv32.generate import generate
-    from dsv32.weights.default_model import ensure_default_model
+    from dsv32.weights.default_model import model_dir_or_default
     from dsv32.weights.loader import load_model
 
     if args.max_tokens < 0:
         raise ValueError(f"--max-tokens must be >= 0, got {args.max_tokens}")
-    model_dir = args.model
-    if model_dir is None:
-        print(
-            "note: using the built-in default model, which has RANDOM weights: its output is noise",
-            file=sys.stderr,
-        )
-        model_dir = ensure_default_model()
+    model_dir = model_dir_or_default(args.model)
     model = load_model(
         model_dir, dtype=getattr(torch, DTYPES[args.dtype]), device=args.device, progress=False
     )
@@ -160,7 +154,9 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve the DeepSeek-compatible HTTP API (OpenAI-style routes)")
-    p.add_argument("--model", type=Path, help="HF model directory (default: the embedded random-weight model)")
+    p.add_argument(
+        "--model", type=Path, help="HF model directory (default: the embedded random-weight model)"
+    )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", action="append", default=[], dest="api_keys", metavar="KEY",
@@ -199,7 +195,9 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _add_chat(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("chat", help="interactive terminal chat (streams; /think toggles thinking)")
-    p.add_argument("--model", type=Path, help="HF model directory (default: the embedded random-weight model)")
+    p.add_argument(
+        "--model", type=Path, help="HF model directory (default: the embedded random-weight model)"
+    )
     p.add_argument("--think", action="store_true", help="start in thinking mode")
     p.add_argument("--max-tokens", type=int, default=512)
     p.add_argument("--temperature", type=float, default=0.7)
@@ -228,7 +226,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         "--out", type=Path, default=Path("benchmarks/results"), metavar="DIR", help="where to write results"
     )
     m.set_defaults(func=_bench)
-    sv = bsub.add_parser("server", help="HTTP + SSE + parsing overhead per streamed token vs the engine alone")
+    sv = bsub.add_parser(
+        "server", help="HTTP + SSE + parsing overhead per streamed token vs the engine alone"
+    )
     sv.add_argument("--streams", type=int, default=8, help="concurrent streams")
     sv.add_argument("--tokens", type=int, default=64, help="tokens per stream")
     sv.add_argument("--out", type=Path, default=Path("benchmarks/results"), metavar="DIR")

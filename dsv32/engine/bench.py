@@ -1,0 +1,726 @@
+"""``dsv32 bench engine``: the serving engine against HF transformers on one synthetic checkpoint.
+
+Five measurements, each ratio taken against HF transformers measured in the same run on the same
+weights (fp32, the threads torch has), as issue 5's "Benchmarks" acceptance asks:
+
+1. ``decode`` — batch-1 decode tok/s: ``EngineCore`` vs HF ``generate`` (greedy, ``min_new_tokens`` so
+   random weights cannot stop early). HF's rate is ``n / (t(generate n+1) - t(generate 1))``, so the
+   prompt's prefill is not in it; the engine's counts the steps after its first token.
+2. ``prefill`` — time to first token of a 1024-token prompt: engine vs HF ``generate(max_new_tokens=1)``.
+3. ``concurrency`` — aggregate decode tok/s at 1, 4, 16, 64 concurrent requests (short prompts, all
+   prefilled first, then the steps while all of them decode), as ratios to HF batch-1 decode.
+4. ``prefix`` — TTFT of an 8K-token prompt cold, and again with the whole prompt in the prefix cache.
+5. ``dsa`` — decode step time at 4K / 16K / 32K context with DSA vs the same model with the indexer
+   disabled (``indexer.topk`` set past any context: dense MLA), on an attention-dominated variant of the
+   config (2 layers, the same attention dims, 4 small experts, a 2048-token vocabulary: the 129K-entry
+   ``lm_head`` alone would read more bytes than the whole cache at 32K). Beside the achieved ratio it
+   prints the one the bytes read per step predict. The context is prefilled once (dense: cheaper, and
+   cache contents do not change a step's cost), longer contexts reuse shorter ones through the prefix
+   cache, then DSA and dense decode steps alternate on the same cache.
+
+Best of ``repeats`` rounds (HF and engine interleaved, so drift hits both; round 0 doubles as warm-up).
+Results go to ``benchmarks/results/bench_engine.{json,md,png}`` (the PNG needs matplotlib: the ``bench``
+extra; without it the plot is skipped with a note).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import os
+import platform
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+PARTS = ("decode", "prefill", "concurrency", "prefix", "dsa")
+BLOCK_SIZE = 16
+DENSE_TOPK = 1 << 40  # an index_topk no context reaches: the indexer never selects, attention is dense
+
+TARGETS = {  # issue 5, "Benchmarks"
+    "decode": 9.0,  # batch-1 decode / HF generate
+    "prefill": 3.6,  # 1024-token prefill / HF
+    "concurrency_16": 60.0,  # 16-stream aggregate / HF batch-1 decode
+    "prefix": 10.0,  # TTFT 8K cold / fully cached
+    "dsa_fraction": 0.70,  # achieved DSA-vs-dense speed-up / the bytes-predicted one
+}
+# llama.cpp on this machine kind as ratios to HF (shared/bench/README.md: HF 3.8 tok/s decode, 96 tok/s
+# prefill; llama.cpp 34.2 tok/s batch-1, 349 tok/s prefill, 77.5 / 155 tok/s aggregate at 4 / 16 slots)
+README_HF = {"decode_tok_s": 3.8, "prefill_tok_s": 96.0}  # the HF figures the targets were set against
+README_BANDWIDTH = 35e9  # bytes/s, "~35 GB/s" for this machine kind
+LLAMA_CPP_RATIO = {
+    "decode": 34.2 / 3.8,
+    "prefill": 349 / 96,
+    "concurrency": {1: 34.2 / 3.8, 4: 77.5 / 3.8, 16: 155 / 3.8},
+}
+
+
+@dataclass
+class Settings:
+    parts: tuple[str, ...] = PARTS
+    repeats: int = 3
+    prompt_tokens: int = 32  # the short prompt of the decode and concurrency measurements
+    decode_tokens: int = 32  # batch-1 decode tokens timed (engine and HF)
+    prefill_tokens: int = 1024
+    concurrency: tuple[int, ...] = (1, 4, 16, 64)
+    concurrent_decode_tokens: int = 16  # decode steps timed at each concurrency
+    ttft_prompt_tokens: int = 8192
+    long_contexts: tuple[int, ...] | None = (4096, 16384, 32768)  # None: 2x and 4x index_topk
+    long_decode_steps: int = 8  # timed decode steps per context and mode
+    long_prefill_chunk: int = 4096  # max_num_batched_tokens while filling the long contexts
+    max_num_batched_tokens: int = 2048  # the engine's step budget (its default) for parts 1-4
+    quick: bool = False
+
+    @classmethod
+    def quick_run(cls) -> Settings:
+        """A smoke run: every part, tiny sizes, one round (figures mean little)."""
+        return cls(
+            repeats=1, decode_tokens=4, prefill_tokens=64, concurrency=(1, 4, 16), concurrent_decode_tokens=3,
+            ttft_prompt_tokens=256, long_contexts=None, long_decode_steps=2, long_prefill_chunk=512,
+            max_num_batched_tokens=256, quick=True,
+        )  # fmt: skip
+
+
+# ---- helpers ----------------------------------------------------------------------------------
+
+
+def _now() -> float:
+    return time.perf_counter()
+
+
+def _greedy(n: int):
+    from dsv32.engine.sampling_params import SamplingParams
+
+    return SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
+
+
+def _prompt(gen: torch.Generator, vocab: int, n: int) -> list[int]:
+    return torch.randint(2, vocab, (n,), generator=gen).tolist()
+
+
+def _engine(model, tokens: int, max_seqs: int, max_batched: int):
+    from dsv32.engine.core import EngineConfig, EngineCore
+
+    blocks = -(-tokens // BLOCK_SIZE) + 2 * max_seqs + 4
+    cfg = EngineConfig(
+        block_size=BLOCK_SIZE, num_blocks=blocks, max_num_seqs=max_seqs, max_num_batched_tokens=max_batched
+    )
+    return EngineCore(model, cfg, eos_id=None)
+
+
+def _drain(core) -> None:
+    while core.has_work():
+        core.step()
+
+
+def _first_token(core, rid: str, prompt: list[int], max_tokens: int) -> tuple[float, Any]:
+    """Submit a request and step until its first token: (TTFT in seconds, that TokenOutput)."""
+    t0 = _now()
+    core.add_request(rid, prompt, _greedy(max_tokens))
+    while True:
+        for o in core.step():
+            if o.request_id == rid:
+                return _now() - t0, o
+
+
+def _load_avg() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:  # pragma: no cover - not on every platform
+        return None
+
+
+# ---- HF transformers --------------------------------------------------------------------------
+
+
+def _hf_generate(hf, ids: list[int], n: int) -> tuple[float, list[int]]:
+    """Wall time of greedy ``generate`` of exactly n new tokens, and those tokens."""
+    x = torch.tensor([ids])
+    t0 = _now()
+    with torch.inference_mode():
+        out = hf.generate(
+            x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+            pad_token_id=0, temperature=None, top_p=None, top_k=None,
+        )  # fmt: skip
+    return _now() - t0, out[0, len(ids) :].tolist()
+
+
+# ---- parts 1 and 2: batch-1 decode, prefill -----------------------------------------------------
+
+
+def _engine_decode(core, rid: str, prompt: list[int], n: int) -> tuple[float, list[int]]:
+    """Seconds for n decode tokens after the first one, and all n + 1 greedy tokens."""
+    _, first = _first_token(core, rid, prompt, n + 1)
+    toks = list(first.new_token_ids)
+    t0 = _now()
+    while core.has_work():
+        for o in core.step():
+            toks += o.new_token_ids
+    return _now() - t0, toks
+
+
+def _decode_and_prefill(ours, hf, cfg, s: Settings, gen: torch.Generator) -> dict:
+    parts = set(s.parts)
+    prompt = _prompt(gen, cfg.vocab_size, s.prompt_tokens)
+    need = s.prompt_tokens + s.decode_tokens + 2 + s.prefill_tokens + 2
+    core = _engine(ours, need, 1, s.max_num_batched_tokens)
+    t: dict[str, list[float]] = {k: [] for k in ("hf_1", "hf_n", "eng_dec", "hf_pre", "eng_pre")}
+    toks: dict[str, list[int]] = {}
+    _hf_generate(hf, prompt, 3)  # warm-up (first calls pay one-off setup costs)
+    _engine_decode(core, "warmup", prompt, 2)
+    for r in range(s.repeats):
+        if "decode" in parts or "concurrency" in parts:  # HF batch-1 decode is concurrency's baseline too
+            dt, _ = _hf_generate(hf, prompt, 1)
+            t["hf_1"].append(dt)
+            dt, toks["hf"] = _hf_generate(hf, prompt, s.decode_tokens + 1)
+            t["hf_n"].append(dt)
+        if "decode" in parts:
+            dt, toks["engine"] = _engine_decode(core, f"dec{r}", prompt, s.decode_tokens)
+            t["eng_dec"].append(dt)
+        if "prefill" in parts:
+            long = _prompt(gen, cfg.vocab_size, s.prefill_tokens)  # fresh each round: no prefix hits
+            dt, _ = _hf_generate(hf, long, 1)
+            t["hf_pre"].append(dt)
+            dt, _ = _first_token(core, f"pre{r}", long, 1)
+            _drain(core)
+            t["eng_pre"].append(dt)
+        print(f"  round {r}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in t.items() if v), flush=True)
+    out: dict[str, Any] = {}
+    n = s.decode_tokens
+    if t["hf_n"]:
+        hf_dec = n / max(min(t["hf_n"]) - min(t["hf_1"]), 1e-9)
+        out["hf_batch1_decode_tok_s"] = hf_dec
+    wb = decode_weight_bytes(ours)
+    out["bandwidth"] = {  # what the weights alone make a step cost at the machine kind's memory bandwidth
+        "assumed_bytes_per_s": README_BANDWIDTH,
+        "batch1_weight_bytes": wb,
+        "lm_head_bytes": ours.lm_head.weight.numel() * ours.lm_head.weight.element_size(),
+        "batch1_limit_tok_s": README_BANDWIDTH / wb,
+        "all_experts_weight_bytes": decode_weight_bytes(ours, all_experts=True),
+        "limit_16_streams_tok_s": 16 * README_BANDWIDTH / decode_weight_bytes(ours, all_experts=True),
+    }
+    if "decode" in parts:
+        eng = n / min(t["eng_dec"])
+        out["decode"] = {
+            "prompt_tokens": s.prompt_tokens, "decode_tokens": n,
+            "engine_tok_s": eng, "engine_ms_per_token": 1000 * min(t["eng_dec"]) / n,
+            "hf_tok_s": out["hf_batch1_decode_tok_s"],
+            "hf_generate_s": {"1_token": min(t["hf_1"]), f"{n + 1}_tokens": min(t["hf_n"])},
+            "ratio": eng / out["hf_batch1_decode_tok_s"], "target": TARGETS["decode"],
+            "llama_cpp_ratio": LLAMA_CPP_RATIO["decode"],
+            "same_greedy_tokens": toks.get("engine") == toks.get("hf"),
+            "engine_weight_GB_s": wb * eng / 1e9, "ratio_to_readme_hf": eng / README_HF["decode_tok_s"],
+        }  # fmt: skip
+    if "prefill" in parts:
+        p = s.prefill_tokens
+        out["prefill"] = {
+            "prompt_tokens": p,
+            "engine_ttft_s": min(t["eng_pre"]), "hf_ttft_s": min(t["hf_pre"]),
+            "engine_tok_s": p / min(t["eng_pre"]), "hf_tok_s": p / min(t["hf_pre"]),
+            "ratio": min(t["hf_pre"]) / min(t["eng_pre"]), "target": TARGETS["prefill"],
+            "llama_cpp_ratio": LLAMA_CPP_RATIO["prefill"],
+            "ratio_to_readme_hf": p / min(t["eng_pre"]) / README_HF["prefill_tok_s"],
+        }  # fmt: skip
+    core.pool.assert_no_leaks()
+    return out
+
+
+# ---- part 3: aggregate decode at several concurrencies ----------------------------------------
+
+
+def _concurrency(ours, cfg, s: Settings, gen: torch.Generator, hf_dec: float | None) -> dict:
+    n = s.concurrent_decode_tokens
+    cmax = max(s.concurrency)
+    core = _engine(ours, cmax * (s.prompt_tokens + n + 8), cmax, s.max_num_batched_tokens)
+    rows = []
+    for c in s.concurrency:
+        best = None
+        for r in range(s.repeats):
+            ids = [f"c{c}-{r}-{i}" for i in range(c)]
+            for rid in ids:
+                core.add_request(rid, _prompt(gen, cfg.vocab_size, s.prompt_tokens), _greedy(n + 8))
+            started: set[str] = set()
+            while len(started) < c:  # prefill every prompt (each reports its first token)
+                started.update(o.request_id for o in core.step())
+            produced, steps = 0, []
+            for _ in range(n):
+                t0 = _now()
+                outs = core.step()
+                steps.append(_now() - t0)
+                produced += sum(len(o.new_token_ids) for o in outs)
+            for rid in ids:
+                core.abort(rid)
+            rate = produced / sum(steps)
+            if best is None or rate > best["engine_tok_s"]:
+                best = {"concurrency": c, "engine_tok_s": rate, "tokens": produced,
+                        "step_ms_median": 1000 * sorted(steps)[len(steps) // 2]}  # fmt: skip
+        if hf_dec:
+            best["ratio_to_hf_batch1"] = best["engine_tok_s"] / hf_dec
+            if c in LLAMA_CPP_RATIO["concurrency"]:
+                best["llama_cpp_ratio"] = LLAMA_CPP_RATIO["concurrency"][c]
+        print(f"  {c} concurrent: {best['engine_tok_s']:.1f} tok/s", flush=True)
+        rows.append(best)
+    core.pool.assert_no_leaks()
+    return {"prompt_tokens": s.prompt_tokens, "decode_steps_timed": n, "hf_batch1_tok_s": hf_dec,
+            "rows": rows, "target_16": TARGETS["concurrency_16"]}  # fmt: skip
+
+
+# ---- part 4: TTFT with the prefix cache -----------------------------------------------------------
+
+
+def _prefix(ours, cfg, s: Settings, gen: torch.Generator) -> dict:
+    n = s.ttft_prompt_tokens
+    core = _engine(ours, 2 * (n + BLOCK_SIZE), 1, s.max_num_batched_tokens)
+    prompt = _prompt(gen, cfg.vocab_size, n)
+    cold, o = _first_token(core, "cold", prompt, 1)
+    _drain(core)
+    cold_cached = o.cached_tokens
+    print(f"  cold TTFT {cold:.2f}s", flush=True)
+    warm, cached = [], None
+    for r in range(max(2, s.repeats + 1)):
+        dt, o = _first_token(core, f"warm{r}", prompt, 1)
+        _drain(core)
+        warm.append(dt)
+        cached = o.cached_tokens
+    print(f"  cached TTFT {min(warm):.3f}s ({cached} cached tokens)", flush=True)
+    core.pool.assert_no_leaks()
+    return {
+        "prompt_tokens": n, "cold_ttft_s": cold, "cold_cached_tokens": cold_cached,
+        "cached_ttft_s": min(warm), "cached_tokens": cached, "ratio": cold / min(warm),
+        "target": TARGETS["prefix"], "cold_runs": 1, "cached_runs": len(warm),
+    }  # fmt: skip
+
+
+# ---- part 5: DSA vs dense MLA at long context -------------------------------------------------
+
+
+def attention_variant(config: dict) -> dict:
+    """The config with 2 layers (1 dense + 1 MoE), the same attention dims, 4 small experts and a 2048-token
+    vocabulary, so that a long-context decode step is dominated by attention, not weights."""
+    v = copy.deepcopy(config)
+    hidden = v["hidden_size"]
+    v.update(
+        num_hidden_layers=2, first_k_dense_replace=1, intermediate_size=hidden, n_routed_experts=4,
+        num_experts_per_tok=2, n_group=1, topk_group=1, moe_intermediate_size=max(16, hidden // 4),
+        n_shared_experts=1, vocab_size=min(2048, v["vocab_size"]), num_nextn_predict_layers=0,
+    )  # fmt: skip
+    return v
+
+
+def decode_weight_bytes(model, all_experts: bool = False) -> int:
+    """Bytes of weights one batch-1 decode step reads: everything but the embedding table (one row) and the
+    routed experts a token does not use (num_experts_per_tok of n_routed_experts; all of them with
+    ``all_experts``, as when many streams decode together), MTP layers excluded."""
+    cfg = model.config
+    n_main = cfg.num_hidden_layers
+    total = 0.0
+    for name, p in model.named_parameters():
+        if name.startswith("model.embed_tokens"):
+            continue
+        if name.startswith("model.layers."):
+            if int(name.split(".")[2]) >= n_main:
+                continue
+            if ".mlp.experts." in name:
+                share = 1.0 if all_experts else cfg.num_experts_per_tok / cfg.n_routed_experts
+                total += p.numel() * p.element_size() * share
+                continue
+        total += p.numel() * p.element_size()
+    return int(total)
+
+
+def predicted_bytes(cfg, n_layers: int, context: int, topk: int, elt: int, weights: int) -> dict:
+    """Bytes one decode step reads, per the issue: per layer per token dense reads S·(d_c + d_r) latent values;
+    DSA reads S·d_I indexer keys + min(S, topk)·(d_c + d_r) latent values; weights the same for both."""
+    lat = cfg.kv_lora_rank + cfg.qk_rope_head_dim
+    dense = weights + n_layers * context * lat * elt
+    dsa = weights + n_layers * (context * cfg.index_head_dim + min(context, topk) * lat) * elt
+    return {"dense_bytes": dense, "dsa_bytes": dsa, "ratio": dense / dsa}
+
+
+def _set_topk(attns, k: int) -> None:
+    for a in attns:
+        a.indexer.topk = k
+
+
+def _dsa(config: dict, tmp: Path, s: Settings, gen: torch.Generator) -> dict:
+    import dsv32
+    from dsv32.config import ModelConfig
+    from dsv32.weights.synthetic import write_synthetic_checkpoint
+
+    vconf = attention_variant(config)
+    cfg = ModelConfig.from_dict(vconf)
+    if not cfg.has_indexer:
+        return {"skipped": f"{cfg.model_type} has no DSA indexer"}
+    write_synthetic_checkpoint(cfg, tmp / "attn", seed=0, dtype=torch.bfloat16)
+    model = dsv32.load_model(tmp / "attn", dtype=torch.float32, progress=False)
+    topk = cfg.index_topk
+    K = s.long_decode_steps
+    wanted = s.long_contexts or (2 * topk, 4 * topk)
+    room = cfg.max_position_embeddings - (2 * K + 2)
+    contexts = sorted({min(c, room) for c in wanted})
+    attns = [model.model.layers[i].self_attn for i in range(cfg.num_hidden_layers)]
+    weights = decode_weight_bytes(model)
+    elt = torch.empty((), dtype=model.dtype).element_size()
+    core = _engine(model, sum(contexts) + len(contexts) * (2 * K + 2), 1, s.long_prefill_chunk)
+    prompt = _prompt(gen, cfg.vocab_size, max(contexts))
+    rows = []
+    try:
+        for ctx in contexts:
+            _set_topk(attns, DENSE_TOPK)
+            prefill_s, o = _first_token(core, f"ctx{ctx}", prompt[:ctx], 2 * K + 1)
+            times: dict[str, list[float]] = {"dsa": [], "dense": []}
+            for i in range(K):  # alternate, and alternate which goes first
+                order = ("dsa", "dense") if i % 2 == 0 else ("dense", "dsa")
+                for mode in order:
+                    _set_topk(attns, topk if mode == "dsa" else DENSE_TOPK)
+                    t0 = _now()
+                    core.step()
+                    times[mode].append(_now() - t0)
+            _drain(core)
+            pred = predicted_bytes(cfg, cfg.num_hidden_layers, ctx, topk, elt, weights)
+            dsa_ms, dense_ms = 1000 * min(times["dsa"]), 1000 * min(times["dense"])
+            achieved = dense_ms / dsa_ms
+            row = {
+                "context": ctx, "prefill_s": prefill_s, "prefill_cached_tokens": o.cached_tokens,
+                "dsa_step_ms": dsa_ms, "dense_step_ms": dense_ms,
+                "dsa_step_ms_all": [1000 * x for x in times["dsa"]],
+                "dense_step_ms_all": [1000 * x for x in times["dense"]],
+                "achieved_ratio": achieved, "predicted_ratio": pred["ratio"],
+                "fraction_of_predicted": achieved / pred["ratio"],
+                "dense_bytes_per_step": pred["dense_bytes"], "dsa_bytes_per_step": pred["dsa_bytes"],
+            }  # fmt: skip
+            print(
+                f"  context {ctx}: prefill {prefill_s:.1f}s ({o.cached_tokens} cached); step DSA {dsa_ms:.1f} ms, "
+                f"dense {dense_ms:.1f} ms: {achieved:.2f}x vs {pred['ratio']:.2f}x predicted "
+                f"({100 * row['fraction_of_predicted']:.0f}%)",
+                flush=True,
+            )
+            rows.append(row)
+        core.pool.assert_no_leaks()
+    finally:
+        _set_topk(attns, topk)
+    return {
+        "variant": {k: vconf[k] for k in ("num_hidden_layers", "hidden_size", "num_attention_heads",
+                                          "kv_lora_rank", "qk_rope_head_dim", "index_head_dim",
+                                          "index_n_heads", "index_topk", "n_routed_experts",
+                                          "num_experts_per_tok", "moe_intermediate_size", "vocab_size")},
+        "weight_bytes_per_step": weights, "decode_steps_timed": K, "prefill_chunk": s.long_prefill_chunk,
+        "rows": rows, "target_fraction": TARGETS["dsa_fraction"],
+    }  # fmt: skip
+
+
+# ---- the whole benchmark ------------------------------------------------------------------------
+
+
+def bench_engine(config: dict, out_dir: Path, settings: Settings | None = None) -> dict:
+    """Run the selected parts on ``config`` (an HF config dict) and write bench_engine.{json,md,png}."""
+    import dsv32
+    from dsv32.config import ModelConfig
+    from dsv32.presets import PRESETS
+    from dsv32.weights.synthetic import write_synthetic_checkpoint
+
+    s = settings or Settings()
+    unknown = set(s.parts) - set(PARTS)
+    if unknown:
+        raise ValueError(f"unknown benchmark part(s) {sorted(unknown)}; available: {', '.join(PARTS)}")
+    cfg = ModelConfig.from_dict(config)
+    gen = torch.Generator().manual_seed(0)
+    t_start = _now()
+    result: dict[str, Any] = {
+        "benchmark": "engine",
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+                    "torch": torch.__version__, "load_avg_start": _load_avg()},
+        "config": {"model_type": cfg.model_type, "hidden_size": cfg.hidden_size, "layers": cfg.num_hidden_layers,
+                   "index_topk": cfg.index_topk, "vocab_size": cfg.vocab_size},
+        "dtype": "float32",
+        "is_shared_bench_model": config == PRESETS["bench-small"],  # README's peer figures are for it
+        "settings": asdict(s),
+    }  # fmt: skip
+    main_parts = {"decode", "prefill", "concurrency", "prefix"} & set(s.parts)
+    with tempfile.TemporaryDirectory(prefix="dsv32-bench-engine-") as tmp:
+        tmp = Path(tmp)
+        if main_parts:
+            print(f"writing a synthetic checkpoint ({cfg.model_type}, hidden {cfg.hidden_size}, "
+                  f"{cfg.num_hidden_layers} layers) ...", flush=True)  # fmt: skip
+            write_synthetic_checkpoint(cfg, tmp / "main", seed=0, dtype=torch.bfloat16)
+            ours = dsv32.load_model(tmp / "main", dtype=torch.float32, progress=False)
+            hf = None
+            if main_parts & {"decode", "prefill", "concurrency"}:
+                from transformers import AutoModelForCausalLM
+
+                hf = AutoModelForCausalLM.from_pretrained(tmp / "main", dtype=torch.float32).eval()
+                print("batch-1 decode and prefill (engine vs HF generate) ...", flush=True)
+                result.update(_decode_and_prefill(ours, hf, cfg, s, gen))
+                del hf
+                gc.collect()
+            if "concurrency" in s.parts:
+                print("aggregate decode at each concurrency ...", flush=True)
+                result["concurrency"] = _concurrency(ours, cfg, s, gen, result.get("hf_batch1_decode_tok_s"))
+            if "prefix" in s.parts:
+                print(f"TTFT of a {s.ttft_prompt_tokens}-token prompt, cold and cached ...", flush=True)
+                result["prefix"] = _prefix(ours, cfg, s, gen)
+            del ours
+            gc.collect()
+        if "dsa" in s.parts:
+            print("decode step at long context, DSA vs dense (attention-dominated variant) ...", flush=True)
+            result["dsa"] = _dsa(config, tmp, s, gen)
+    result["machine"]["load_avg_end"] = _load_avg()
+    result["wall_s"] = _now() - t_start
+    result["targets"] = _targets(result)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "bench_engine.json").write_text(json.dumps(result, indent=1))
+    result["plot"] = _plot(result, out_dir / "bench_engine.png")
+    (out_dir / "bench_engine.md").write_text(markdown(result))
+    return result
+
+
+def _targets(r: dict) -> list[dict]:
+    """One row per issue target: name, value, target, met (None when the part did not run)."""
+    rows = []
+
+    def add(name: str, value: float | None, target: float, unit: str = "x") -> None:
+        rows.append({"name": name, "value": value, "target": target, "unit": unit,
+                     "met": None if value is None else bool(value >= target)})  # fmt: skip
+
+    add("batch-1 decode vs HF generate", r.get("decode", {}).get("ratio"), TARGETS["decode"])
+    n_pre = r.get("prefill", {}).get("prompt_tokens", r["settings"]["prefill_tokens"])
+    add(f"prefill {n_pre} tokens vs HF", r.get("prefill", {}).get("ratio"), TARGETS["prefill"])
+    c16 = [x for x in r.get("concurrency", {}).get("rows", []) if x["concurrency"] == 16]
+    add("16-stream aggregate decode vs HF batch-1", c16[0].get("ratio_to_hf_batch1") if c16 else None,
+        TARGETS["concurrency_16"])  # fmt: skip
+    n_ttft = r.get("prefix", {}).get("prompt_tokens", r["settings"]["ttft_prompt_tokens"])
+    add(f"TTFT {n_ttft}-token prompt, cold / cached", r.get("prefix", {}).get("ratio"), TARGETS["prefix"])
+    for row in r.get("dsa", {}).get("rows", []):
+        add(f"DSA vs dense decode step at {row['context']} context, fraction of predicted",
+            row["fraction_of_predicted"], TARGETS["dsa_fraction"], "fraction")  # fmt: skip
+    return rows
+
+
+# ---- outputs -------------------------------------------------------------------------------------
+
+
+def _plot(r: dict, path: Path) -> str:
+    """Aggregate decode tok/s vs concurrency (and DSA vs dense step time); returns what happened."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        note = "matplotlib is not installed (pip install 'dsv32[bench]'): PNG skipped"
+        print(f"note: {note}")
+        return note
+    conc = r.get("concurrency", {}).get("rows", [])
+    dsa = r.get("dsa", {}).get("rows", [])
+    if not conc and not dsa:
+        return "no concurrency or DSA results: PNG skipped"
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    ax = axes[0]
+    if conc:
+        xs = [x["concurrency"] for x in conc]
+        ax.plot(xs, [x["engine_tok_s"] for x in conc], "o-", label="dsv32 engine (aggregate)")
+        hf = r.get("hf_batch1_decode_tok_s")
+        if hf:
+            ax.axhline(hf, color="gray", ls="--", label=f"HF generate batch-1 ({hf:.1f} tok/s)")
+            lx = sorted(LLAMA_CPP_RATIO["concurrency"])
+            ax.plot(lx, [LLAMA_CPP_RATIO["concurrency"][c] * hf for c in lx], "s:", color="tab:green",
+                    label="llama.cpp (README ratios x this run's HF)")  # fmt: skip
+            ax.plot([16], [TARGETS["concurrency_16"] * hf], "r*", ms=12, label="target at 16 (60x HF)")
+        ax.set_xscale("log", base=2)
+        ticks = sorted(set(xs) | (set(LLAMA_CPP_RATIO["concurrency"]) if hf else set()))
+        ax.set_xticks(ticks, [str(x) for x in ticks])
+        ax.set_yscale("log")
+        ax.set_xlabel("concurrent requests")
+        ax.set_ylabel("decode tok/s")
+        ax.set_title("Aggregate decode throughput")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    ax = axes[1]
+    if dsa:
+        xs = [x["context"] for x in dsa]
+        ax.plot(xs, [x["dsa_step_ms"] for x in dsa], "o-", label="DSA (indexer top-k)")
+        ax.plot(xs, [x["dense_step_ms"] for x in dsa], "s-", label="dense MLA (indexer off)")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(xs, [f"{x // 1024}K" if x >= 1024 else str(x) for x in xs])
+        ax.set_xlabel("context tokens")
+        ax.set_ylabel("decode step ms")
+        ax.set_title("Long-context decode step (attention variant)")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"dsv32 bench engine — {r['date']} ({r['dtype']}, {r['machine']['threads']} threads)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return f"wrote {path.name}"
+
+
+def _reference_lines(r: dict) -> list[str]:
+    """What bounds the ratios: the HF figures the targets assumed, and the weights' memory-bandwidth limit."""
+    b, hf = r.get("bandwidth"), r.get("hf_batch1_decode_tok_s")
+    out = ["", "Context for the ratios (not the targets' basis, which is HF in this run):"]
+    if "decode" in r and r.get("is_shared_bench_model"):
+        d = r["decode"]
+        out.append(
+            f"- The targets were set against HF at {README_HF['decode_tok_s']} tok/s decode and "
+            f"{README_HF['prefill_tok_s']:g} tok/s prefill (shared/bench/README.md); this run's HF decodes at "
+            f"{d['hf_tok_s']:.1f} tok/s. Against the README figures the engine is {d['ratio_to_readme_hf']:.1f}× "
+            "(decode)"
+            + (f" and {r['prefill']['ratio_to_readme_hf']:.1f}× (prefill)." if "prefill" in r else ".")
+        )
+    if b and hf:
+        out.append(
+            f"- A batch-1 decode step reads {b['batch1_weight_bytes'] / 2**20:.0f} MiB of weights (lm_head "
+            f"{b['lm_head_bytes'] / 2**20:.0f} MiB of it): at ~{b['assumed_bytes_per_s'] / 1e9:.0f} GB/s that caps "
+            f"batch-1 decode at {b['batch1_limit_tok_s']:.1f} tok/s = {b['batch1_limit_tok_s'] / hf:.1f}× this "
+            f"run's HF; 16 streams touch all experts ({b['all_experts_weight_bytes'] / 2**20:.0f} MiB per step): "
+            f"{b['limit_16_streams_tok_s']:.0f} tok/s = {b['limit_16_streams_tok_s'] / hf:.1f}× this run's HF."
+        )
+        if "decode" in r:
+            out.append(
+                f"- The engine's batch-1 decode streams weights at {r['decode']['engine_weight_GB_s']:.1f} GB/s."
+            )
+    return out if len(out) > 2 else []
+
+
+def _met(x: bool | None) -> str:
+    return "not run" if x is None else ("**met**" if x else "not met")
+
+
+def markdown(r: dict) -> str:
+    s = r["settings"]
+    lines = [
+        f"# dsv32 bench engine — {r['date']}",
+        "",
+        f"Config: {r['config']}; {r['dtype']}; {r['machine']['threads']} threads; torch {r['machine']['torch']}; "
+        f"load average {r['machine']['load_avg_start']} at start, {r['machine']['load_avg_end']} at end; "
+        f"{r['wall_s'] / 60:.1f} min in all. Best of {s['repeats']} rounds unless said otherwise"
+        + (" (**--quick smoke run: figures mean little**)." if s["quick"] else "."),
+        "",
+        "## Targets (issue 5)",
+        "",
+        "| measurement | value | target | |",
+        "|---|---|---|---|",
+    ]
+    for t in r["targets"]:
+        v = (
+            "–"
+            if t["value"] is None
+            else (f"{t['value']:.2f}×" if t["unit"] == "x" else f"{100 * t['value']:.0f}%")
+        )
+        tgt = f"≥ {t['target']:g}×" if t["unit"] == "x" else f"≥ {100 * t['target']:.0f}%"
+        lines.append(f"| {t['name']} | {v} | {tgt} | {_met(t['met'])} |")
+    if "decode" in r or "prefill" in r:
+        lines += ["", "## Batch-1 decode and prefill, engine vs HF transformers (same run, same weights)", "",
+                  "| measurement | dsv32 engine | HF transformers | ratio | llama.cpp (README) |",
+                  "|---|---|---|---|---|"]  # fmt: skip
+        if "decode" in r:
+            d = r["decode"]
+            lines.append(
+                f"| batch-1 decode tok/s ({d['decode_tokens']} tokens after a {d['prompt_tokens']}-token prompt) "
+                f"| {d['engine_tok_s']:.2f} | {d['hf_tok_s']:.2f} | **{d['ratio']:.2f}×** | {d['llama_cpp_ratio']:.1f}× |"
+            )
+        if "prefill" in r:
+            p = r["prefill"]
+            lines.append(
+                f"| prefill {p['prompt_tokens']} tokens: TTFT s (tok/s) | {p['engine_ttft_s']:.2f} "
+                f"({p['engine_tok_s']:.0f}) | {p['hf_ttft_s']:.2f} ({p['hf_tok_s']:.0f}) | **{p['ratio']:.2f}×** "
+                f"| {p['llama_cpp_ratio']:.1f}× |"
+            )
+        if "decode" in r:
+            lines += ["", f"Same greedy tokens from engine and HF: {r['decode']['same_greedy_tokens']}."]
+        lines += _reference_lines(r)
+    if "concurrency" in r:
+        c = r["concurrency"]
+        lines += ["", "## Aggregate decode vs concurrency", "",
+                  f"Each request: a {c['prompt_tokens']}-token prompt; all prompts prefilled first, then "
+                  f"{c['decode_steps_timed']} decode steps timed (the issue fixes no N; chosen to fit the time budget). "
+                  "Ratio to HF `generate` batch-1 decode of this run.", "",
+                  "| concurrent requests | engine tok/s | median step ms | × HF batch-1 | llama.cpp (README) |",
+                  "|---|---|---|---|---|"]  # fmt: skip
+        for x in c["rows"]:
+            ratio = f"{x['ratio_to_hf_batch1']:.1f}×" if "ratio_to_hf_batch1" in x else "–"
+            llama = f"{x['llama_cpp_ratio']:.1f}×" if "llama_cpp_ratio" in x else "–"
+            lines.append(
+                f"| {x['concurrency']} | {x['engine_tok_s']:.1f} | {x['step_ms_median']:.0f} | {ratio} | {llama} |"
+            )
+    if "prefix" in r:
+        p = r["prefix"]
+        lines += ["", "## Prefix cache: TTFT of the same prompt cold and fully cached", "",
+                  f"{p['prompt_tokens']}-token prompt; cold once ({p['cold_cached_tokens']} cached tokens), then "
+                  f"resubmitted {p['cached_runs']}× (best shown; {p['cached_tokens']} prompt tokens reported "
+                  "cached — the engine always recomputes at least the last partial block).", "",
+                  "| cold TTFT s | cached TTFT s | ratio |", "|---|---|---|",
+                  f"| {p['cold_ttft_s']:.2f} | {p['cached_ttft_s']:.3f} | **{p['ratio']:.1f}×** |"]  # fmt: skip
+    if "dsa" in r:
+        d = r["dsa"]
+        if "skipped" in d:
+            lines += ["", f"## DSA vs dense: skipped ({d['skipped']})"]
+        else:
+            lines += ["", "## Decode step at long context: DSA vs dense MLA", "",
+                      f"Attention-dominated variant: {d['variant']}; weights read per step "
+                      f"{d['weight_bytes_per_step'] / 2**20:.1f} MiB. Dense = every layer's `indexer.topk` set past "
+                      "the context. Each context is prefilled once (dense, chunks of "
+                      f"{d['prefill_chunk']}; longer ones reuse shorter ones via the prefix cache), then "
+                      f"{d['decode_steps_timed']} DSA and {d['decode_steps_timed']} dense decode steps alternate "
+                      "(best shown). Predicted ratio = bytes read per step, dense / DSA: per layer per token, dense "
+                      "S·(kv_lora_rank + qk_rope_head_dim), DSA S·index_head_dim + min(S, topk)·(kv_lora_rank + "
+                      "qk_rope_head_dim), plus the weights.", "",
+                      "| context | DSA step ms | dense step ms | achieved dense/DSA | predicted by bytes | fraction | prefill s |",
+                      "|---|---|---|---|---|---|---|"]  # fmt: skip
+            for x in d["rows"]:
+                lines.append(
+                    f"| {x['context']} | {x['dsa_step_ms']:.1f} | {x['dense_step_ms']:.1f} | {x['achieved_ratio']:.2f}× "
+                    f"| {x['predicted_ratio']:.2f}× | **{100 * x['fraction_of_predicted']:.0f}%** | {x['prefill_s']:.1f} |"
+                )
+    lines += ["", f"Plot: {r.get('plot', '–')}.", ""]
+    return "\n".join(lines)
+
+
+# ---- CLI -------------------------------------------------------------------------------------------
+
+
+def _ints(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        vals = tuple(int(x) for x in text.replace(" ", "").split(",") if x)
+    except ValueError:
+        raise ValueError(f"expected comma-separated integers, got {text!r}") from None
+    if not vals or min(vals) < 1:
+        raise ValueError(f"expected positive integers, got {text!r}")
+    return vals
+
+
+def main_bench_engine(args: argparse.Namespace) -> int:
+    """``dsv32 bench engine`` (the CLI parses the arguments; missing ones take the defaults)."""
+    from dsv32.presets import resolve_preset
+
+    config = resolve_preset(getattr(args, "config", None) or "bench-small")
+    s = Settings.quick_run() if getattr(args, "quick", False) else Settings()
+    over: dict[str, Any] = {}
+    if getattr(args, "parts", None):
+        over["parts"] = tuple(p.strip() for p in args.parts.split(",") if p.strip())
+    if getattr(args, "repeats", None):
+        over["repeats"] = args.repeats
+    if getattr(args, "decode", None):
+        over["decode_tokens"] = args.decode
+    if getattr(args, "concurrency", None):
+        over["concurrency"] = _ints(args.concurrency)
+    if getattr(args, "ttft_prompt", None):
+        over["ttft_prompt_tokens"] = args.ttft_prompt
+    if getattr(args, "contexts", None):
+        over["long_contexts"] = _ints(args.contexts)
+    s = replace(s, **over)
+    r = bench_engine(config, Path(getattr(args, "out", None) or "benchmarks/results"), s)
+    print(markdown(r))
+    return 0
+
+
+__all__ = ["PARTS", "Settings", "attention_variant", "bench_engine", "main_bench_engine", "markdown"]

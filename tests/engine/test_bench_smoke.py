@@ -1,0 +1,45 @@
+"""``dsv32 bench engine`` in its quickest mode on the tiny preset: every part runs and the files appear.
+
+No timing asserts: this checks the plumbing (engine, HF baseline, prefix cache, DSA toggle, outputs).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+
+pytest.importorskip("transformers")
+
+
+def test_bench_engine_quick_writes_results(tmp_path):
+    from dsv32.engine.bench import PARTS, Settings, bench_engine
+    from dsv32.presets import resolve_preset
+
+    r = bench_engine(resolve_preset("tiny"), tmp_path, Settings.quick_run())
+    data = json.loads((tmp_path / "bench_engine.json").read_text())
+    md = (tmp_path / "bench_engine.md").read_text()
+    assert data["benchmark"] == "engine"
+    for key in ("decode", "prefill", "concurrency", "prefix", "dsa", "targets", "machine", "settings"):
+        assert key in data, key
+    assert set(data["settings"]["parts"]) == set(PARTS)
+    assert {"engine_tok_s", "hf_tok_s", "ratio", "same_greedy_tokens"} <= set(data["decode"])
+    assert data["decode"]["same_greedy_tokens"] is True  # fp32 greedy: engine and HF agree
+    assert {"engine_ttft_s", "hf_ttft_s", "ratio"} <= set(data["prefill"])
+    assert [x["concurrency"] for x in data["concurrency"]["rows"]] == [1, 4, 16]
+    assert all("ratio_to_hf_batch1" in x for x in data["concurrency"]["rows"])
+    p = data["prefix"]
+    assert p["cold_cached_tokens"] == 0 and p["cached_tokens"] >= p["prompt_tokens"] - 16
+    rows = data["dsa"]["rows"]
+    assert len(rows) == 2 and all(x["context"] > data["dsa"]["variant"]["index_topk"] for x in rows)
+    assert rows[1]["prefill_cached_tokens"] > 0  # the longer context reused the shorter one
+    for x in rows:
+        assert {"dsa_step_ms", "dense_step_ms", "predicted_ratio", "fraction_of_predicted"} <= set(x)
+    assert len(data["targets"]) == 4 + len(rows)
+    assert all(t["met"] in (True, False) for t in data["targets"])
+    assert "Targets (issue 5)" in md and "≥ 60×" in md
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (tmp_path / "bench_engine.png").stat().st_size > 0
+    else:
+        assert "PNG skipped" in r["plot"]
