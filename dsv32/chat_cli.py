@@ -30,12 +30,10 @@ def run_chat(
     from dsv32.engine.core import EngineCore
     from dsv32.engine.outputs import OutputProcessor
     from dsv32.engine.sampling_params import SamplingParams
-    from dsv32.weights.default_model import ensure_default_model
+    from dsv32.weights.default_model import model_dir_or_default
     from dsv32.weights.loader import load_model
 
-    if model_dir is None:
-        print("note: using the built-in default model, which has RANDOM weights: its output is noise", file=sys.stderr)
-        model_dir = ensure_default_model()
+    model_dir = model_dir_or_default(model_dir)
     model = load_model(model_dir, dtype=torch.float32, progress=False)
     tokenizer = load_tokenizer(model_dir)
     family = family_for_model_dir(model_dir)
@@ -70,7 +68,9 @@ def run_chat(
             continue
         messages.append({"role": "user", "content": text})
         ids = encode_prompt(messages, thinking=thinking, family=family, tokenizer=tokenizer)
-        params = SamplingParams(max_tokens=min(max_tokens, engine.max_model_len - len(ids)), temperature=temperature)
+        params = SamplingParams(
+            max_tokens=min(max_tokens, engine.max_model_len - len(ids)), temperature=temperature
+        )
         rid = f"chat-{turn}"
         turn += 1
         engine.add_request(rid, ids, params)

@@ -39,16 +39,10 @@ def build_context(opts: ServeOptions) -> ServingContext:
     from dsv32.chat import family_for_model_dir, load_tokenizer
     from dsv32.engine.async_engine import AsyncEngine
     from dsv32.engine.core import EngineConfig, EngineCore
-    from dsv32.weights.default_model import ensure_default_model
+    from dsv32.weights.default_model import model_dir_or_default
     from dsv32.weights.loader import load_model
 
-    model_dir = opts.model
-    if model_dir is None:
-        print(
-            "note: serving the built-in default model, which has RANDOM weights: its output is noise",
-            file=sys.stderr,
-        )
-        model_dir = ensure_default_model()
+    model_dir = model_dir_or_default(opts.model)
     model = load_model(model_dir, dtype=getattr(torch, opts.dtype), device=opts.device, progress=True)
     tokenizer = load_tokenizer(model_dir)
     config = EngineConfig(

@@ -40,10 +40,10 @@ class LLM:
         engine_config: EngineConfig | None = None,
     ):
         from dsv32.chat.tokenizer import load_tokenizer
-        from dsv32.weights.default_model import ensure_default_model
+        from dsv32.weights.default_model import model_dir_or_default
         from dsv32.weights.loader import load_model
 
-        model_dir = Path(model) if model is not None else ensure_default_model()
+        model_dir = model_dir_or_default(model)
         self.model = load_model(model_dir, dtype=dtype, device=device, keep_fp8=keep_fp8, progress=False)
         self.tokenizer = load_tokenizer(model_dir)
         self.engine = EngineCore(self.model, engine_config, eos_id=self.tokenizer.eos_id)

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -106,6 +107,18 @@ def ensure_default_model(cache_dir: str | Path | None = None) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def model_dir_or_default(model_dir: str | Path | None) -> Path:
+    """``model_dir`` itself, or (when None) the embedded default model — saying plainly on stderr that its
+    weights are random, so its output is noise."""
+    if model_dir is not None:
+        return Path(model_dir)
+    print(
+        "note: using the built-in default model, which has RANDOM weights: its output is noise",
+        file=sys.stderr,
+    )
+    return ensure_default_model()
 
 
 def copy_default_tokenizer(model_dir: str | Path) -> None:
