@@ -64,6 +64,7 @@ class AsyncEngine:
     def __init__(self, core: EngineCore, tokenizer, max_waiting: int = 256):
         self.core = core
         self.tokenizer = tokenizer
+        core.attach_tokenizer(tokenizer)  # constrained decoding (response_format, strict tools)
         self.max_waiting = max_waiting
         self._commands: queue.Queue = queue.Queue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}

@@ -3,6 +3,8 @@
 One ``step()``: the scheduler picks this step's chunks, the runner computes them against the paged
 cache, the sampler draws one token for every request whose known tokens are now all in the cache, and
 finished requests (EOS, stop token, stop string, max_tokens, context full, abort) release their blocks.
+Constrained requests (``SamplingParams.guided``) get their grammar's token mask applied to their logits rows
+before the sampler and their matcher advanced after it; a step without one skips all of that.
 Knows nothing of threads or HTTP: ``AsyncEngine`` and ``LLM`` drive it.
 """
 
@@ -12,6 +14,7 @@ import itertools
 from dataclasses import dataclass, field
 
 from dsv32.engine.block_pool import BlockPool
+from dsv32.engine.grammar import GrammarCompiler, GrammarMasker, GuidedState
 from dsv32.engine.paged_cache import PagedKVCache
 from dsv32.engine.request import Request
 from dsv32.engine.runner import ModelRunner
@@ -55,6 +58,7 @@ class _Live:
     params: SamplingParams
     state: SamplingState
     stop_ids: set[int] = field(default_factory=set)
+    guided: GuidedState | None = None
 
 
 class EngineCore:
@@ -76,12 +80,23 @@ class EngineCore:
         self.scheduler = Scheduler(self.pool, cfg.max_num_seqs, cfg.max_num_batched_tokens)
         self.runner = ModelRunner(model, self.cache)
         self.sampler = Sampler()
+        self.grammar: GrammarCompiler | None = None  # set by attach_tokenizer
+        self._masker: GrammarMasker | None = None
         self.live: dict[str, _Live] = {}
         self._arrivals = itertools.count()
 
     @property
     def capacity_tokens(self) -> int:
         return self.pool.num_blocks * self.pool.block_size
+
+    def attach_tokenizer(self, tokenizer) -> None:
+        """Enable constrained decoding: the grammar compiler of this tokenizer over the model's vocabulary rows
+        (built once per tokenizer and shared). A model with fewer rows than the tokenizer has ids gets none."""
+        rows = self.model.config.vocab_size
+        if rows < tokenizer.vocab_size or self.grammar is not None:
+            return
+        self.grammar = GrammarCompiler.for_tokenizer(tokenizer, rows)
+        self._masker = GrammarMasker(self.grammar)
 
     # ---- requests ---------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
@@ -105,11 +120,19 @@ class EngineCore:
                 f"{n + room} tokens (model context {self.max_model_len}, cache {self.capacity_tokens})"
             )
         max_tokens = room if params.max_tokens is None else params.max_tokens
+        guided = None
+        if params.guided is not None:
+            if self.grammar is None:
+                raise EngineError(
+                    "constrained decoding needs the engine's tokenizer (EngineCore.attach_tokenizer)"
+                )
+            guided = self.grammar.new_state(params.guided)
         req = Request(request_id, list(prompt_ids), max_tokens, next(self._arrivals))
         stop_ids = set(params.stop_token_ids or [])
         if not params.ignore_eos and self.eos_id is not None:
             stop_ids.add(self.eos_id)
-        self.live[request_id] = _Live(req, params, SamplingState.create(params, req.prompt_ids), stop_ids)
+        state = SamplingState.create(params, req.prompt_ids)
+        self.live[request_id] = _Live(req, params, state, stop_ids, guided)
         self.scheduler.add(req)
 
     def abort(self, request_id: str) -> bool:
@@ -137,6 +160,11 @@ class EngineCore:
         logits = self.runner.execute(chunks)
         sampling = [c for c in chunks if c.samples]
         lives = [self.live[c.request.request_id] for c in sampling]
+        guided = [
+            (i, lv.guided) for i, lv in enumerate(lives) if lv.guided is not None and lv.guided.needs_mask
+        ]
+        if guided:
+            self._masker.apply(logits, [i for i, _ in guided], [g for _, g in guided])
         out = self.sampler(logits, [lv.state for lv in lives]) if lives else None
         results: list[TokenOutput] = []
         for i, lv in enumerate(lives):
@@ -154,8 +182,8 @@ class EngineCore:
                     )
                 lp = [{"logprob": float(out.logprobs[i]), "top": top}]
             reason = None
-            if tok in lv.stop_ids:
-                reason = "stop"
+            if tok in lv.stop_ids or (lv.guided is not None and lv.guided.advance(tok)):
+                reason = "stop"  # EOS / a stop token, or the constrained output is complete
             elif len(req.output_ids) >= req.max_tokens:
                 reason = "length"
             results.append(

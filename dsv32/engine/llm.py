@@ -47,6 +47,7 @@ class LLM:
         self.model = load_model(model_dir, dtype=dtype, device=device, keep_fp8=keep_fp8, progress=False)
         self.tokenizer = load_tokenizer(model_dir)
         self.engine = EngineCore(self.model, engine_config, eos_id=self.tokenizer.eos_id)
+        self.engine.attach_tokenizer(self.tokenizer)
 
     def generate(
         self,

@@ -36,6 +36,9 @@ class SamplingParams:
     string (it is not part of the returned text); ``stop_token_ids`` end it on those tokens even with
     ``ignore_eos``. ``logprobs`` returns the sampled token's log-probability and, with ``top_logprobs`` > 0,
     that many most likely alternatives (see ``Sampler`` for which distribution they describe).
+    ``guided`` constrains the output to a grammar (JSON mode, a JSON Schema, a Lark grammar, a regex; see
+    ``dsv32.engine.grammar``): only tokens the grammar allows are sampled, and the request ends when it is
+    complete.
     """
 
     max_tokens: int | None = None
@@ -55,6 +58,7 @@ class SamplingParams:
     logprobs: bool = False
     top_logprobs: int = 0
     skip_special_tokens: bool = True
+    guided: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         # Accept the API's spellings: one stop string, and JSON object keys ("123") for logit_bias.
@@ -125,6 +129,10 @@ class SamplingParams:
             )
         if self.top_logprobs > 0 and not self.logprobs:
             raise SamplingParamsError("top_logprobs", self.top_logprobs, "0 unless logprobs is true")
+        if self.guided is not None:
+            from dsv32.engine.grammar import check_guided  # llguidance only when a constraint is asked for
+
+            check_guided(self.guided)
 
 
 def _is_int(v: Any) -> bool:
