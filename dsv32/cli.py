@@ -243,7 +243,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--config", default=None, help="a preset or an HF config.json path (default: bench-small)")
     e.add_argument("--quick", action="store_true", help="a smoke run: tiny sizes, one round")
     e.add_argument("--parts", default=None, help="a subset of: decode,prefill,concurrency,prefix,dsa")
-    e.add_argument("--repeats", type=int, default=None, metavar="N", help="rounds (default 2)")
+    e.add_argument("--repeats", type=int, default=None, metavar="N", help="rounds (default 3)")
     e.add_argument("--decode", type=int, default=None, metavar="N", help="batch-1 decode tokens")
     e.add_argument("--concurrency", default=None, metavar="LIST", help="default 1,4,16,64")
     e.add_argument("--ttft-prompt", type=int, default=None, metavar="N", help="prefix-cache prompt")

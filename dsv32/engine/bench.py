@@ -26,6 +26,7 @@ extra; without it the plot is skipped with a note).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import gc
 import json
@@ -134,6 +135,18 @@ def _load_avg() -> list[float] | None:
         return [round(x, 2) for x in os.getloadavg()]
     except OSError:  # pragma: no cover - not on every platform
         return None
+
+
+@contextlib.contextmanager
+def _part(result: dict, name: str):
+    """Record a part's wall time and the load average around it (other processes skew 2-core timings)."""
+    t0, load0 = _now(), _load_avg()
+    yield
+    result.setdefault("part_timing", {})[name] = {
+        "wall_s": _now() - t0,
+        "load_avg_start": load0,
+        "load_avg_end": _load_avg(),
+    }
 
 
 # ---- HF transformers --------------------------------------------------------------------------
@@ -283,7 +296,7 @@ def _prefix(ours, cfg, s: Settings, gen: torch.Generator) -> dict:
     cold_cached = o.cached_tokens
     print(f"  cold TTFT {cold:.2f}s", flush=True)
     warm, cached = [], None
-    for r in range(max(2, s.repeats + 1)):
+    for r in range(max(2, 2 * s.repeats)):
         dt, o = _first_token(core, f"warm{r}", prompt, 1)
         _drain(core)
         warm.append(dt)
@@ -457,26 +470,31 @@ def bench_engine(config: dict, out_dir: Path, settings: Settings | None = None) 
 
                 hf = AutoModelForCausalLM.from_pretrained(tmp / "main", dtype=torch.float32).eval()
                 print("batch-1 decode and prefill (engine vs HF generate) ...", flush=True)
-                result.update(_decode_and_prefill(ours, hf, cfg, s, gen))
+                with _part(result, "decode+prefill"):
+                    result.update(_decode_and_prefill(ours, hf, cfg, s, gen))
                 del hf
                 gc.collect()
             if "concurrency" in s.parts:
                 print("aggregate decode at each concurrency ...", flush=True)
-                result["concurrency"] = _concurrency(ours, cfg, s, gen, result.get("hf_batch1_decode_tok_s"))
+                with _part(result, "concurrency"):
+                    hf_dec = result.get("hf_batch1_decode_tok_s")
+                    result["concurrency"] = _concurrency(ours, cfg, s, gen, hf_dec)
             if "prefix" in s.parts:
                 print(f"TTFT of a {s.ttft_prompt_tokens}-token prompt, cold and cached ...", flush=True)
-                result["prefix"] = _prefix(ours, cfg, s, gen)
+                with _part(result, "prefix"):
+                    result["prefix"] = _prefix(ours, cfg, s, gen)
             del ours
             gc.collect()
         if "dsa" in s.parts:
             print("decode step at long context, DSA vs dense (attention-dominated variant) ...", flush=True)
-            result["dsa"] = _dsa(config, tmp, s, gen)
+            with _part(result, "dsa"):
+                result["dsa"] = _dsa(config, tmp, s, gen)
     result["machine"]["load_avg_end"] = _load_avg()
     result["wall_s"] = _now() - t_start
     result["targets"] = _targets(result)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "bench_engine.json").write_text(json.dumps(result, indent=1))
     result["plot"] = _plot(result, out_dir / "bench_engine.png")
+    (out_dir / "bench_engine.json").write_text(json.dumps(result, indent=1))
     (out_dir / "bench_engine.md").write_text(markdown(result))
     return result
 
@@ -589,6 +607,23 @@ def _reference_lines(r: dict) -> list[str]:
     return out if len(out) > 2 else []
 
 
+def _timing_lines(r: dict) -> list[str]:
+    pt = r.get("part_timing")
+    if not pt:
+        return []
+    parts = "; ".join(
+        f"{k} {v['wall_s']:.0f} s (load {v['load_avg_start'][0] if v['load_avg_start'] else '?'} → "
+        f"{v['load_avg_end'][0] if v['load_avg_end'] else '?'})"
+        for k, v in pt.items()
+    )
+    return [
+        f"Parts: {parts}. On a 2-core machine with 2 torch threads any other runnable process stalls every "
+        "parallel op, so a part run under load (1-minute load average well above 0) can read several times "
+        "slower than on a quiet machine; the ratios compare figures from the same window.",
+        "",
+    ]
+
+
 def _met(x: bool | None) -> str:
     return "not run" if x is None else ("**met**" if x else "not met")
 
@@ -603,6 +638,7 @@ def markdown(r: dict) -> str:
         f"{r['wall_s'] / 60:.1f} min in all. Best of {s['repeats']} rounds unless said otherwise"
         + (" (**--quick smoke run: figures mean little**)." if s["quick"] else "."),
         "",
+        *_timing_lines(r),
         "## Targets (issue 5)",
         "",
         "| measurement | value | target | |",
