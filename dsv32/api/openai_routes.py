@@ -20,6 +20,7 @@ from dsv32.api.errors import bad_request, invalid_param
 from dsv32.api.generation import ChatRun, max_tokens_for, sampling_params_for, submit, with_keepalive
 from dsv32.api.schemas import ChatCompletionRequest, CompletionRequest
 from dsv32.api.service import MODE_LIMITS, ServingContext
+from dsv32.api.structured import guided_for_chat, with_guided, with_response_format_slot
 from dsv32.chat import encode_fim, encode_prompt
 from dsv32.chat.errors import ChatFormatError
 from dsv32.engine.outputs import RequestOutput
@@ -113,19 +114,17 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         raise bad_request("top_logprobs requires logprobs: true", "top_logprobs")
     if thinking and (body.logprobs or body.top_logprobs):
         raise bad_request("logprobs and top_logprobs are not supported in thinking mode", "logprobs")
-    if body.response_format is not None and body.response_format.type == "json_schema":
-        raise invalid_param("response_format type 'json_schema' is not supported yet", "response_format")
-    tool_choice = body.tool_choice
-    if isinstance(tool_choice, str) and tool_choice not in ("none", "auto", "required"):
-        raise invalid_param(
-            f"tool_choice must be none, auto, required or a function, got {tool_choice!r}", "tool_choice"
-        )
-    if tool_choice not in (None, "none", "auto"):
-        raise invalid_param("tool_choice 'required' and named functions are not supported yet", "tool_choice")
-    tools = body.tools if tool_choice != "none" else None
+    parallel = body.parallel_tool_calls is not False
+    guided = guided_for_chat(
+        family=ctx.family, tokenizer=ctx.tokenizer, response_format=body.response_format, tools=body.tools,
+        tool_choice=body.tool_choice, beta=beta, thinking=thinking, parallel=parallel,
+        reasoning_max_tokens=body.reasoning.max_tokens if body.reasoning else None,
+    )  # fmt: skip
+    tools = body.tools if body.tool_choice != "none" else None
+    messages = with_response_format_slot(body.messages, body.response_format, ctx.family)
     try:
         prompt_ids = encode_prompt(
-            body.messages, tools=tools, thinking=thinking, family=ctx.family, tokenizer=ctx.tokenizer
+            messages, tools=tools, thinking=thinking, family=ctx.family, tokenizer=ctx.tokenizer
         )
     except ChatFormatError as e:
         raise bad_request(str(e), e.field) from None
@@ -133,8 +132,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     params = sampling_params_for(
         body, max_tokens, thinking, logprobs=bool(body.logprobs), top_logprobs=body.top_logprobs or 0
     )
+    params = with_guided(params, guided)
     hide = bool(body.reasoning and body.reasoning.exclude)
-    run = ChatRun(ctx, tools, thinking, hide, parallel=body.parallel_tool_calls is not False)
+    run = ChatRun(ctx, tools, thinking, hide, parallel=parallel)
     rid = f"{uuid.uuid4()}"
     created = int(time.time())
     stream = await submit(ctx, prompt_ids, params, rid)
