@@ -106,7 +106,7 @@ class MLA(nn.Module):
         """The attention core over the latent entries -> per-head outputs [B, T, H, d_v]."""
         T, H, S = q_pos.shape[0], self.n_heads, c_kv.shape[1]
         if form == "auto":
-            form = "absorbed" if T == 1 else "naive"
+            form = self.cheaper_form(T, S)
         if form not in ("naive", "absorbed"):
             raise ValueError(f"unknown attention form {form!r}")
         w_kv_b = self.kv_b_proj.dense_weight(c_kv.dtype).view(H, self.d_nope + self.d_v, self.d_latent)
@@ -142,6 +142,19 @@ class MLA(nn.Module):
                 )
             outs.append(o)
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+
+    def cheaper_form(self, T: int, S: int) -> AttnForm:
+        """The form with fewer multiply-adds for T queries over S keys (both give the same result).
+
+        Naive expands every key through kv_b_proj (S·H·d_c·(d_n+d_v)) and then attends densely over all S
+        (a top-k selection is only a mask); absorbed pays per query (W_UK into q, W_UV on the output) and
+        attends over min(S, topk) gathered 2·d_c+d_r-wide entries. Prefill (T ≈ S) favours naive; decode
+        and short chunks against a long cache favour absorbed."""
+        H, dc, dn, dv, dr = self.n_heads, self.d_latent, self.d_nope, self.d_v, self.d_rope
+        s_sel = min(S, self.indexer.topk) if self.indexer is not None else S
+        naive = S * H * dc * (dn + dv) + T * S * H * (dn + dr + dv)
+        absorbed = T * H * dc * (dn + dv) + T * s_sel * H * (2 * dc + dr)
+        return "absorbed" if absorbed < naive else "naive"
 
     def forward(self, x: torch.Tensor, ctx: AttentionContext, layer_idx: int) -> torch.Tensor:
         """x [B, T, D] -> [B, T, D]. ``ctx`` stores the new latent entries and runs ``attend``."""
