@@ -76,6 +76,7 @@ class Settings:
     long_decode_steps: int = 8  # timed decode steps per context and mode
     long_prefill_chunk: int = 4096  # max_num_batched_tokens while filling the long contexts
     max_num_batched_tokens: int = 2048  # the engine's step budget (its default) for parts 1-4
+    quiet_wait_s: float = 120.0  # before each part, wait up to this long for other processes to go idle
     quick: bool = False
 
     @classmethod
@@ -84,7 +85,7 @@ class Settings:
         return cls(
             repeats=1, decode_tokens=4, prefill_tokens=64, concurrency=(1, 4, 16), concurrent_decode_tokens=3,
             ttft_prompt_tokens=256, long_contexts=None, long_decode_steps=2, long_prefill_chunk=512,
-            max_num_batched_tokens=256, quick=True,
+            max_num_batched_tokens=256, quiet_wait_s=0.0, quick=True,
         )  # fmt: skip
 
 
@@ -137,15 +138,48 @@ def _load_avg() -> list[float] | None:
         return None
 
 
+def _cpu_busy(interval: float = 1.0) -> float | None:
+    """Fraction of all CPUs busy over ``interval`` seconds (from /proc/stat; None where it is absent)."""
+
+    def read() -> tuple[int, int] | None:
+        try:
+            with open("/proc/stat") as f:
+                vals = [int(x) for x in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        return vals[3] + (vals[4] if len(vals) > 4 else 0), sum(vals)  # idle + iowait, total
+
+    a = read()
+    time.sleep(interval)
+    b = read()
+    if a is None or b is None or b[1] == a[1]:
+        return None
+    return 1.0 - (b[0] - a[0]) / (b[1] - a[1])
+
+
+def _wait_quiet(max_wait_s: float, busy_below: float = 0.15) -> dict:
+    """Wait (up to ``max_wait_s``) until other processes leave the CPUs nearly idle; says how it went."""
+    t0 = _now()
+    busy = None
+    while max_wait_s > 0:
+        busy = _cpu_busy()
+        if busy is None or busy < busy_below or _now() - t0 >= max_wait_s:
+            break
+    return {"waited_s": round(_now() - t0, 1), "cpu_busy_before": None if busy is None else round(busy, 2)}
+
+
 @contextlib.contextmanager
-def _part(result: dict, name: str):
-    """Record a part's wall time and the load average around it (other processes skew 2-core timings)."""
+def _part(result: dict, name: str, s: Settings):
+    """Wait for a quiet machine, then record the part's wall time and the load average around it: on 2 cores,
+    other processes' work skews timings badly."""
+    quiet = _wait_quiet(s.quiet_wait_s)
     t0, load0 = _now(), _load_avg()
     yield
     result.setdefault("part_timing", {})[name] = {
         "wall_s": _now() - t0,
         "load_avg_start": load0,
         "load_avg_end": _load_avg(),
+        **quiet,
     }
 
 
@@ -470,24 +504,24 @@ def bench_engine(config: dict, out_dir: Path, settings: Settings | None = None) 
 
                 hf = AutoModelForCausalLM.from_pretrained(tmp / "main", dtype=torch.float32).eval()
                 print("batch-1 decode and prefill (engine vs HF generate) ...", flush=True)
-                with _part(result, "decode+prefill"):
+                with _part(result, "decode+prefill", s):
                     result.update(_decode_and_prefill(ours, hf, cfg, s, gen))
                 del hf
                 gc.collect()
             if "concurrency" in s.parts:
                 print("aggregate decode at each concurrency ...", flush=True)
-                with _part(result, "concurrency"):
+                with _part(result, "concurrency", s):
                     hf_dec = result.get("hf_batch1_decode_tok_s")
                     result["concurrency"] = _concurrency(ours, cfg, s, gen, hf_dec)
             if "prefix" in s.parts:
                 print(f"TTFT of a {s.ttft_prompt_tokens}-token prompt, cold and cached ...", flush=True)
-                with _part(result, "prefix"):
+                with _part(result, "prefix", s):
                     result["prefix"] = _prefix(ours, cfg, s, gen)
             del ours
             gc.collect()
         if "dsa" in s.parts:
             print("decode step at long context, DSA vs dense (attention-dominated variant) ...", flush=True)
-            with _part(result, "dsa"):
+            with _part(result, "dsa", s):
                 result["dsa"] = _dsa(config, tmp, s, gen)
     result["machine"]["load_avg_end"] = _load_avg()
     result["wall_s"] = _now() - t_start
@@ -611,15 +645,17 @@ def _timing_lines(r: dict) -> list[str]:
     pt = r.get("part_timing")
     if not pt:
         return []
-    parts = "; ".join(
-        f"{k} {v['wall_s']:.0f} s (load {v['load_avg_start'][0] if v['load_avg_start'] else '?'} → "
-        f"{v['load_avg_end'][0] if v['load_avg_end'] else '?'})"
-        for k, v in pt.items()
-    )
+
+    def one(k: str, v: dict) -> str:
+        la0, la1 = (v[x][0] if v[x] else "?" for x in ("load_avg_start", "load_avg_end"))
+        busy = "?" if v.get("cpu_busy_before") is None else f"{100 * v['cpu_busy_before']:.0f}%"
+        return f"{k} {v['wall_s']:.0f} s (waited {v['waited_s']:.0f} s, CPUs then {busy} busy; load {la0} → {la1})"
+
     return [
-        f"Parts: {parts}. On a 2-core machine with 2 torch threads any other runnable process stalls every "
-        "parallel op, so a part run under load (1-minute load average well above 0) can read several times "
-        "slower than on a quiet machine; the ratios compare figures from the same window.",
+        f"Parts: {'; '.join(one(k, v) for k, v in pt.items())}. On a 2-core machine with 2 torch threads any "
+        "other runnable process stalls every parallel op, so a part run under load can read several times "
+        "slower than on a quiet machine: each part first waits (up to a limit) for the CPUs to go idle, and "
+        "each ratio compares figures from one window.",
         "",
     ]
 
