@@ -148,6 +148,10 @@ def main_bench(args: argparse.Namespace) -> int:
         from dsv32.engine.bench import main_bench_engine
 
         return main_bench_engine(args)
+    if args.what == "grammar":
+        from dsv32.engine.bench_grammar import main_bench_grammar
+
+        return main_bench_grammar(args)
     if args.what == "server":
         from dsv32.api.bench import bench_server
 
@@ -155,7 +159,9 @@ def main_bench(args: argparse.Namespace) -> int:
         print((Path(args.out) / "bench_server.md").read_text())
         return 0
     if args.what != "model":
-        raise SystemExit(f"error: unknown benchmark {args.what!r} (available: model, chat, engine, server)")
+        raise SystemExit(
+            f"error: unknown benchmark {args.what!r} (available: model, chat, engine, server, grammar)"
+        )
     config = resolve_preset(args.config or "bench-small")
     r = bench_model(config, args.prefill, args.decode, Path(args.out))
     print(_markdown(r))

@@ -250,6 +250,17 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--contexts", default=None, metavar="LIST", help="default 4096,16384,32768")
     e.add_argument("--out", type=Path, default=Path("benchmarks/results"), metavar="DIR")
     e.set_defaults(func=_bench)
+    g = bsub.add_parser(
+        "grammar", help="decode tok/s with and without a JSON Schema constraint; schema compile time"
+    )
+    g.add_argument(
+        "--model", type=Path, default=None, metavar="DIR", help="model directory (default: built-in)"
+    )
+    g.add_argument("--tokens", type=int, default=32, metavar="N", help="decode tokens per request")
+    g.add_argument("--batches", default="1,16", metavar="LIST", help="batch sizes (default 1,16)")
+    g.add_argument("--repeats", type=int, default=3, metavar="N", help="alternating rounds (default 3)")
+    g.add_argument("--out", type=Path, default=Path("benchmarks/results"), metavar="DIR")
+    g.set_defaults(func=_bench)
 
 
 def _bench(args: argparse.Namespace) -> int:

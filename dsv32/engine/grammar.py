@@ -2,8 +2,8 @@
 
 Built on ``llguidance`` (chosen over ``xgrammar`` by measurement, see the commit that added it): its lexer +
 Earley parser computes each step's allowed-token set on the fly, so compiling a schema takes well under a
-millisecond (a 200-property schema ~6 ms), a batch of masks is filled in parallel in ~2 ms, and a JSON Schema
-keyword it cannot enforce is refused by name instead of being ignored.
+millisecond (a 200-property schema ~6 ms), a mask takes ~15-30 us once its lexer states are built, and a JSON
+Schema keyword it cannot enforce is refused by name instead of being ignored.
 
 A constraint is plain data in ``SamplingParams.guided`` (builtins only, so it crosses thread/process
 boundaries)::
@@ -21,13 +21,13 @@ The pieces:
 - :func:`check_guided` validates a spec (structure, and the grammar compiles); errors are
   :class:`GuidedDecodingError` (a ``SamplingParamsError``: a 422 naming the unsupported feature).
 - :class:`GrammarCompiler` — one per tokenizer, built at engine start: the llguidance tokenizer over the model's
-  vocabulary rows (rows past the tokenizer's ids, and every control token, are never allowed as text), a
-  cache of compiled grammars by spec, and the thread pool that fills masks.
+  vocabulary rows (rows past the tokenizer's ids, and every control token, are never allowed as text) and a
+  cache of compiled grammars by spec.
 - :class:`GuidedState` — one per constrained request: the matcher, advanced with each sampled token; knows
   whether the constraint has started (thinking), whether it is complete (the request must end), and can roll
   back.
-- :class:`GrammarMasker` — per step, fills the bitmasks of the constrained rows of a batch in parallel and
-  applies them to those logits rows in one vectorised pass (free rows are untouched).
+- :class:`GrammarMasker` — per step, fills the bitmasks of the constrained rows of a batch and applies them to
+  those logits rows in one vectorised pass (free rows are untouched).
 - :func:`dsml_tool_grammar` — the V3.2 DSML tool-call block as a Lark grammar (chat-format.md §2.2): forced,
   optional after content, or forbidden; arguments of each tool constrained by its parameters schema.
 """
@@ -144,7 +144,7 @@ def _short(error: str) -> str:
 
 
 class GrammarCompiler:
-    """The llguidance tokenizer of one vocabulary, compiled grammars by spec, and the mask thread pool.
+    """The llguidance tokenizer of one vocabulary and its compiled grammars, by spec.
 
     ``tokenizer_json`` is the HF ``tokenizer.json`` text; ``vocab_rows`` the model's logits width (DeepSeek
     pads 128,815 ids to 129,280 rows: the extra rows are never allowed). Every added/control token
@@ -152,11 +152,10 @@ class GrammarCompiler:
     allowed exactly where the grammar may end.
     """
 
-    def __init__(self, tokenizer_json: str, vocab_rows: int, eos_id: int, threads: int | None = None):
+    def __init__(self, tokenizer_json: str, vocab_rows: int, eos_id: int):
         self.vocab_rows = vocab_rows
         self.eos_id = eos_id
         self.tokenizer = llguidance.LLTokenizer(tokenizer_json, n_vocab=vocab_rows, eos_token=eos_id)
-        self.executor = llguidance.LLExecutor(threads)
         self._templates: OrderedDict[str, llguidance.LLMatcher] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -306,13 +305,12 @@ class GrammarMasker:
         if self._mask.shape[0] < len(rows):
             self._mask = torch.empty(len(rows), self.words, dtype=torch.int32)
         mask = self._mask[: len(rows)]
-        active = [(st.matcher, i) for i, st in enumerate(states) if st.phase == "active"]
-        if active:
-            self.compiler.executor.unsafe_compute_mask_ptr(
-                active, mask.data_ptr(), self.words * 4, mask.shape[0]
-            )
         for i, st in enumerate(states):
-            if st.phase != "active":
+            if st.phase == "active":
+                # In this thread, one row after the other (the GIL is released): ~15 us a row here, while
+                # llguidance's thread pool keeps spinning after its work and slows the torch ops that follow.
+                st.matcher.unsafe_compute_mask_ptr(mask[i].data_ptr(), self.words * 4)
+            else:
                 tok = st.forced_token()
                 mask[i].zero_()
                 if tok is not None:

@@ -305,3 +305,15 @@ def test_engine_without_tokenizer_refuses_constraints():
     core = EngineCore(DeepseekForCausalLM(tiny_config()).eval(), eos_id=None)
     with pytest.raises(EngineError, match="tokenizer"):
         core.add_request("a", [1, 2], SamplingParams(max_tokens=2, guided={"json_object": True}))
+
+
+def test_bench_grammar_smoke(tmp_path):
+    from dsv32.engine.bench_grammar import bench_grammar
+
+    r = bench_grammar(tmp_path, tokens=2, batches=(1, 2), repeats=1)
+    assert [x["batch"] for x in r["decode"]] == [1, 2]
+    assert all(x["free_tok_s"] > 0 and x["constrained_tok_s"] > 0 for x in r["decode"])
+    assert [c["properties"] for c in r["compile"]] == [200, 1000]
+    assert (tmp_path / "bench_grammar.json").is_file() and "overhead" in (
+        tmp_path / "bench_grammar.md"
+    ).read_text()
