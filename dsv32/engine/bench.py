@@ -73,10 +73,11 @@ class Settings:
     concurrent_decode_tokens: int = 16  # decode steps timed at each concurrency
     ttft_prompt_tokens: int = 8192
     long_contexts: tuple[int, ...] | None = (4096, 16384, 32768)  # None: 2x and 4x index_topk
-    long_decode_steps: int = 8  # timed decode steps per context and mode
+    long_decode_steps: int = 12  # timed decode steps per context and mode
     long_prefill_chunk: int = 4096  # max_num_batched_tokens while filling the long contexts
     max_num_batched_tokens: int = 2048  # the engine's step budget (its default) for parts 1-4
-    quiet_wait_s: float = 120.0  # before each part, wait up to this long for other processes to go idle
+    quiet_wait_s: float = 60.0  # before each part, wait up to this long for other processes to go idle
+    quiet_wait_step_s: float = 30.0  # the same before each round / concurrency / context inside a part
     quick: bool = False
 
     @classmethod
@@ -85,7 +86,7 @@ class Settings:
         return cls(
             repeats=1, decode_tokens=4, prefill_tokens=64, concurrency=(1, 4, 16), concurrent_decode_tokens=3,
             ttft_prompt_tokens=256, long_contexts=None, long_decode_steps=2, long_prefill_chunk=512,
-            max_num_batched_tokens=256, quiet_wait_s=0.0, quick=True,
+            max_num_batched_tokens=256, quiet_wait_s=0.0, quiet_wait_step_s=0.0, quick=True,
         )  # fmt: skip
 
 
@@ -168,6 +169,12 @@ def _wait_quiet(max_wait_s: float, busy_below: float = 0.15) -> dict:
     return {"waited_s": round(_now() - t0, 1), "cpu_busy_before": None if busy is None else round(busy, 2)}
 
 
+def _settle(s: Settings, waits: list[float]) -> None:
+    """Inside a part: wait (up to ``quiet_wait_step_s``) for idle CPUs before the next timed stretch."""
+    if s.quiet_wait_step_s > 0:
+        waits.append(_wait_quiet(s.quiet_wait_step_s)["waited_s"])
+
+
 @contextlib.contextmanager
 def _part(result: dict, name: str, s: Settings):
     """Wait for a quiet machine, then record the part's wall time and the load average around it: on 2 cores,
@@ -221,7 +228,9 @@ def _decode_and_prefill(ours, hf, cfg, s: Settings, gen: torch.Generator) -> dic
     toks: dict[str, list[int]] = {}
     _hf_generate(hf, prompt, 3)  # warm-up (first calls pay one-off setup costs)
     _engine_decode(core, "warmup", prompt, 2)
+    waits: list[float] = []
     for r in range(s.repeats):
+        _settle(s, waits)
         if "decode" in parts or "concurrency" in parts:  # HF batch-1 decode is concurrency's baseline too
             dt, _ = _hf_generate(hf, prompt, 1)
             t["hf_1"].append(dt)
@@ -238,7 +247,7 @@ def _decode_and_prefill(ours, hf, cfg, s: Settings, gen: torch.Generator) -> dic
             _drain(core)
             t["eng_pre"].append(dt)
         print(f"  round {r}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in t.items() if v), flush=True)
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = {"waited_s_between_rounds": sum(waits)}
     n = s.decode_tokens
     if t["hf_n"]:
         hf_dec = n / max(min(t["hf_n"]) - min(t["hf_1"]), 1e-9)
@@ -286,7 +295,9 @@ def _concurrency(ours, cfg, s: Settings, gen: torch.Generator, hf_dec: float | N
     cmax = max(s.concurrency)
     core = _engine(ours, cmax * (s.prompt_tokens + n + 8), cmax, s.max_num_batched_tokens)
     rows = []
+    waits: list[float] = []
     for c in s.concurrency:
+        _settle(s, waits)
         best = None
         for r in range(s.repeats):
             ids = [f"c{c}-{r}-{i}" for i in range(c)]
@@ -315,6 +326,7 @@ def _concurrency(ours, cfg, s: Settings, gen: torch.Generator, hf_dec: float | N
         rows.append(best)
     core.pool.assert_no_leaks()
     return {"prompt_tokens": s.prompt_tokens, "decode_steps_timed": n, "hf_batch1_tok_s": hf_dec,
+            "waited_s_between_runs": sum(waits),
             "rows": rows, "target_16": TARGETS["concurrency_16"]}  # fmt: skip
 
 
@@ -325,11 +337,14 @@ def _prefix(ours, cfg, s: Settings, gen: torch.Generator) -> dict:
     n = s.ttft_prompt_tokens
     core = _engine(ours, 2 * (n + BLOCK_SIZE), 1, s.max_num_batched_tokens)
     prompt = _prompt(gen, cfg.vocab_size, n)
+    waits: list[float] = []
+    _settle(s, waits)
     cold, o = _first_token(core, "cold", prompt, 1)
     _drain(core)
     cold_cached = o.cached_tokens
     print(f"  cold TTFT {cold:.2f}s", flush=True)
     warm, cached = [], None
+    _settle(s, waits)
     for r in range(max(2, 2 * s.repeats)):
         dt, o = _first_token(core, f"warm{r}", prompt, 1)
         _drain(core)
@@ -340,7 +355,7 @@ def _prefix(ours, cfg, s: Settings, gen: torch.Generator) -> dict:
     return {
         "prompt_tokens": n, "cold_ttft_s": cold, "cold_cached_tokens": cold_cached,
         "cached_ttft_s": min(warm), "cached_tokens": cached, "ratio": cold / min(warm),
-        "target": TARGETS["prefix"], "cold_runs": 1, "cached_runs": len(warm),
+        "target": TARGETS["prefix"], "cold_runs": 1, "cached_runs": len(warm), "waited_s_between_runs": sum(waits),
     }  # fmt: skip
 
 
@@ -416,11 +431,12 @@ def _dsa(config: dict, tmp: Path, s: Settings, gen: torch.Generator) -> dict:
     elt = torch.empty((), dtype=model.dtype).element_size()
     core = _engine(model, sum(contexts) + len(contexts) * (2 * K + 2), 1, s.long_prefill_chunk)
     prompt = _prompt(gen, cfg.vocab_size, max(contexts))
-    rows = []
+    rows, waits = [], []
     try:
         for ctx in contexts:
             _set_topk(attns, DENSE_TOPK)
             prefill_s, o = _first_token(core, f"ctx{ctx}", prompt[:ctx], 2 * K + 1)
+            _settle(s, waits)
             times: dict[str, list[float]] = {"dsa": [], "dense": []}
             for i in range(K):  # alternate, and alternate which goes first
                 order = ("dsa", "dense") if i % 2 == 0 else ("dense", "dsa")
@@ -458,7 +474,7 @@ def _dsa(config: dict, tmp: Path, s: Settings, gen: torch.Generator) -> dict:
                                           "index_n_heads", "index_topk", "n_routed_experts",
                                           "num_experts_per_tok", "moe_intermediate_size", "vocab_size")},
         "weight_bytes_per_step": weights, "decode_steps_timed": K, "prefill_chunk": s.long_prefill_chunk,
-        "rows": rows, "target_fraction": TARGETS["dsa_fraction"],
+        "rows": rows, "target_fraction": TARGETS["dsa_fraction"], "waited_s_between_contexts": sum(waits),
     }  # fmt: skip
 
 
