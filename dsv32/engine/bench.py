@@ -55,6 +55,7 @@ TARGETS = {  # issue 5, "Benchmarks"
 # prefill; llama.cpp 34.2 tok/s batch-1, 349 tok/s prefill, 77.5 / 155 tok/s aggregate at 4 / 16 slots)
 README_HF = {"decode_tok_s": 3.8, "prefill_tok_s": 96.0}  # the HF figures the targets were set against
 README_BANDWIDTH = 35e9  # bytes/s, "~35 GB/s" for this machine kind
+LLAMA_CPP_TOK_S = {1: 34.2, 4: 77.5, 16: 155.0}  # README: aggregate decode tok/s by concurrent slots
 LLAMA_CPP_RATIO = {
     "decode": 34.2 / 3.8,
     "prefill": 349 / 96,
@@ -597,12 +598,19 @@ def _plot(r: dict, path: Path) -> str:
         hf = r.get("hf_batch1_decode_tok_s")
         if hf:
             ax.axhline(hf, color="gray", ls="--", label=f"HF generate batch-1 ({hf:.1f} tok/s)")
-            lx = sorted(LLAMA_CPP_RATIO["concurrency"])
-            ax.plot(lx, [LLAMA_CPP_RATIO["concurrency"][c] * hf for c in lx], "s:", color="tab:green",
-                    label="llama.cpp (README ratios x this run's HF)")  # fmt: skip
-            ax.plot([16], [TARGETS["concurrency_16"] * hf], "r*", ms=12, label="target at 16 (60x HF)")
+            ax.plot(
+                [16], [TARGETS["concurrency_16"] * hf], "r*", ms=12, label="target at 16 (60x this run's HF)"
+            )
+        if r.get("is_shared_bench_model"):
+            lx = sorted(LLAMA_CPP_TOK_S)
+            ax.plot(lx, [LLAMA_CPP_TOK_S[c] for c in lx], "s:", color="tab:green",
+                    label="llama.cpp (README, same machine kind, tok/s)")  # fmt: skip
+        b = r.get("bandwidth")
+        if b:
+            ax.plot([1, 16], [b["batch1_limit_tok_s"], b["limit_16_streams_tok_s"]], "kv", ms=7,
+                    label="weights at ~35 GB/s (limit)")  # fmt: skip
         ax.set_xscale("log", base=2)
-        ticks = sorted(set(xs) | (set(LLAMA_CPP_RATIO["concurrency"]) if hf else set()))
+        ticks = sorted(set(xs) | {1, 16})
         ax.set_xticks(ticks, [str(x) for x in ticks])
         ax.set_yscale("log")
         ax.set_xlabel("concurrent requests")
@@ -616,7 +624,7 @@ def _plot(r: dict, path: Path) -> str:
         ax.plot(xs, [x["dsa_step_ms"] for x in dsa], "o-", label="DSA (indexer top-k)")
         ax.plot(xs, [x["dense_step_ms"] for x in dsa], "s-", label="dense MLA (indexer off)")
         ax.set_xscale("log", base=2)
-        ax.set_xticks(xs, [f"{x // 1024}K" if x >= 1024 else str(x) for x in xs])
+        ax.set_xticks(xs, [f"{round(x / 1024)}K" if x >= 1024 else str(x) for x in xs])
         ax.set_xlabel("context tokens")
         ax.set_ylabel("decode step ms")
         ax.set_title("Long-context decode step (attention variant)")
