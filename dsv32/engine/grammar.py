@@ -295,6 +295,8 @@ class GrammarMasker:
         self.words = (compiler.vocab_rows + 31) // 32
         self._mask = torch.empty(0, self.words, dtype=torch.int32)
         self._table = _byte_table()
+        self._bytes = torch.empty(0, dtype=torch.int32)  # the mask's bytes as table indices
+        self._add = torch.empty(0, 8)  # kept between steps: faulting in fresh MBs each step costs more
 
     @torch.inference_mode()  # the runner's logits are inference tensors
     def apply(self, logits: Tensor, rows: list[int], states: list[GuidedState]) -> None:
@@ -317,15 +319,20 @@ class GrammarMasker:
                     bit = 1 << (tok % 32)
                     mask[i, tok // 32] = bit - (1 << 32) if bit >= 1 << 31 else bit
         width = min(vocab, self.words * 32)
-        add = torch.nn.functional.embedding(mask.view(torch.uint8).int(), self._table).view(len(rows), -1)
+        nbytes = len(rows) * self.words * 4
+        if self._bytes.numel() < nbytes:
+            self._bytes = torch.empty(nbytes, dtype=torch.int32)
+            self._add = torch.empty(nbytes, 8)
+        byte_index = self._bytes[:nbytes].copy_(mask.view(torch.uint8).view(-1))
+        add = torch.index_select(self._table, 0, byte_index, out=self._add[:nbytes]).view(len(rows), -1)
         add = add[:, :width].to(logits.device)
         if len(rows) == n and width == vocab:
             logits.add_(add)
-        else:
-            index = torch.tensor(rows, device=logits.device)
-            if width < vocab:
-                logits[index, width:] = float("-inf")
-            logits[index, :width] += add
+        else:  # row by row, in place (no gathered copies of the rows)
+            for i, r in enumerate(rows):
+                logits[r, :width].add_(add[i])
+                if width < vocab:
+                    logits[r, width:] = float("-inf")
 
 
 # ---- DSML tool calls (V3.2, chat-format.md §2.2) ------------------------------------------------------------
