@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from dsv32.api.errors import bad_request
 from dsv32.api.generation import ChatRun, max_tokens_for, sampling_params_for, submit, with_keepalive
 from dsv32.api.service import MODE_LIMITS, REASONER_MODEL, ServingContext
+from dsv32.api.structured import guided_for_chat, with_guided
 from dsv32.chat import encode_prompt
 from dsv32.chat.errors import ChatFormatError
 from dsv32.engine.outputs import RequestOutput
@@ -175,10 +176,6 @@ def _prompt(req, ctx: ServingContext) -> tuple[list[int], list[dict[str, Any]] |
     kind = choice.get("type", "auto") if isinstance(choice, dict) else None
     if kind not in ("auto", "any", "tool", "none"):
         raise bad_request("tool_choice.type must be auto, any, tool or none", "tool_choice")
-    if kind in ("any", "tool"):
-        raise bad_request(
-            f"tool_choice type {kind!r} is not supported yet (needs constrained decoding)", "tool_choice"
-        )
     if kind == "none":
         tools = None
     try:
@@ -192,6 +189,19 @@ def _prompt(req, ctx: ServingContext) -> tuple[list[int], list[dict[str, Any]] |
     except ChatFormatError as e:
         raise bad_request(str(e), e.field) from None
     return ids, tools, thinking
+
+
+def _forced_tool_use(req, ctx: ServingContext, tools, thinking: bool) -> dict[str, Any] | None:
+    """tool_choice any / tool -> the grammar that forces a tool_use (of that tool) with valid input."""
+    choice = req.tool_choice if isinstance(req.tool_choice, dict) else {}
+    kind = choice.get("type", "auto")
+    if kind not in ("any", "tool"):
+        return None
+    forced = "required" if kind == "any" else {"type": "function", "function": {"name": choice.get("name")}}
+    return guided_for_chat(
+        family=ctx.family, tokenizer=ctx.tokenizer, response_format=None, tools=tools, tool_choice=forced,
+        beta=False, thinking=thinking, parallel=not choice.get("disable_parallel_tool_use", False),
+    )  # fmt: skip
 
 
 # ---- routes --------------------------------------------------------------------------------------------
@@ -240,6 +250,7 @@ async def messages(body: MessagesRequest, request: Request):
         ignore_eos=None,
     )
     params = sampling_params_for(fields, max_tokens, thinking, logprobs=False, top_logprobs=0)
+    params = with_guided(params, _forced_tool_use(body, ctx, tools, thinking))
     run = ChatRun(ctx, tools, thinking, hide_reasoning=False)
     msg_id = f"msg_{uuid.uuid4().hex[:24]}"
     stream = await submit(ctx, ids, params, msg_id)

@@ -278,3 +278,25 @@ def test_strict_is_only_enforced_on_beta(engine_server):
     body = {"model": "deepseek-chat", "messages": TOOL_MSGS, "max_tokens": 2, "tools": [bad_strict]}
     assert httpx.post(engine_server.url + "/chat/completions", json=body, timeout=60).status_code == 200
     assert httpx.post(engine_server.url + "/beta/chat/completions", json=body, timeout=60).status_code == 422
+
+
+def test_anthropic_forced_tool_use_has_valid_input(engine_server):
+    import anthropic
+
+    client = anthropic.AsyncAnthropic(base_url=engine_server.url + "/anthropic", api_key="x")
+    tools = [{"name": t["function"]["name"], "description": "a tool", "input_schema": t["function"]["parameters"]}
+             for t in (WEATHER, CONVERT)]  # fmt: skip
+
+    async def run():
+        reqs = [client.messages.create(model="deepseek-chat", max_tokens=160, messages=TOOL_MSGS, tools=tools,
+                                       tool_choice={"type": "tool", "name": "convert"}) for _ in range(3)]  # fmt: skip
+        reqs += [client.messages.create(model="deepseek-chat", max_tokens=160, messages=TOOL_MSGS, tools=tools,
+                                        tool_choice={"type": "any", "disable_parallel_tool_use": True})]  # fmt: skip
+        return await asyncio.gather(*reqs)
+
+    outs = asyncio.run(run())
+    for i, msg in enumerate(outs):
+        assert msg.stop_reason == "tool_use"
+        uses = [b for b in msg.content if b.type == "tool_use"]
+        assert len(uses) == 1 and (i == 3 or uses[0].name == "convert")
+        jsonschema.validate(uses[0].input, SCHEMA_OF[uses[0].name])
