@@ -197,7 +197,7 @@ def bench_grammar(
 def _library_version() -> str:
     import llguidance
 
-    return f"llguidance {llguidance.get_version()}" if hasattr(llguidance, "get_version") else "llguidance"
+    return llguidance.get_version() if hasattr(llguidance, "get_version") else "llguidance"
 
 
 def _markdown(r: dict) -> str:
