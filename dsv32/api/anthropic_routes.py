@@ -156,6 +156,8 @@ def to_openai_tools(tools: list[dict[str, Any]] | None) -> list[dict[str, Any]] 
         if t.get("description"):
             fn["description"] = t["description"]
         fn["parameters"] = t.get("input_schema") or {"type": "object", "properties": {}}
+        if t.get("strict") is True:  # Anthropic's strict tool use: input guaranteed valid
+            fn["strict"] = True
         out.append({"type": "function", "function": fn})
     return out
 
@@ -192,15 +194,23 @@ def _prompt(req, ctx: ServingContext) -> tuple[list[int], list[dict[str, Any]] |
 
 
 def _forced_tool_use(req, ctx: ServingContext, tools, thinking: bool) -> dict[str, Any] | None:
-    """tool_choice any / tool -> the grammar that forces a tool_use (of that tool) with valid input."""
+    """tool_choice any / tool -> the grammar that forces a tool_use (of that tool) with valid input; with
+    ``strict: true`` tools and auto, a tool_use the model chooses to write has valid input."""
     choice = req.tool_choice if isinstance(req.tool_choice, dict) else {}
     kind = choice.get("type", "auto")
-    if kind not in ("any", "tool"):
+    strict = any(t["function"].get("strict") for t in tools or [])
+    if kind in ("any", "tool"):
+        forced: Any = (
+            "required" if kind == "any" else {"type": "function", "function": {"name": choice.get("name")}}
+        )
+    elif kind == "auto" and strict:
+        forced = "auto"
+    else:
         return None
-    forced = "required" if kind == "any" else {"type": "function", "function": {"name": choice.get("name")}}
+    # Anthropic has no /beta base URL: strict flags are honoured on this route as given
     return guided_for_chat(
         family=ctx.family, tokenizer=ctx.tokenizer, response_format=None, tools=tools, tool_choice=forced,
-        beta=False, thinking=thinking, parallel=not choice.get("disable_parallel_tool_use", False),
+        beta=True, thinking=thinking, parallel=not choice.get("disable_parallel_tool_use", False),
     )  # fmt: skip
 
 

@@ -300,3 +300,23 @@ def test_anthropic_forced_tool_use_has_valid_input(engine_server):
         uses = [b for b in msg.content if b.type == "tool_use"]
         assert len(uses) == 1 and (i == 3 or uses[0].name == "convert")
         jsonschema.validate(uses[0].input, SCHEMA_OF[uses[0].name])
+
+
+def test_anthropic_strict_tools_are_enforced(engine_server):
+    import anthropic
+
+    client = anthropic.Anthropic(base_url=engine_server.url + "/anthropic", api_key="x", max_retries=0)
+    bad = {"name": "f", "strict": True, "input_schema": obj({"xs": {"type": "array", "uniqueItems": True}})}
+    with pytest.raises(anthropic.BadRequestError, match="uniqueItems"):
+        client.messages.create(model="deepseek-chat", max_tokens=4, messages=TOOL_MSGS, tools=[bad])
+    tool = {"name": "convert", "strict": True, "input_schema": CONVERT["function"]["parameters"]}
+    msg = client.messages.create(model="deepseek-chat", max_tokens=160, messages=TOOL_MSGS, tools=[tool],
+                                 tool_choice={"type": "any"})  # fmt: skip
+    uses = [b for b in msg.content if b.type == "tool_use"]
+    assert msg.stop_reason == "tool_use" and uses
+    for u in uses:
+        jsonschema.validate(u.input, CONVERT["function"]["parameters"])
+    # auto with a strict tool: a free answer is allowed, any tool_use it writes is valid
+    msg = client.messages.create(model="deepseek-chat", max_tokens=12, messages=TOOL_MSGS, tools=[tool])
+    for u in (b for b in msg.content if b.type == "tool_use"):
+        jsonschema.validate(u.input, CONVERT["function"]["parameters"])
