@@ -1,7 +1,8 @@
 """Single-sequence raw completion on the model's own latent cache (the engine does batching).
 
 Prefill runs the prompt in the naive MLA form, then each new token is decoded in the absorbed form
-against the cache; sampling is greedy at temperature 0, otherwise temperature + nucleus (top_p).
+against the cache; tokens are drawn by the engine's sampler (greedy at temperature 0, otherwise
+temperature + nucleus top_p, reproducible with a seed).
 """
 
 from __future__ import annotations
@@ -10,21 +11,9 @@ from collections.abc import Iterator
 
 import torch
 
+from dsv32.engine.sampler import Sampler, SamplingState
+from dsv32.engine.sampling_params import SamplingParams
 from dsv32.model.transformer import DeepseekForCausalLM
-
-
-def sample_next(
-    logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None
-) -> int:
-    """One token id from logits [vocab]."""
-    if temperature <= 0:
-        return int(logits.argmax())
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_p, order = probs.sort(descending=True)
-        keep = sorted_p.cumsum(0) - sorted_p < top_p  # always keeps the most likely token
-        probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
-    return int(torch.multinomial(probs, 1, generator=generator))
 
 
 @torch.inference_mode()
@@ -40,23 +29,21 @@ def generate(
     """Yield up to ``max_new_tokens`` new token ids, stopping after ``eos_id``."""
     if not prompt_ids:
         raise ValueError("prompt must hold at least one token")
-    if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    params = SamplingParams(temperature=temperature, top_p=top_p, seed=seed)  # range errors name the field
     limit = model.config.max_position_embeddings
     total = len(prompt_ids) + max_new_tokens
     if total > limit:
         raise ValueError(
             f"prompt ({len(prompt_ids)}) + max_new_tokens ({max_new_tokens}) exceeds the context {limit}"
         )
-    generator = None
-    if seed is not None:
-        generator = torch.Generator(device=model.device).manual_seed(seed)
+    sampler, state = Sampler(), SamplingState.create(params, prompt_ids)
     cache = model.new_cache(1, total)
     ids = torch.tensor([prompt_ids], device=model.device)
     logits = model(ids, 0, cache)[0, -1]
     pos = len(prompt_ids)
     for _ in range(max_new_tokens):
-        tok = sample_next(logits, temperature, top_p, generator)
+        tok = int(sampler(logits[None].float(), [state]).token_ids[0])
+        state.output_ids.append(tok)
         yield tok
         if eos_id is not None and tok == eos_id:
             return
