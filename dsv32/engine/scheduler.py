@@ -82,8 +82,7 @@ class Scheduler:
             i += 1
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
-            if req.num_cached_prompt is None or not req.block_table:
-                self._take_prefix_hits(req)
+            self._take_prefix_hits(req)  # a waiting request holds no blocks (new, preempted or refused)
             n = min(req.num_tokens - req.num_computed, budget)
             if not self._ensure_blocks(req, req.num_computed + n):
                 self._release(req)  # give back prefix hits; try again next step
