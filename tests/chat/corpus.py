@@ -169,3 +169,12 @@ CORPUS: list[tuple[str, list[dict[str, Any]], list[dict[str, Any]] | None]] = [
     ),
     ("prefix_chinese", [user("写一首诗"), bot("春眠不觉晓，", prefix=True)], None),
 ]
+
+
+# The V3.2 model card's example (chat-format.md §6): its prompt text and token ids.
+MODEL_CARD_TEXT = (
+    "<｜begin▁of▁sentence｜><｜User｜>hello<｜Assistant｜></think>Hello! I am DeepSeek.<｜end▁of▁sentence｜>"
+    "<｜User｜>1+1=?<｜Assistant｜><think>"
+)
+MODEL_CARD_IDS = [0, 128803, 33310, 128804, 128799, 19923, 3, 342, 1030, 22651, 4374, 1465, 16, 1, 128803,
+                  19, 13, 19, 127252, 128804, 128798]  # fmt: skip

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from dsv32.chat import ChatFormatError, encode_prompt, load_tokenizer, render_prompt
-from tests.chat.corpus import CORPUS
+from tests.chat.corpus import CORPUS, MODEL_CARD_IDS, MODEL_CARD_TEXT
 
 FIXTURES = Path(__file__).parent / "fixtures"
 BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
@@ -130,29 +130,8 @@ def test_model_card_example_ids() -> None:
         {"role": "assistant", "content": "Hello! I am DeepSeek.", "reasoning_content": "thinking..."},
         {"role": "user", "content": "1+1=?"},
     ]
-    text = f"{BOS}<｜User｜>hello<｜Assistant｜></think>Hello! I am DeepSeek.{EOS}<｜User｜>1+1=?<｜Assistant｜><think>"
-    assert render_prompt(msgs, thinking=True) == text
-    head = [
-        0,
-        128803,
-        33310,
-        128804,
-        128799,
-        19923,
-        3,
-        342,
-        1030,
-        22651,
-        4374,
-        1465,
-        16,
-        1,
-        128803,
-        19,
-        13,
-        19,
-    ]
-    assert encode_prompt(msgs, thinking=True) == [*head, 127252, 128804, 128798]
+    assert render_prompt(msgs, thinking=True) == MODEL_CARD_TEXT
+    assert encode_prompt(msgs, thinking=True) == MODEL_CARD_IDS
 
 
 @pytest.mark.parametrize("family", ["v3.2", "v3.1", "v3"])

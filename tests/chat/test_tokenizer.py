@@ -12,6 +12,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import models, pre_tokenizers
 
 from dsv32.chat.tokenizer import Tokenizer, default_tokenizer_dir, default_tokenizer_json, load_tokenizer
+from tests.chat.corpus import MODEL_CARD_IDS, MODEL_CARD_TEXT
 
 BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
 
@@ -56,31 +57,7 @@ def test_user_text_never_becomes_control_tokens(tok: Tokenizer) -> None:
 
 def test_v32_model_card_token_ids(tok: Tokenizer) -> None:
     # chat-format.md §6: the V3.2 README example, encoded with control-token matching
-    text = (
-        "<｜begin▁of▁sentence｜><｜User｜>hello<｜Assistant｜></think>Hello! I am DeepSeek.<｜end▁of▁sentence｜>"
-        "<｜User｜>1+1=?<｜Assistant｜><think>"
-    )
-    expected = [
-        0,
-        128803,
-        33310,
-        128804,
-        128799,
-        19923,
-        3,
-        342,
-        1030,
-        22651,
-        4374,
-        1465,
-        16,
-        1,
-        128803,
-        19,
-        13,
-        19,
-    ]
-    assert tok.encode(text, allow_special=True) == [*expected, 127252, 128804, 128798]
+    assert tok.encode(MODEL_CARD_TEXT, allow_special=True) == MODEL_CARD_IDS
     assert tok.encode("<｜DSML｜function_calls>") == [30, 28217, 10525, 7398, 28217, 8701, 4941, 12548, 32]
 
 

@@ -14,6 +14,7 @@ import sys
 import pytest
 
 from dsv32.config import ModelConfig
+from tests.test_config import DEEPSEEK_STYLE
 
 RUNNER = r"""
 import json, resource, sys, torch, dsv32
@@ -42,26 +43,9 @@ print(json.dumps(out))
 
 
 def release_like_config() -> ModelConfig:
-    raw = {
-        "architectures": ["DeepseekV32ForCausalLM"],
-        "model_type": "deepseek_v32",
-        "num_hidden_layers": 2,
-        "first_k_dense_replace": 1,
-        "num_nextn_predict_layers": 1,
-        "n_routed_experts": 8,
-        "n_group": 4,
-        "topk_group": 2,
-        "num_experts_per_tok": 4,
-        "rope_theta": 10000,
-        "rope_scaling": {
-            "type": "yarn", "factor": 40, "original_max_position_embeddings": 4096,
-            "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0,
-        },
-        "quantization_config": {
-            "quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-            "weight_block_size": [128, 128], "scale_fmt": "ue8m0",
-        },
-    }  # fmt: skip
+    """The 671B V3.2 config.json (DeepSeek's spelling, FP8 ue8m0), cut to 2 layers + MTP and 8 experts."""
+    raw = {**DEEPSEEK_STYLE, "num_hidden_layers": 2, "first_k_dense_replace": 1, "num_nextn_predict_layers": 1,
+           "n_routed_experts": 8, "n_group": 4, "topk_group": 2, "num_experts_per_tok": 4}  # fmt: skip
     return ModelConfig.from_dict(raw)
 
 
