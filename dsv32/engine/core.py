@@ -36,6 +36,8 @@ class EngineConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None  # None: the model's max_position_embeddings
+    # CPU: keep a oneDNN-layout copy of every matmul weight (2-4x faster matmuls; costs their size again)
+    prepack_weights: bool = True
 
 
 @dataclass
@@ -79,6 +81,7 @@ class EngineCore:
         self.cache = PagedKVCache(mcfg, num_blocks, cfg.block_size, n_layers, model.dtype, model.device)
         self.scheduler = Scheduler(self.pool, cfg.max_num_seqs, cfg.max_num_batched_tokens)
         self.runner = ModelRunner(model, self.cache)
+        self.packed_weight_bytes = model.prepack_cpu_weights() if cfg.prepack_weights else 0
         self.sampler = Sampler()
         self.grammar: GrammarCompiler | None = None  # set by attach_tokenizer
         self._masker: GrammarMasker | None = None

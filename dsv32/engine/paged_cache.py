@@ -53,6 +53,20 @@ class PagedKVCache:
     def gather(
         self, layer: int, slots: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Entries at ``slots`` [S] -> c_kv [S, d_c], k_pe [S, d_r], k_index [S, d_I] (copies)."""
-        k_index = self.k_index[layer].index_select(0, slots) if self.k_index is not None else None
-        return self.c_kv[layer].index_select(0, slots), self.k_pe[layer].index_select(0, slots), k_index
+        """Entries at ``slots`` [...] -> c_kv [..., d_c], k_pe [..., d_r], k_index [..., d_I] (copies)."""
+        k_index = self.gather_index_keys(layer, slots) if self.k_index is not None else None
+        return self._take(self.c_kv[layer], slots), self._take(self.k_pe[layer], slots), k_index
+
+    def gather_latent(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """c_kv [..., d_c] and k_pe [..., d_r] at ``slots`` [...] (what attention reads)."""
+        return self._take(self.c_kv[layer], slots), self._take(self.k_pe[layer], slots)
+
+    def gather_index_keys(self, layer: int, slots: torch.Tensor) -> torch.Tensor:
+        """Indexer keys [..., d_I] at ``slots`` [...] (what the DSA indexer scores)."""
+        if self.k_index is None:
+            raise ValueError("this cache holds no indexer keys (the model has no DSA indexer)")
+        return self._take(self.k_index[layer], slots)
+
+    @staticmethod
+    def _take(table: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        return table.index_select(0, slots.reshape(-1)).view(*slots.shape, table.shape[-1])

@@ -68,6 +68,21 @@ class Indexer(nn.Module):
         q, w = self.query(x, c_q, cos, sin)
         return select_topk(index_scores(q, w, k_index), q_pos, self.topk)
 
+    def select_per_query(
+        self,
+        x: torch.Tensor,  # [1, T, D] T queries, each of its own sequence
+        c_q: torch.Tensor,  # [1, T, q_lora_rank]
+        cos: torch.Tensor,  # [T, d_r/2]
+        sin: torch.Tensor,
+        k_index: torch.Tensor,  # [T, S, d_I] each query's visible keys (padded to S)
+        visible: torch.Tensor,  # [T, S] False: padding
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k for queries of different sequences (a batch of decodes) -> idx [T, k'], valid [T, k']."""
+        q, w = self.query(x, c_q, cos, sin)  # [1, T, H_I, d_I], [1, T, H_I]
+        qk = torch.bmm(q[0].float(), k_index.float().transpose(1, 2)).relu_()  # [T, H_I, S]
+        scores = torch.bmm(w[0, :, None, :], qk)[:, 0]  # [T, S]
+        return select_topk_visible(scores, visible, self.topk)
+
 
 def index_scores(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """I(t, s) = Σ_j w[t, j] · ReLU(q[t, j] · k[s]) in fp32.
@@ -88,7 +103,15 @@ def select_topk(scores: torch.Tensor, q_pos: torch.Tensor, k: int) -> tuple[torc
     """
     S = scores.shape[-1]
     visible = torch.arange(S, device=scores.device)[None, :] <= q_pos[:, None]  # [T, S]
+    idx, _ = select_topk_visible(scores, visible, k)
+    return idx, idx <= q_pos[None, :, None]
+
+
+def select_topk_visible(
+    scores: torch.Tensor, visible: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k among the visible keys: scores [..., S], visible broadcastable to it -> idx [..., k'] and
+    valid [..., k'] (k' = min(k, S); False where fewer than k' keys are visible)."""
     scores = scores.masked_fill(~visible, float("-inf"))
-    idx = scores.topk(min(k, S), dim=-1).indices
-    valid = idx <= q_pos[None, :, None]
-    return idx, valid
+    top = scores.topk(min(k, scores.shape[-1]), dim=-1)
+    return top.indices, top.values > float("-inf")

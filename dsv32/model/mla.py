@@ -22,7 +22,12 @@ from dsv32.model.indexer import Indexer
 from dsv32.model.kv_cache import KVCache
 from dsv32.model.layers import Linear, RMSNorm
 from dsv32.model.rope import apply_rope_half, apply_rope_interleaved
-from dsv32.model.sparse_attn import attention_absorbed, attention_naive, expand_latent
+from dsv32.model.sparse_attn import (
+    attention_absorbed,
+    attention_absorbed_selected,
+    attention_naive,
+    expand_latent,
+)
 
 AttnForm = Literal["auto", "naive", "absorbed"]
 
@@ -142,6 +147,24 @@ class MLA(nn.Module):
                 )
             outs.append(o)
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+
+    def attend_gathered(
+        self,
+        inp: MLAInputs,  # T queries [1, T, ...], each of its own sequence
+        c_kv: torch.Tensor,  # [T, k, d_c] the entries each query attends to (its DSA selection, or all)
+        k_pe: torch.Tensor,  # [T, k, d_r]
+        valid: torch.Tensor,  # [T, k] False: padding
+    ) -> torch.Tensor:
+        """Absorbed attention of single-query rows of different sequences (a batch of decodes), each over
+        its own gathered latent entries -> [1, T, H, d_v]. The caller selects (``Indexer.select_per_query``)
+        and gathers, so only the selected entries are ever read."""
+        H = self.n_heads
+        w_kv_b = self.kv_b_proj.dense_weight(c_kv.dtype).view(H, self.d_nope + self.d_v, self.d_latent)
+        w_uk, w_uv = w_kv_b[:, : self.d_nope], w_kv_b[:, self.d_nope :]
+        q_lat = torch.einsum("bthn,hnc->bthc", inp.q_nope, w_uk)
+        return attention_absorbed_selected(
+            q_lat, inp.q_pe, c_kv[None], k_pe[None], w_uv, self.scale, valid[None]
+        )
 
     def cheaper_form(self, T: int, S: int) -> AttnForm:
         """The form with fewer multiply-adds for T queries over S keys (both give the same result).

@@ -81,10 +81,29 @@ def attention_absorbed(
         flat = topk_idx.reshape(B, T * k)
         c_sel = torch.gather(c_kv, 1, flat[..., None].expand(-1, -1, c_kv.shape[-1])).view(B, T, k, -1)
         pe_sel = torch.gather(k_pe, 1, flat[..., None].expand(-1, -1, k_pe.shape[-1])).view(B, T, k, -1)
-        scores = torch.einsum("bthc,btkc->bthk", q_lat, c_sel) + torch.einsum("bthr,btkr->bthk", q_pe, pe_sel)
-        scores = scores * scale
-        if topk_valid is not None:
-            scores = scores.masked_fill(~topk_valid[:, :, None, :], float("-inf"))
-        p = torch.softmax(scores.float(), dim=-1).to(q_lat.dtype)
-        o_lat = torch.einsum("bthk,btkc->bthc", p, c_sel)
+        return attention_absorbed_selected(q_lat, q_pe, c_sel, pe_sel, w_uv, scale, topk_valid)
+    return torch.einsum("bthc,hvc->bthv", o_lat, w_uv)
+
+
+def attention_absorbed_selected(
+    q_lat: torch.Tensor,  # [B, T, H, d_c] absorbed queries (q_nope · W_UK)
+    q_pe: torch.Tensor,  # [B, T, H, d_r]
+    c_sel: torch.Tensor,  # [B, T, k, d_c] the latent entries each query attends to
+    pe_sel: torch.Tensor,  # [B, T, k, d_r]
+    w_uv: torch.Tensor,  # [H, d_v, d_c]
+    scale: float,
+    valid: torch.Tensor | None = None,  # [B, T, k] False: padding, never attended
+) -> torch.Tensor:
+    """Absorbed attention of each query over its own k gathered entries -> [B, T, H, d_v]."""
+    B, T, H, d_c = q_lat.shape
+    k = c_sel.shape[2]
+    # one batched matmul per (sequence, query): [H, d_c] x [d_c, k]
+    c_sel_bt = c_sel.reshape(B * T, k, d_c)
+    scores = torch.bmm(q_lat.reshape(B * T, H, d_c), c_sel_bt.transpose(1, 2))
+    scores = scores.baddbmm_(q_pe.reshape(B * T, H, -1), pe_sel.reshape(B * T, k, -1).transpose(1, 2))
+    scores = scores.mul_(scale)
+    if valid is not None:
+        scores = scores.masked_fill_(~valid.reshape(B * T, 1, k), float("-inf"))
+    p = torch.softmax(scores.float(), dim=-1).to(q_lat.dtype)
+    o_lat = torch.bmm(p, c_sel_bt).view(B, T, H, d_c)
     return torch.einsum("bthc,hvc->bthv", o_lat, w_uv)

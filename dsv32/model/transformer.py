@@ -116,6 +116,18 @@ class DeepseekForCausalLM(nn.Module):
         shared = getattr(module, attr)
         setattr(module, attr, nn.Parameter(shared.detach().clone(), requires_grad=shared.requires_grad))
 
+    # Linears read only through ``dense_weight`` (absorbed into attention / fp32 indexer weights): never packed.
+    _DENSE_ONLY = ("kv_b_proj", "weights_proj")
+
+    def prepack_cpu_weights(self) -> int:
+        """Reorder every matmul weight into oneDNN's layout (``Linear.prepack``) for faster CPU inference;
+        the plain weights stay. Returns the bytes of the packed copies (tied weights counted once)."""
+        cache: dict[int, torch.Tensor] = {}
+        for name, module in self.named_modules():
+            if isinstance(module, Linear) and not name.endswith(self._DENSE_ONLY):
+                module.prepack(cache)
+        return sum(t.numel() * t.element_size() for t in cache.values())
+
     @property
     def n_main_layers(self) -> int:
         return self.config.num_hidden_layers

@@ -37,9 +37,21 @@ def alone(model, prompt: list[int], n: int) -> list[int]:
     return ids[len(prompt) :]
 
 
-def drive(model, prompts, n_new, num_blocks, block_size, budget, max_seqs=8, check_logits=False):
+class RecordingCache(PagedKVCache):
+    """The real paged cache, recording the shape of every latent gather (what attention reads)."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.latent_gathers: list[tuple[int, ...]] = []
+
+    def gather_latent(self, layer, slots):
+        self.latent_gathers.append(tuple(slots.shape))
+        return super().gather_latent(layer, slots)
+
+
+def drive(model, prompts, n_new, num_blocks, block_size, budget, max_seqs=8, check_logits=False, cache=None):
     pool = BlockPool(num_blocks, block_size)
-    cache = PagedKVCache(model.config, num_blocks, block_size, model.config.num_hidden_layers)
+    cache = cache or PagedKVCache(model.config, num_blocks, block_size, model.config.num_hidden_layers)
     sched = Scheduler(pool, max_num_seqs=max_seqs, max_num_batched_tokens=budget)
     runner = ModelRunner(model, cache)
     reqs = [Request(f"r{i}", p, n_new, i) for i, p in enumerate(prompts)]
@@ -96,4 +108,21 @@ def test_paged_logits_equal_full_forward_past_index_topk(model):
         model, prompts, n_new=10, num_blocks=40, block_size=4, budget=9, check_logits=True
     )
     assert worst < 1e-5
+    pool.assert_no_leaks()
+
+
+def test_batched_decodes_read_only_the_selected_entries(model):
+    """Decodes of requests with short and long contexts share one step; once the longest context passes
+    index_topk (12), each decode row reads exactly 12 latent entries, not its whole context."""
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 300, (n,), generator=g).tolist() for n in (5, 30, 9)]
+    cache = RecordingCache(model.config, 40, 4, model.config.num_hidden_layers)
+    reqs, pool, worst, _ = drive(
+        model, prompts, n_new=6, num_blocks=40, block_size=4, budget=64, check_logits=True, cache=cache
+    )
+    assert worst < 1e-5
+    batched = [s for s in cache.latent_gathers if len(s) == 2]  # [rows, entries]: the decode path
+    assert batched and all(s == (3, 12) for s in batched), sorted(set(batched))
+    for r, p in zip(reqs, prompts, strict=True):
+        assert r.output_ids == alone(model, p, 6), r.request_id
     pool.assert_no_leaks()

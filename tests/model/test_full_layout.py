@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -17,7 +18,7 @@ from dsv32.config import ModelConfig
 from tests.test_config import DEEPSEEK_STYLE
 
 RUNNER = r"""
-import json, resource, sys, torch, dsv32
+import json, sys, torch, dsv32
 m = dsv32.load_model(sys.argv[1], dtype=torch.bfloat16, keep_fp8=True, progress=False)
 ids = torch.tensor([[0, 3, 100, 2000, 50000]])
 with torch.inference_mode():
@@ -35,7 +36,8 @@ with safe_open(sys.argv[1] + "/" + shard, "pt") as f:
     w, s = f.get_tensor(name + ".weight").float(), f.get_tensor(name + ".weight_scale_inv")
 ref = w * s.repeat_interleave(128, 0)[: w.shape[0]].repeat_interleave(128, 1)[:, : w.shape[1]]
 edge_ok = bool(torch.equal(m.get_submodule(name).dense_weight(torch.float32), ref))
-out = dict(edge_ok=edge_ok, maxrss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, fp8_params=fp8,
+from tests.peak_rss import peak_rss_kb
+out = dict(edge_ok=edge_ok, maxrss_gb=peak_rss_kb() / 2**20, fp8_params=fp8,
            logits=list(logits.shape), step=list(step.shape), mtp=list(mtp.shape),
            finite=bool(logits.isfinite().all() and step.isfinite().all() and mtp.isfinite().all()))
 print(json.dumps(out))
@@ -69,7 +71,11 @@ def test_release_layout_fp8_checkpoint_loads_and_runs_under_8gb(tmp_path):
     assert set(index["weight_map"]) == set(layout)
 
     proc = subprocess.run(
-        [sys.executable, "-c", RUNNER, str(tmp_path)], capture_output=True, text=True, timeout=900
+        [sys.executable, "-c", RUNNER, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=Path(__file__).resolve().parents[2],
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])

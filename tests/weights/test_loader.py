@@ -261,12 +261,13 @@ def test_we_load_transformers_save_pretrained(tmp_path: Path, model_type: str, q
 # ---- memory -----------------------------------------------------------------------------------
 
 _LOAD_RSS_SCRIPT = """
-import resource, sys, torch
+import sys, torch
 from dsv32.weights.loader import load_model
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+from tests.peak_rss import peak_rss_kb
+base = peak_rss_kb()
 model = load_model(sys.argv[1], dtype=torch.bfloat16, progress=False)
 size = sum(t.numel() * t.element_size() for t in {id(t): t for t in model.state_dict(keep_vars=True).values()}.values())
-print(size >> 20, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) >> 10)
+print(size >> 20, (peak_rss_kb() - base) >> 10)
 """
 
 

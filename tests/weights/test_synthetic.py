@@ -171,14 +171,15 @@ def test_writer_rejects_bad_arguments(tmp_path: Path) -> None:
 
 
 _PEAK_RSS_SCRIPT = """
-import resource, sys, torch
+import sys, torch
 from dsv32.config import ModelConfig
+from tests.peak_rss import peak_rss_kb
 from dsv32.weights.synthetic import write_synthetic_checkpoint
 import tests.weights.configs as c
 cfg = {config}
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+base = peak_rss_kb()
 write_synthetic_checkpoint(cfg, sys.argv[1], fp8={fp8}, dtype=torch.bfloat16)
-print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) // 1024)
+print((peak_rss_kb() - base) // 1024)
 """
 
 

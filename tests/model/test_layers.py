@@ -1,0 +1,85 @@
+"""Linear's oneDNN-prepacked CPU path: same results as the plain matmul, shared for tied weights,
+dropped when the weight changes, never used for FP8 weights."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from dsv32.model.layers import FP8_DTYPE, Linear, onednn_linear_available
+from dsv32.model.transformer import DeepseekForCausalLM
+from tests.model.oracle import randomize_
+from tests.model.test_forms import tiny_config
+
+pytestmark = pytest.mark.skipif(not onednn_linear_available(), reason="this PyTorch build has no oneDNN")
+
+
+def _linear(out_f: int = 96, in_f: int = 80, seed: int = 0) -> Linear:
+    lin = Linear(in_f, out_f)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(out_f, in_f, generator=torch.Generator().manual_seed(seed)))
+    return lin
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prepacked_linear_matches_plain_matmul(dtype):
+    lin = _linear().to(dtype)
+    x = torch.randn(3, 7, 80, generator=torch.Generator().manual_seed(1)).to(dtype)
+    with torch.inference_mode():
+        plain = lin(x)
+        assert lin.prepack()
+        packed = lin(x)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(packed, plain, rtol=tol, atol=tol * plain.abs().max().item())
+    assert packed.shape == (3, 7, 96) and packed.dtype == dtype
+
+
+def test_packed_rows_do_not_depend_on_the_batch():
+    """A row's result is the same alone or among 63 others (what makes batched greedy decoding exact)."""
+    lin = _linear(512, 256)
+    lin.prepack()
+    x = torch.randn(64, 256, generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        assert torch.equal(lin(x)[5:6], lin(x[5:6]))
+
+
+def test_in_place_weight_change_drops_the_packed_copy():
+    lin = _linear()
+    lin.prepack()
+    x = torch.randn(2, 80)
+    with torch.no_grad():
+        lin.weight.mul_(2.0)
+    with torch.inference_mode():
+        y = lin(x)
+    assert lin._packed is None
+    torch.testing.assert_close(y, x @ lin.weight.T)
+
+
+def test_fp8_weights_are_not_packed():
+    lin = Linear(256, 128)
+    w = (torch.randn(128, 256) * 0.1).to(FP8_DTYPE)
+    lin.load_fp8(w, torch.ones(1, 2))
+    assert not lin.prepack()
+
+
+def test_model_prepack_shares_tied_weights_and_keeps_logits():
+    torch.manual_seed(0)
+    model = DeepseekForCausalLM(tiny_config()).eval()
+    randomize_(model, seed=4)
+    plain = copy.deepcopy(model)
+    packed_bytes = model.prepack_cpu_weights()
+    # the MTP head is lm_head (tied): one packed copy; kv_b_proj / weights_proj are read densely, not packed
+    mtp_head = model.mtp_layers[0].shared_head.head
+    assert mtp_head._packed[0] is model.lm_head._packed[0]
+    assert model.model.layers[0].self_attn.kv_b_proj._packed is None
+    dense = sum(
+        m.weight.numel() * 4
+        for n, m in model.named_modules()
+        if isinstance(m, Linear) and not n.endswith(("kv_b_proj", "weights_proj")) and m is not mtp_head
+    )
+    assert packed_bytes == dense
+    ids = torch.randint(0, 300, (2, 30), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        torch.testing.assert_close(model(ids), plain(ids), rtol=1e-5, atol=1e-5)
