@@ -113,5 +113,5 @@ def select_topk_visible(
     """Top-k among the visible keys: scores [..., S], visible broadcastable to it -> idx [..., k'] and
     valid [..., k'] (k' = min(k, S); False where fewer than k' keys are visible)."""
     scores = scores.masked_fill(~visible, float("-inf"))
-    top = scores.topk(min(k, scores.shape[-1]), dim=-1)
+    top = scores.topk(min(k, scores.shape[-1]), dim=-1, sorted=False)  # a set: order is irrelevant
     return top.indices, top.values > float("-inf")

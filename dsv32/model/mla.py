@@ -26,7 +26,6 @@ from dsv32.model.sparse_attn import (
     attention_absorbed,
     attention_absorbed_selected,
     attention_naive,
-    expand_latent,
 )
 
 AttnForm = Literal["auto", "naive", "absorbed"]
@@ -58,6 +57,7 @@ class MLAInputs:
 
 
 QUERY_CHUNK_ELEMENTS = 1 << 25  # queries x keys x heads per attention / indexer chunk
+QUERY_CHUNK_ROWS = 256  # at most this many queries per chunk, so causal chunks skip the keys they cannot see
 
 
 class MLA(nn.Module):
@@ -114,31 +114,42 @@ class MLA(nn.Module):
             form = self.cheaper_form(T, S)
         if form not in ("naive", "absorbed"):
             raise ValueError(f"unknown attention form {form!r}")
-        w_kv_b = self.kv_b_proj.dense_weight(c_kv.dtype).view(H, self.d_nope + self.d_v, self.d_latent)
-        if form == "naive":
-            k_nope, v = expand_latent(c_kv, w_kv_b, self.d_nope)  # once for all query chunks
-        # DSA selects keys only when more are visible than index_topk (otherwise attention is dense).
-        sparse = self.indexer is not None and S > self.indexer.topk
+        if form == "naive":  # per-head keys and values: kv_b_proj on every key, once for all query chunks
+            kv = self.kv_b_proj(c_kv).view(c_kv.shape[0], S, H, self.d_nope + self.d_v)
+            k_nope, v = kv.split([self.d_nope, self.d_v], dim=-1)
+        else:
+            w_kv_b = self.kv_b_proj.dense_weight(c_kv.dtype).view(H, self.d_nope + self.d_v, self.d_latent)
         # Queries go in chunks so score matrices stay bounded (~QUERY_CHUNK_ELEMENTS) for long prompts.
-        rows = max(1, QUERY_CHUNK_ELEMENTS // (S * max(H, self.indexer.n_heads if sparse else 0)))
+        # A chunk reads only the keys up to its last query's position (causal): later chunks see more.
+        index_heads = self.indexer.n_heads if self.indexer is not None else 0
+        rows = min(QUERY_CHUNK_ROWS, max(1, QUERY_CHUNK_ELEMENTS // (S * max(H, index_heads))))
         outs = []
         for t0 in range(0, T, rows):
             t = slice(t0, min(T, t0 + rows))
+            s_vis = min(S, int(q_pos[t].max()) + 1)
             topk_idx = topk_valid = None
-            if sparse:
+            # DSA selects keys only when more are visible than index_topk (otherwise attention is dense).
+            if self.indexer is not None and s_vis > self.indexer.topk:
                 topk_idx, topk_valid = self.indexer(
-                    inp.x[:, t], inp.c_q[:, t], inp.cos[t], inp.sin[t], k_index, q_pos[t]
+                    inp.x[:, t], inp.c_q[:, t], inp.cos[t], inp.sin[t], k_index[:, :s_vis], q_pos[t]
                 )
             if form == "naive":
                 o = attention_naive(
-                    inp.q_nope[:, t], inp.q_pe[:, t], k_nope, v, k_pe, q_pos[t], self.scale, topk_idx
+                    inp.q_nope[:, t],
+                    inp.q_pe[:, t],
+                    k_nope[:, :s_vis],
+                    v[:, :s_vis],
+                    k_pe[:, :s_vis],
+                    q_pos[t],
+                    self.scale,
+                    topk_idx,
                 )
             else:
                 o = attention_absorbed(
                     inp.q_nope[:, t],
                     inp.q_pe[:, t],
-                    c_kv,
-                    k_pe,
+                    c_kv[:, :s_vis],
+                    k_pe[:, :s_vis],
                     w_kv_b,
                     q_pos[t],
                     self.scale,

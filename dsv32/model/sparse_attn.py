@@ -21,17 +21,10 @@ def causal_visible(q_pos: torch.Tensor, n_keys: int) -> torch.Tensor:
     return torch.arange(n_keys, device=q_pos.device)[None, :] <= q_pos[:, None]
 
 
-def expand_latent(c_kv: torch.Tensor, w_kv_b: torch.Tensor, d_n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Naive form's per-head keys and values from the latent: c_kv [B, S, d_c] -> k_nope [B, S, H, d_n],
-    v [B, S, H, d_v] (kv_b_proj applied to every key)."""
-    kv = torch.einsum("bsc,hec->bshe", c_kv, w_kv_b)
-    return kv.split([d_n, w_kv_b.shape[1] - d_n], dim=-1)
-
-
 def attention_naive(
     q_nope: torch.Tensor,  # [B, T, H, d_n]
     q_pe: torch.Tensor,  # [B, T, H, d_r]
-    k_nope: torch.Tensor,  # [B, S, H, d_n]  (from ``expand_latent``)
+    k_nope: torch.Tensor,  # [B, S, H, d_n]  (kv_b_proj of the latent entries)
     v: torch.Tensor,  # [B, S, H, d_v]
     k_pe: torch.Tensor,  # [B, S, d_r]
     q_pos: torch.Tensor,  # [T]
@@ -48,8 +41,13 @@ def attention_naive(
         selected = torch.zeros(B, T, S, dtype=torch.bool, device=k.device)
         selected.scatter_(-1, topk_idx, True)
         mask = mask & selected
+    d_v, d_qk = v.shape[-1], q.shape[-1]
+    if q.device.type == "cpu" and d_v < d_qk:
+        # PyTorch's CPU flash kernel wants one head dim for q, k and v; otherwise SDPA falls back to its
+        # unfused math path (2-3x slower). Zero columns in v give zero output columns: exact.
+        v = F.pad(v, (0, d_qk - d_v))
     out = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), attn_mask=mask[:, None], scale=scale)
-    return out.transpose(1, 2)  # [B, T, H, d_v]
+    return out[..., :d_v].transpose(1, 2)  # [B, T, H, d_v]
 
 
 def attention_absorbed(

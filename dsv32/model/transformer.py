@@ -116,8 +116,8 @@ class DeepseekForCausalLM(nn.Module):
         shared = getattr(module, attr)
         setattr(module, attr, nn.Parameter(shared.detach().clone(), requires_grad=shared.requires_grad))
 
-    # Linears read only through ``dense_weight`` (absorbed into attention / fp32 indexer weights): never packed.
-    _DENSE_ONLY = ("kv_b_proj", "weights_proj")
+    # Linears read only through ``dense_weight`` (the fp32 indexer head weights): never packed.
+    _DENSE_ONLY = ("weights_proj",)
 
     def prepack_cpu_weights(self) -> int:
         """Reorder every matmul weight into oneDNN's layout (``Linear.prepack``) for faster CPU inference;

@@ -130,5 +130,6 @@ def test_query_chunking_does_not_change_results(model, form, monkeypatch):
 
     ids = torch.randint(0, 300, (2, 30), generator=torch.Generator().manual_seed(4))
     whole = run_form(model, form, ids)
-    monkeypatch.setattr(mla, "QUERY_CHUNK_ELEMENTS", 30 * 8 * 7)  # 7-row chunks of the 30 queries
+    # 7-row chunks of the 30 queries; each chunk reads only the keys its last query can see
+    monkeypatch.setattr(mla, "QUERY_CHUNK_ELEMENTS", 30 * 8 * 7)
     torch.testing.assert_close(run_form(model, form, ids), whole, rtol=1e-5, atol=1e-5)

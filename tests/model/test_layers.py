@@ -70,14 +70,14 @@ def test_model_prepack_shares_tied_weights_and_keeps_logits():
     randomize_(model, seed=4)
     plain = copy.deepcopy(model)
     packed_bytes = model.prepack_cpu_weights()
-    # the MTP head is lm_head (tied): one packed copy; kv_b_proj / weights_proj are read densely, not packed
+    # the MTP head is lm_head (tied): one packed copy; weights_proj is read densely, not packed
     mtp_head = model.mtp_layers[0].shared_head.head
     assert mtp_head._packed[0] is model.lm_head._packed[0]
-    assert model.model.layers[0].self_attn.kv_b_proj._packed is None
+    assert model.model.layers[0].self_attn.indexer.weights_proj._packed is None
     dense = sum(
         m.weight.numel() * 4
         for n, m in model.named_modules()
-        if isinstance(m, Linear) and not n.endswith(("kv_b_proj", "weights_proj")) and m is not mtp_head
+        if isinstance(m, Linear) and not n.endswith("weights_proj") and m is not mtp_head
     )
     assert packed_bytes == dense
     ids = torch.randint(0, 300, (2, 30), generator=torch.Generator().manual_seed(3))

@@ -114,6 +114,7 @@ def test_long_context_prefill_and_decode_match_oracle_past_index_topk(long_model
         got, hooks = _capture_topk(hf, ours)
         ref = hf(ids).logits
         full = ours(ids)
+        n_prefill_calls = len(got["ours"])  # the prefill runs its queries in chunks of QUERY_CHUNK_ROWS
         cache = ours.new_cache(1, T)
         steps = [ours(ids[:, :1], 0, cache)]
         for t in range(1, T):
@@ -129,8 +130,9 @@ def test_long_context_prefill_and_decode_match_oracle_past_index_topk(long_model
 
     # The indexer picks the same key sets: oracle prefill vs our prefill vs our decode steps.
     hf_idx = got["hf"][0][0]  # [T, 64]
-    our_idx, our_valid = got["ours"][0]  # prefill: [1, T, 64]
-    decode_sel = got["ours"][1:]  # one per decode step that had more than 64 keys
+    our_idx = torch.cat([idx for idx, _ in got["ours"][:n_prefill_calls]], dim=1)  # prefill: [1, T, 64]
+    assert our_idx.shape == (1, T, topk)
+    decode_sel = got["ours"][n_prefill_calls:]  # one per decode step that had more than 64 keys
     assert len(decode_sel) == T - topk
     for t in range(topk, T):
         want = set(hf_idx[t].tolist())

