@@ -41,8 +41,11 @@ class Indexer(nn.Module):
 
     def key(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x [B, T, D] -> index keys kI [B, T, d_I] (what the indexer cache stores)."""
-        k = self.k_norm(self.wk(x))
-        return self._rope(k, cos, sin)
+        return self.key_from_projection(self.wk(x), cos, sin)
+
+    def key_from_projection(self, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """wk(x) [B, T, d_I] -> index keys kI (LayerNorm, then rope on the first d_r dims)."""
+        return self._rope(self.k_norm(k), cos, sin)
 
     def query(
         self, x: torch.Tensor, c_q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor

@@ -21,6 +21,68 @@ def onednn_linear_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
+class PackedMatmul:
+    """y = x [W_1; W_2; ...]ᵀ with the row-stacked weights of one or more Linears in oneDNN's layout.
+
+    Valid while every source Linear still holds the weight it was packed from (same storage, no in-place
+    change since): ``usable`` checks that, so a stale copy is never used. ``cache`` (keyed by the weights'
+    data_ptrs) lets Linears that share a weight (the MTP head and lm_head) share one copy.
+    """
+
+    def __init__(self, linears: list[Linear], cache: dict[tuple[int, ...], torch.Tensor] | None = None):
+        self.sources = [(lin, lin.weight.data_ptr(), lin.weight._version) for lin in linears]
+        self.dtype = linears[0].weight.dtype
+        key = tuple(p for _, p, _ in self.sources)
+        packed = cache.get(key) if cache is not None else None
+        if packed is None:
+            w = torch.cat([lin.weight.detach() for lin in linears]) if len(linears) > 1 else linears[0].weight
+            packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), None)
+            if cache is not None:
+                cache[key] = packed
+        self.weight = packed
+        self.splits = [lin.out_features for lin in linears]
+
+    @staticmethod
+    def supports(linears: list[Linear]) -> bool:
+        ws = [lin.weight for lin in linears]
+        return (
+            onednn_linear_available()
+            and all(w.device.type == "cpu" and w.dtype in _PACKABLE for w in ws)
+            and len({w.dtype for w in ws}) == 1
+            and len({lin.in_features for lin in linears}) == 1
+        )
+
+    def fresh(self) -> bool:
+        return all(lin.weight.data_ptr() == p and lin.weight._version == v for lin, p, v in self.sources)
+
+    def usable(self, x: torch.Tensor) -> bool:
+        return (
+            x.dtype == self.dtype
+            and x.device.type == "cpu"
+            and not (torch.is_grad_enabled() and any(lin.weight.requires_grad for lin, _, _ in self.sources))
+            and self.fresh()
+        )
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, None, "none", [], "")
+
+    @property
+    def nbytes(self) -> int:
+        return self.weight.numel() * self.weight.element_size()
+
+
+def packed(linears: list[Linear], cache: dict | None = None) -> PackedMatmul | None:
+    """A ``PackedMatmul`` over ``linears`` when this build and their weights allow one, else None."""
+    return PackedMatmul(linears, cache) if PackedMatmul.supports(linears) else None
+
+
+def matmul_split(fused: PackedMatmul | None, linears: list[Linear], x: torch.Tensor) -> list[torch.Tensor]:
+    """[lin(x) for lin in linears], in one packed matmul when ``fused`` (over exactly these) is usable."""
+    if fused is not None and fused.usable(x):
+        return list(fused(x).split(fused.splits, dim=-1))
+    return [lin(x) for lin in linears]
+
+
 def dequantize_fp8_blocks(
     weight: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype, block: tuple[int, int] = (128, 128)
 ) -> torch.Tensor:
@@ -74,8 +136,7 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.register_buffer("weight_scale_inv", None)  # set by load_fp8
         self.fp8_block: tuple[int, int] = (128, 128)
-        # (oneDNN-layout weight, data_ptr and version of the weight it was packed from); see ``prepack``
-        self._packed: tuple[torch.Tensor, int, int] | None = None
+        self._packed: PackedMatmul | None = None  # see ``prepack``
 
     @property
     def is_fp8(self) -> bool:
@@ -103,33 +164,17 @@ class Linear(nn.Module):
             return dequantize_fp8_blocks(self.weight, self.weight_scale_inv, dtype, self.fp8_block)
         return self.weight if self.weight.dtype == dtype else self.weight.to(dtype)
 
-    def prepack(self, cache: dict[int, torch.Tensor] | None = None) -> bool:
+    def prepack(self, cache: dict | None = None) -> bool:
         """Keep a oneDNN-layout copy of the weight for CPU matmuls (fp32 / bf16 weights only; FP8 weights
-        stay dequantised per call). Linears sharing one weight (the MTP head) share the copy via
-        ``cache`` (keyed by data_ptr). The copy is dropped if the weight changes in place afterwards.
-        Returns whether the weight was packed."""
-        w = self.weight
-        if w.device.type != "cpu" or w.dtype not in _PACKABLE or not onednn_linear_available():
-            return False
-        key = w.data_ptr()
-        packed = cache.get(key) if cache is not None else None
-        if packed is None:
-            packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), None)
-            if cache is not None:
-                cache[key] = packed
-        self._packed = (packed, key, w._version)
-        return True
+        stay dequantised per call); see ``PackedMatmul``. Returns whether the weight was packed."""
+        self._packed = packed([self], cache)
+        return self._packed is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        p = self._packed
-        if p is not None and x.dtype == self.weight.dtype and x.device.type == "cpu":
-            if (
-                p[1] == self.weight.data_ptr()
-                and p[2] == self.weight._version
-                and not (torch.is_grad_enabled() and self.weight.requires_grad)
-            ):
-                return torch.ops.mkldnn._linear_pointwise(x, p[0], None, "none", [], "")
-            if p[1] != self.weight.data_ptr() or p[2] != self.weight._version:
+        if self._packed is not None:
+            if self._packed.usable(x):
+                return self._packed(x)
+            if not self._packed.fresh():
                 self._packed = None  # the weight changed since packing: back to the plain matmul
         return F.linear(x, self.dense_weight(x.dtype))
 
@@ -145,6 +190,14 @@ class MLP(nn.Module):
         self.gate_proj = Linear(dim, inter_dim)
         self.up_proj = Linear(dim, inter_dim)
         self.down_proj = Linear(inter_dim, dim)
+        self._gate_up: PackedMatmul | None = None  # gate_proj and up_proj in one matmul; see ``prepack``
+
+    def prepack(self, cache: dict | None = None) -> list[Linear]:
+        """Pack gate_proj and up_proj as one matmul (and down_proj on its own); returns the Linears covered."""
+        self._gate_up = packed([self.gate_proj, self.up_proj], cache)
+        self.down_proj.prepack(cache)
+        return [self.gate_proj, self.up_proj, self.down_proj]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = matmul_split(self._gate_up, [self.gate_proj, self.up_proj], x)
+        return self.down_proj(F.silu(gate) * up)

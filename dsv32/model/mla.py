@@ -20,7 +20,7 @@ from torch import nn
 from dsv32.config import ModelConfig
 from dsv32.model.indexer import Indexer
 from dsv32.model.kv_cache import KVCache
-from dsv32.model.layers import Linear, RMSNorm
+from dsv32.model.layers import Linear, PackedMatmul, RMSNorm, matmul_split, packed
 from dsv32.model.rope import apply_rope_half, apply_rope_interleaved
 from dsv32.model.sparse_attn import (
     attention_absorbed,
@@ -57,7 +57,12 @@ class MLAInputs:
 
 
 QUERY_CHUNK_ELEMENTS = 1 << 25  # queries x keys x heads per attention / indexer chunk
-QUERY_CHUNK_ROWS = 256  # at most this many queries per chunk, so causal chunks skip the keys they cannot see
+# At most this many queries per chunk: causal chunks then skip the keys they cannot see (naive), and the
+# absorbed form's per-query gathers (rows x topk x 288 floats) stay small enough to be cheap to allocate.
+QUERY_CHUNK_ROWS = {"naive": 256, "absorbed": 64}
+# Relative cost of one multiply-add of absorbed (gathered, per-query) attention vs the naive form's fused
+# attention kernel. Measured on CPU (bench-small shapes, 2 threads, 2K-8K keys): 2-2.6x.
+ABSORBED_MAC_COST = 2.5
 
 
 class MLA(nn.Module):
@@ -81,22 +86,34 @@ class MLA(nn.Module):
         self.kv_b_proj = Linear(cfg.kv_lora_rank, self.n_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim))
         self.o_proj = Linear(self.n_heads * cfg.v_head_dim, cfg.hidden_size)
         self.indexer = Indexer(cfg) if cfg.has_indexer else None
+        self._in_proj: PackedMatmul | None = None  # the projections of x in one matmul; see ``prepack``
+
+    def _input_linears(self) -> list[Linear]:
+        """The Linears applied to the attention input x: q (or q_a), kv_a and, for DSA, the indexer key."""
+        q = self.q_proj if self.q_lora_rank is None else self.q_a_proj
+        return [q, self.kv_a_proj_with_mqa] + ([self.indexer.wk] if self.indexer is not None else [])
+
+    def prepack(self, cache: dict | None = None) -> list[Linear]:
+        """Pack the projections of x as one CPU matmul; returns the Linears covered (see ``PackedMatmul``)."""
+        linears = self._input_linears()
+        self._in_proj = packed(linears, cache)
+        return linears if self._in_proj is not None else []
 
     def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> MLAInputs:
         """Per-token projections of x [B, T, D]; cos/sin [T, d_r/2] at each token's position."""
         B, T, _ = x.shape
+        q, kv, *k_index = matmul_split(self._in_proj, self._input_linears(), x)
         if self.q_lora_rank is None:
             c_q = None
-            q = self.q_proj(x)
         else:
-            c_q = self.q_a_layernorm(self.q_a_proj(x))
+            c_q = self.q_a_layernorm(q)
             q = self.q_b_proj(c_q)
         q_nope, q_pe = q.view(B, T, self.n_heads, -1).split([self.d_nope, self.d_rope], dim=-1)
         q_pe = self.rope(q_pe, cos[:, None], sin[:, None])
-        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.d_latent, self.d_rope], dim=-1)
+        c_kv, k_pe = kv.split([self.d_latent, self.d_rope], dim=-1)
         c_kv = self.kv_a_layernorm(c_kv)
         k_pe = self.rope(k_pe, cos, sin)
-        k_index = self.indexer.key(x, cos, sin) if self.indexer is not None else None
+        k_index = self.indexer.key_from_projection(k_index[0], cos, sin) if self.indexer is not None else None
         return MLAInputs(x, c_q, q_nope, q_pe, c_kv, k_pe, k_index, cos, sin)
 
     def attend(
@@ -122,7 +139,7 @@ class MLA(nn.Module):
         # Queries go in chunks so score matrices stay bounded (~QUERY_CHUNK_ELEMENTS) for long prompts.
         # A chunk reads only the keys up to its last query's position (causal): later chunks see more.
         index_heads = self.indexer.n_heads if self.indexer is not None else 0
-        rows = min(QUERY_CHUNK_ROWS, max(1, QUERY_CHUNK_ELEMENTS // (S * max(H, index_heads))))
+        rows = min(QUERY_CHUNK_ROWS[form], max(1, QUERY_CHUNK_ELEMENTS // (S * max(H, index_heads))))
         outs = []
         for t0 in range(0, T, rows):
             t = slice(t0, min(T, t0 + rows))
@@ -178,16 +195,19 @@ class MLA(nn.Module):
         )
 
     def cheaper_form(self, T: int, S: int) -> AttnForm:
-        """The form with fewer multiply-adds for T queries over S keys (both give the same result).
+        """The form with fewer multiply-adds for the last T positions of S keys as queries (both forms give
+        the same result).
 
-        Naive expands every key through kv_b_proj (S·H·d_c·(d_n+d_v)) and then attends densely over all S
-        (a top-k selection is only a mask); absorbed pays per query (W_UK into q, W_UV on the output) and
-        attends over min(S, topk) gathered 2·d_c+d_r-wide entries. Prefill (T ≈ S) favours naive; decode
-        and short chunks against a long cache favour absorbed."""
+        Naive expands every key through kv_b_proj (S·H·d_c·(d_n+d_v)) and then attends densely over the
+        keys each query can see (S − (T−1)/2 on average; a top-k selection is only a mask); absorbed pays per
+        query (W_UK into q, W_UV on the output) and attends over min(S, topk) gathered 2·d_c+d_r-wide
+        entries. Prefill (T ≈ S) favours naive; decode and short chunks against a long cache, absorbed.
+        The absorbed attention's multiply-adds are weighted by ``ABSORBED_MAC_COST``: its per-query gathers
+        and small matmuls cost more per multiply-add than the fused attention kernel of the naive form."""
         H, dc, dn, dv, dr = self.n_heads, self.d_latent, self.d_nope, self.d_v, self.d_rope
         s_sel = min(S, self.indexer.topk) if self.indexer is not None else S
-        naive = S * H * dc * (dn + dv) + T * S * H * (dn + dr + dv)
-        absorbed = T * H * dc * (dn + dv) + T * s_sel * H * (2 * dc + dr)
+        naive = S * H * dc * (dn + dv) + T * (S - (T - 1) / 2) * H * (dn + dr + dv)
+        absorbed = T * H * dc * (dn + dv) + ABSORBED_MAC_COST * T * s_sel * H * (2 * dc + dr)
         return "absorbed" if absorbed < naive else "naive"
 
     def forward(self, x: torch.Tensor, ctx: AttentionContext, layer_idx: int) -> torch.Tensor:

@@ -75,12 +75,18 @@ def attention_absorbed(
         o_lat = torch.einsum("bths,bsc->bthc", p, values)
     else:
         # sparse: gather only the k selected latent entries of each query
-        B, T, k = topk_idx.shape
-        flat = topk_idx.reshape(B, T * k)
-        c_sel = torch.gather(c_kv, 1, flat[..., None].expand(-1, -1, c_kv.shape[-1])).view(B, T, k, -1)
-        pe_sel = torch.gather(k_pe, 1, flat[..., None].expand(-1, -1, k_pe.shape[-1])).view(B, T, k, -1)
+        c_sel, pe_sel = gather_rows(c_kv, topk_idx), gather_rows(k_pe, topk_idx)
         return attention_absorbed_selected(q_lat, q_pe, c_sel, pe_sel, w_uv, scale, topk_valid)
     return torch.einsum("bthc,hvc->bthv", o_lat, w_uv)
+
+
+def gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x [B, S, C], idx [B, T, k] -> x[b, idx[b, t, j]] as [B, T, k, C]: whole rows via index_select
+    (``torch.gather`` would read one int64 index per element)."""
+    B, S, C = x.shape
+    if B > 1:
+        idx = idx + torch.arange(B, device=idx.device).view(B, 1, 1) * S
+    return x.reshape(B * S, C).index_select(0, idx.reshape(-1)).view(*idx.shape, C)
 
 
 def attention_absorbed_selected(

@@ -120,11 +120,20 @@ class DeepseekForCausalLM(nn.Module):
     _DENSE_ONLY = ("weights_proj",)
 
     def prepack_cpu_weights(self) -> int:
-        """Reorder every matmul weight into oneDNN's layout (``Linear.prepack``) for faster CPU inference;
-        the plain weights stay. Returns the bytes of the packed copies (tied weights counted once)."""
-        cache: dict[int, torch.Tensor] = {}
+        """Reorder the matmul weights into oneDNN's layout for faster CPU inference (``PackedMatmul``): each
+        MLP's gate+up and each MLA's input projections as one matmul, every other Linear on its own. The
+        plain weights stay. Returns the bytes of the packed copies (tied weights counted once)."""
+        cache: dict = {}
+        covered: set[int] = set()
+        for module in self.modules():
+            if isinstance(module, (MLP, MLA)):
+                covered.update(id(lin) for lin in module.prepack(cache))
         for name, module in self.named_modules():
-            if isinstance(module, Linear) and not name.endswith(self._DENSE_ONLY):
+            if (
+                isinstance(module, Linear)
+                and id(module) not in covered
+                and not name.endswith(self._DENSE_ONLY)
+            ):
                 module.prepack(cache)
         return sum(t.numel() * t.element_size() for t in cache.values())
 

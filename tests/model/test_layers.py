@@ -1,5 +1,5 @@
-"""Linear's oneDNN-prepacked CPU path: same results as the plain matmul, shared for tied weights,
-dropped when the weight changes, never used for FP8 weights."""
+"""The oneDNN-prepacked CPU matmuls: same results as the plain matmul, shared for tied weights, dropped
+when a weight changes, never used for FP8 weights; fused gate+up and MLA input projections."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 
-from dsv32.model.layers import FP8_DTYPE, Linear, onednn_linear_available
+from dsv32.model.layers import FP8_DTYPE, MLP, Linear, onednn_linear_available
 from dsv32.model.transformer import DeepseekForCausalLM
 from tests.model.oracle import randomize_
 from tests.model.test_forms import tiny_config
@@ -72,7 +72,7 @@ def test_model_prepack_shares_tied_weights_and_keeps_logits():
     packed_bytes = model.prepack_cpu_weights()
     # the MTP head is lm_head (tied): one packed copy; weights_proj is read densely, not packed
     mtp_head = model.mtp_layers[0].shared_head.head
-    assert mtp_head._packed[0] is model.lm_head._packed[0]
+    assert mtp_head._packed.weight is model.lm_head._packed.weight
     assert model.model.layers[0].self_attn.indexer.weights_proj._packed is None
     dense = sum(
         m.weight.numel() * 4
@@ -83,3 +83,21 @@ def test_model_prepack_shares_tied_weights_and_keeps_logits():
     ids = torch.randint(0, 300, (2, 30), generator=torch.Generator().manual_seed(3))
     with torch.inference_mode():
         torch.testing.assert_close(model(ids), plain(ids), rtol=1e-5, atol=1e-5)
+
+
+def test_fused_gate_up_matches_and_falls_back_when_a_weight_changes():
+    torch.manual_seed(0)
+    mlp = MLP(64, 96)
+    x = torch.randn(5, 64)
+    with torch.inference_mode():
+        plain = mlp(x)
+    covered = mlp.prepack()
+    assert set(map(id, covered)) == {id(mlp.gate_proj), id(mlp.up_proj), id(mlp.down_proj)}
+    assert mlp._gate_up is not None and mlp._gate_up.weight.shape == (192, 64)
+    with torch.inference_mode():
+        torch.testing.assert_close(mlp(x), plain, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        mlp.up_proj.weight.zero_()  # silu(gate) * 0 = 0: a stale fused copy would not give zeros
+    with torch.inference_mode():
+        assert not mlp._gate_up.usable(x)
+        assert torch.equal(mlp(x), torch.zeros(5, 64))
