@@ -80,6 +80,12 @@ class Settings:
     quiet_wait_s: float = 60.0  # before each part, wait up to this long for other processes to go idle
     quiet_wait_step_s: float = 30.0  # the same before each round / concurrency / context inside a part
     quick: bool = False
+    device: str = "cpu"  # where both models run ("cuda" on a GPU machine)
+    dtype: str = "float32"  # both models' weights and activations ("bfloat16" on a GPU)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
 
     @classmethod
     def quick_run(cls) -> Settings:
@@ -96,6 +102,12 @@ class Settings:
 
 def _now() -> float:
     return time.perf_counter()
+
+
+def _sync(device: torch.device | str) -> None:
+    """Wait for queued GPU work before reading the clock (CPU work is synchronous)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
 
 
 def _greedy(n: int):
@@ -196,13 +208,15 @@ def _part(result: dict, name: str, s: Settings):
 
 def _hf_generate(hf, ids: list[int], n: int) -> tuple[float, list[int]]:
     """Wall time of greedy ``generate`` of exactly n new tokens, and those tokens."""
-    x = torch.tensor([ids])
+    x = torch.tensor([ids], device=hf.device)
+    _sync(hf.device)
     t0 = _now()
     with torch.inference_mode():
         out = hf.generate(
             x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n, do_sample=False,
             pad_token_id=0, temperature=None, top_p=None, top_k=None,
         )  # fmt: skip
+    _sync(hf.device)
     return _now() - t0, out[0, len(ids) :].tolist()
 
 
@@ -254,7 +268,7 @@ def _decode_and_prefill(ours, hf, cfg, s: Settings, gen: torch.Generator) -> dic
         hf_dec = n / max(min(t["hf_n"]) - min(t["hf_1"]), 1e-9)
         out["hf_batch1_decode_tok_s"] = hf_dec
     wb = decode_weight_bytes(ours)
-    bw = measured_read_bandwidth()
+    bw = measured_read_bandwidth(device=ours.device)
     out["bandwidth"] = {  # what the weights alone make a step cost at this machine's memory bandwidth
         "readme_bytes_per_s": README_BANDWIDTH,
         "measured_bytes_per_s": bw,
@@ -378,15 +392,17 @@ def attention_variant(config: dict) -> dict:
     return v
 
 
-def measured_read_bandwidth(gib: float = 1.0, rounds: int = 7) -> float:
-    """Bytes/s at which this machine streams memory into the cores: the median of ``rounds`` sums over a
-    ``gib`` GiB fp32 tensor (far larger than the caches) with the torch threads the benchmark uses. The
-    median, because single readings on a shared VM range from ~42 to ~78 GB/s."""
-    x = torch.rand(int(gib * 2**30) // 4)
+def measured_read_bandwidth(gib: float = 1.0, rounds: int = 7, device: torch.device | str = "cpu") -> float:
+    """Bytes/s at which this machine streams memory into the cores (or a GPU its own memory): the median
+    of ``rounds`` sums over a ``gib`` GiB fp32 tensor (far larger than the caches) with the torch threads
+    the benchmark uses. The median, because single readings on a shared VM range from ~42 to ~78 GB/s."""
+    x = torch.rand(int(gib * 2**30) // 4, device=device)
     times = []
     for _ in range(rounds):
+        _sync(device)
         t0 = _now()
         x.sum()
+        _sync(device)
         times.append(_now() - t0)
     return x.numel() * 4 / sorted(times)[len(times) // 2]
 
@@ -436,7 +452,7 @@ def _dsa(config: dict, tmp: Path, s: Settings, gen: torch.Generator) -> dict:
     if not cfg.has_indexer:
         return {"skipped": f"{cfg.model_type} has no DSA indexer"}
     write_synthetic_checkpoint(cfg, tmp / "attn", seed=0, dtype=torch.bfloat16)
-    model = dsv32.load_model(tmp / "attn", dtype=torch.float32, progress=False)
+    model = dsv32.load_model(tmp / "attn", dtype=s.torch_dtype, device=s.device, progress=False)
     topk = cfg.index_topk
     K = s.long_decode_steps
     wanted = s.long_contexts or (2 * topk, 4 * topk)
@@ -518,8 +534,10 @@ def bench_engine(config: dict, out_dir: Path, settings: Settings | None = None) 
                     "torch": torch.__version__, "load_avg_start": _load_avg()},
         "config": {"model_type": cfg.model_type, "hidden_size": cfg.hidden_size, "layers": cfg.num_hidden_layers,
                    "index_topk": cfg.index_topk, "vocab_size": cfg.vocab_size},
-        "dtype": "float32",
-        "is_shared_bench_model": config == PRESETS["bench-small"],  # README's peer figures are for it
+        "dtype": s.dtype,
+        "device": s.device if s.device == "cpu" else f"{s.device} ({torch.cuda.get_device_name(s.device)})",
+        # the bench README's HF / llama.cpp figures are for this model in fp32 on the 2-core CPU machine kind
+        "readme_peers_apply": config == PRESETS["bench-small"] and s.device == "cpu" and s.dtype == "float32",
         "settings": asdict(s),
     }  # fmt: skip
     main_parts = {"decode", "prefill", "concurrency", "prefix"} & set(s.parts)
@@ -529,12 +547,16 @@ def bench_engine(config: dict, out_dir: Path, settings: Settings | None = None) 
             print(f"writing a synthetic checkpoint ({cfg.model_type}, hidden {cfg.hidden_size}, "
                   f"{cfg.num_hidden_layers} layers) ...", flush=True)  # fmt: skip
             write_synthetic_checkpoint(cfg, tmp / "main", seed=0, dtype=torch.bfloat16)
-            ours = dsv32.load_model(tmp / "main", dtype=torch.float32, progress=False)
+            ours = dsv32.load_model(tmp / "main", dtype=s.torch_dtype, device=s.device, progress=False)
             hf = None
             if main_parts & {"decode", "prefill", "concurrency"}:
                 from transformers import AutoModelForCausalLM
 
-                hf = AutoModelForCausalLM.from_pretrained(tmp / "main", dtype=torch.float32).eval()
+                hf = (
+                    AutoModelForCausalLM.from_pretrained(tmp / "main", dtype=s.torch_dtype)
+                    .to(s.device)
+                    .eval()
+                )
                 print("batch-1 decode and prefill (engine vs HF generate) ...", flush=True)
                 with _part(result, "decode+prefill", s):
                     result.update(_decode_and_prefill(ours, hf, cfg, s, gen))
@@ -616,7 +638,7 @@ def _plot(r: dict, path: Path) -> str:
             ax.plot(
                 [16], [TARGETS["concurrency_16"] * hf], "r*", ms=12, label="target at 16 (60x this run's HF)"
             )
-        if r.get("is_shared_bench_model"):
+        if r.get("readme_peers_apply"):
             lx = sorted(LLAMA_CPP_TOK_S)
             ax.plot(lx, [LLAMA_CPP_TOK_S[c] for c in lx], "s:", color="tab:green",
                     label="llama.cpp (README, same machine kind, tok/s)")  # fmt: skip
@@ -656,7 +678,7 @@ def _reference_lines(r: dict) -> list[str]:
     """What bounds the ratios: the HF figures the targets assumed, and the weights' memory-bandwidth limit."""
     b, hf = r.get("bandwidth"), r.get("hf_batch1_decode_tok_s")
     out = ["", "Context for the ratios (not the targets' basis, which is HF in this run):"]
-    if "decode" in r and r.get("is_shared_bench_model"):
+    if "decode" in r and r.get("readme_peers_apply"):
         d = r["decode"]
         out.append(
             f"- The targets were set against HF at {README_HF['decode_tok_s']} tok/s decode and "
@@ -710,7 +732,8 @@ def markdown(r: dict) -> str:
     lines = [
         f"# dsv32 bench engine — {r['date']}",
         "",
-        f"Config: {r['config']}; {r['dtype']}; {r['machine']['threads']} threads; torch {r['machine']['torch']}; "
+        f"Config: {r['config']}; {r['dtype']} on {r.get('device', 'cpu')}; {r['machine']['threads']} threads; "
+        f"torch {r['machine']['torch']}; "
         f"load average {r['machine']['load_avg_start']} at start, {r['machine']['load_avg_end']} at end; "
         f"{r['wall_s'] / 60:.1f} min in all. Best of {s['repeats']} rounds unless said otherwise"
         + (" (**--quick smoke run: figures mean little**)." if s["quick"] else "."),
@@ -830,6 +853,12 @@ def main_bench_engine(args: argparse.Namespace) -> int:
         over["ttft_prompt_tokens"] = args.ttft_prompt
     if getattr(args, "contexts", None):
         over["long_contexts"] = _ints(args.contexts)
+    if getattr(args, "device", None):
+        if args.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"--device {args.device}: this machine has no CUDA device")
+        over["device"] = args.device
+    if getattr(args, "dtype", None):
+        over["dtype"] = args.dtype
     s = replace(s, **over)
     r = bench_engine(config, Path(getattr(args, "out", None) or "benchmarks/results"), s)
     print(markdown(r))

@@ -67,8 +67,8 @@ def drive(model, prompts, n_new, num_blocks, block_size, budget, max_seqs=8, che
             req = c.request
             if check_logits:
                 with torch.no_grad():
-                    ref = model(torch.tensor([req.all_ids]))[0, -1]
-                worst = max(worst, (logits[row] - ref).abs().max().item() / ref.abs().max().item())
+                    ref = model(torch.tensor([req.all_ids], device=model.device))[0, -1]
+                worst = max(worst, (logits[row] - ref.float()).abs().max().item() / ref.abs().max().item())
             req.output_ids.append(int(logits[row].argmax()))
         sched.after_step(chunks)
         for c in sampling:
@@ -125,4 +125,20 @@ def test_batched_decodes_read_only_the_selected_entries(model):
     assert batched and all(s == (3, 12) for s in batched), sorted(set(batched))
     for r, p in zip(reqs, prompts, strict=True):
         assert r.output_ids == alone(model, p, 6), r.request_id
+    pool.assert_no_leaks()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_paged_runner_on_cuda_matches_full_forward(model):
+    """The same step code on a GPU (fp32): batched decodes, DSA past index_topk, chunked prefill."""
+    import copy
+
+    gpu = copy.deepcopy(model).to("cuda")
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 300, (n,), generator=g).tolist() for n in (20, 7, 26)]
+    cache = PagedKVCache(gpu.config, 40, 4, gpu.config.num_hidden_layers, device="cuda")
+    _, pool, worst, _ = drive(
+        gpu, prompts, n_new=8, num_blocks=40, block_size=4, budget=9, check_logits=True, cache=cache
+    )
+    assert worst < 1e-4
     pool.assert_no_leaks()
