@@ -3,9 +3,9 @@
 All tokens of the step are flattened into one row [1, N] for the per-token work (projections, MoE,
 norms); the single-token chunks (decodes) come first, then the prefill chunks. Attention runs against
 the paged cache after the step's new latent entries are written to their slots:
-* all single-token chunks together, in the absorbed form: each row's visible slots (padded to the
-  longest), the DSA indexer's top-k per row once a context exceeds ``index_topk``, and only the selected
-  latent entries gathered;
+* the single-token chunks (decodes) together, in the absorbed form, in groups of similar context length
+  (so padding stays small): each row's visible slots padded to the group's longest, the DSA indexer's
+  top-k per row once a context exceeds ``index_topk``, and only the selected latent entries gathered;
 * each prefill chunk on its own through the model's MLA core (``MLA.attend``: the cheaper form, DSA
   selection inside) over the entries it can see, gathered through its block table.
 """
@@ -33,10 +33,18 @@ class _Segment:
 
 @dataclass
 class _Decodes:
-    """The step's single-token chunks, rows 0 .. R-1 of the flattened step."""
+    """A group of the step's single-token chunks: consecutive rows of the flattened step."""
 
-    slots: torch.Tensor  # [R, S] each row's visible slots, padded to the longest context S
+    rows: slice
+    slots: torch.Tensor  # [R, S] each row's visible slots, padded to the group's longest context S
     visible: torch.Tensor  # [R, S] False on padding
+
+
+# Decodes share a group while the longest context is at most twice the shortest (or all are short), and
+# the group's padded slot matrix stays under this many slots: what is gathered per group and layer is
+# slots x index_head_dim (DSA) or slots x (kv_lora_rank + qk_rope_head_dim) (dense MLA).
+DECODE_GROUP_SLOTS = 1 << 18
+SHORT_CONTEXT = 1024
 
 
 class PagedContext:
@@ -45,7 +53,7 @@ class PagedContext:
     def __init__(
         self,
         cache: PagedKVCache,
-        decodes: _Decodes | None,
+        decodes: list[_Decodes],
         segments: list[_Segment],
         new_slots: torch.Tensor,
         cos: torch.Tensor,
@@ -58,8 +66,8 @@ class PagedContext:
         k_index = inp.k_index[0] if inp.k_index is not None else None
         self.cache.write(layer_idx, self.new_slots, inp.c_kv[0], inp.k_pe[0], k_index)
         outs = []
-        if self.decodes is not None:
-            outs.append(self._attend_decodes(layer_idx, mla, inp.rows(slice(0, self.decodes.slots.shape[0]))))
+        for group in self.decodes:
+            outs.append(self._attend_decodes(layer_idx, mla, inp.rows(group.rows), group))
         for seg in self.segments:
             c_kv, k_pe, k_idx = self.cache.gather(layer_idx, seg.slots)
             outs.append(
@@ -73,8 +81,8 @@ class PagedContext:
             )
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
-    def _attend_decodes(self, layer_idx: int, mla: MLA, inp: MLAInputs) -> torch.Tensor:
-        slots, visible = self.decodes.slots, self.decodes.visible
+    def _attend_decodes(self, layer_idx: int, mla: MLA, inp: MLAInputs, group: _Decodes) -> torch.Tensor:
+        slots, visible = group.slots, group.visible
         if mla.indexer is not None and slots.shape[1] > mla.indexer.topk:
             keys = self.cache.gather_index_keys(layer_idx, slots)  # [R, S, d_I]
             idx, visible = mla.indexer.select_per_query(inp.x, inp.c_q, inp.cos, inp.sin, keys, visible)
@@ -94,8 +102,21 @@ class ModelRunner:
         table = torch.tensor(block_table[: -(-end // self.block_size)], dtype=torch.long)
         return (table[pos // self.block_size] * self.block_size + pos % self.block_size).to(self.device)
 
-    def _decodes(self, chunks: list[ScheduledChunk]) -> tuple[_Decodes, torch.Tensor]:
-        """Padded slot matrix of the single-token chunks, and the slots their new entries go to."""
+    @staticmethod
+    def _decode_groups(singles: list[ScheduledChunk]) -> list[list[ScheduledChunk]]:
+        """Single-token chunks by ascending context, cut into groups of similar length (``DECODE_GROUP_SLOTS``)."""
+        groups: list[list[ScheduledChunk]] = []
+        for c in sorted(singles, key=lambda c: c.start):
+            n = c.start + 1
+            g = groups[-1] if groups else None
+            if g and n <= max(2 * (g[0].start + 1), SHORT_CONTEXT) and n * (len(g) + 1) <= DECODE_GROUP_SLOTS:
+                g.append(c)
+            else:
+                groups.append([c])
+        return groups
+
+    def _decodes(self, chunks: list[ScheduledChunk], first_row: int) -> tuple[_Decodes, torch.Tensor]:
+        """Padded slot matrix of one group of single-token chunks, and the slots their new entries go to."""
         bs = self.block_size
         lens = [c.start + 1 for c in chunks]
         n_blocks = -(-max(lens) // bs)
@@ -106,25 +127,26 @@ class ModelRunner:
         lens_t = torch.tensor(lens)
         visible = pos[None, : max(lens)] < lens_t[:, None]
         new = slots[torch.arange(len(chunks)), lens_t - 1]
-        return _Decodes(slots.to(self.device), visible.to(self.device)), new.to(self.device)
+        rows = slice(first_row, first_row + len(chunks))
+        return _Decodes(rows, slots.to(self.device), visible.to(self.device)), new.to(self.device)
 
     @torch.inference_mode()
     def execute(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
         """Run the step; returns fp32 logits [n_sampling_chunks, vocab], one row per chunk that samples
         (in the order of ``chunks``)."""
-        singles = [c for c in chunks if c.num_tokens == 1]
         multi = [c for c in chunks if c.num_tokens > 1]
-        ids, positions, new_slots, segments = [], [], [], []
+        ids, positions, new_slots, segments, decodes = [], [], [], [], []
         row_of: dict[int, int] = {}  # id(chunk) -> its last row in the flattened step
-        decodes = None
-        if singles:
-            decodes, new = self._decodes(singles)
+        offset = 0
+        for group in self._decode_groups([c for c in chunks if c.num_tokens == 1]):
+            dec, new = self._decodes(group, offset)
+            decodes.append(dec)
             new_slots.append(new)
-            for i, c in enumerate(singles):
+            for c in group:
                 ids.append(c.request.token_at(c.start))
-                row_of[id(c)] = i
-            positions.append(torch.tensor([c.start for c in singles], device=self.device))
-        offset = len(singles)
+                row_of[id(c)] = offset
+                offset += 1
+            positions.append(torch.tensor([c.start for c in group], device=self.device))
         for c in multi:
             req, end = c.request, c.start + c.num_tokens
             ids.extend(req.token_ids(c.start, end))

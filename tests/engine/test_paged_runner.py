@@ -142,3 +142,36 @@ def test_paged_runner_on_cuda_matches_full_forward(model):
     )
     assert worst < 1e-4
     pool.assert_no_leaks()
+
+
+def test_decodes_of_very_different_lengths_run_in_groups(model, monkeypatch):
+    """Short and long contexts decode in separate groups (padding to the longest stays bounded), with the
+    same results as running alone."""
+    import dsv32.engine.runner as runner_mod
+
+    monkeypatch.setattr(runner_mod, "SHORT_CONTEXT", 4)
+    g = torch.Generator().manual_seed(6)
+    prompts = [torch.randint(0, 300, (n,), generator=g).tolist() for n in (3, 5, 26, 30)]
+    cache = RecordingCache(model.config, 60, 4, model.config.num_hidden_layers)
+    reqs, pool, worst, _ = drive(
+        model, prompts, n_new=6, num_blocks=60, block_size=4, budget=64, check_logits=True, cache=cache
+    )
+    assert worst < 1e-5
+    rows_per_gather = {s[0] for s in cache.latent_gathers if len(s) == 2}
+    assert rows_per_gather == {2}, rows_per_gather  # two groups of two rows each step, never one of four
+    for r, p in zip(reqs, prompts, strict=True):
+        assert r.output_ids == alone(model, p, 6), r.request_id
+    pool.assert_no_leaks()
+
+
+def test_decode_groups_bound_the_padding():
+    from dsv32.engine.request import Request
+    from dsv32.engine.runner import ModelRunner
+    from dsv32.engine.scheduler import ScheduledChunk
+
+    def chunk(context: int) -> ScheduledChunk:
+        return ScheduledChunk(Request(f"c{context}", [0] * context, 1, 0), context - 1, 1)
+
+    lens = [100000, 10, 3000, 20, 2000, 5000]
+    groups = ModelRunner._decode_groups([chunk(n) for n in lens])
+    assert [[c.start + 1 for c in g] for g in groups] == [[10, 20], [2000, 3000], [5000], [100000]]
