@@ -86,9 +86,12 @@ def test_model_prepack_shares_tied_weights_and_keeps_logits():
 
 
 def test_fused_gate_up_matches_and_falls_back_when_a_weight_changes():
-    torch.manual_seed(0)
-    mlp = MLP(64, 96)
-    x = torch.randn(5, 64)
+    mlp = MLP(64, 96)  # Linear weights start uninitialised (torch.empty): fill them
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in mlp.parameters():
+            p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    x = torch.randn(5, 64, generator=g)
     with torch.inference_mode():
         plain = mlp(x)
     covered = mlp.prepack()
