@@ -301,16 +301,18 @@ class GrammarMasker:
     @torch.inference_mode()  # the runner's logits are inference tensors
     def apply(self, logits: Tensor, rows: list[int], states: list[GuidedState]) -> None:
         """``logits[rows[i]]`` keeps only the tokens ``states[i]`` allows; other rows are untouched."""
-        n, vocab = logits.shape
-        if not rows:
-            return
-        if self._mask.shape[0] < len(rows):
-            self._mask = torch.empty(len(rows), self.words, dtype=torch.int32)
-        mask = self._mask[: len(rows)]
+        if rows:
+            self.apply_filled(logits, rows, self.fill(states))
+
+    def fill(self, states: list[GuidedState]) -> Tensor:
+        """The allowed-token bitmasks of ``states`` -> int32 [len(states), words] (a view of a kept buffer)."""
+        if self._mask.shape[0] < len(states):
+            self._mask = torch.empty(len(states), self.words, dtype=torch.int32)
+        mask = self._mask[: len(states)]
         for i, st in enumerate(states):
             if st.phase == "active":
-                # In this thread, one row after the other (the GIL is released): ~15 us a row here, while
-                # llguidance's thread pool keeps spinning after its work and slows the torch ops that follow.
+                # One row after the other (the GIL is released): ~15 us a row here, while llguidance's
+                # thread pool keeps spinning after its work and slows the torch ops that follow.
                 st.matcher.unsafe_compute_mask_ptr(mask[i].data_ptr(), self.words * 4)
             else:
                 tok = st.forced_token()
@@ -318,6 +320,12 @@ class GrammarMasker:
                 if tok is not None:
                     bit = 1 << (tok % 32)
                     mask[i, tok // 32] = bit - (1 << 32) if bit >= 1 << 31 else bit
+        return mask
+
+    @torch.inference_mode()
+    def apply_filled(self, logits: Tensor, rows: list[int], mask: Tensor) -> None:
+        """``logits[rows[i]]`` keeps only the tokens allowed by bitmask row ``mask[i]`` (from ``fill``)."""
+        n, vocab = logits.shape
         width = min(vocab, self.words * 32)
         nbytes = len(rows) * self.words * 4
         if self._bytes.numel() < nbytes:
