@@ -53,15 +53,18 @@ class PackedMatmul:
         )
 
     def fresh(self) -> bool:
-        return all(lin.weight.data_ptr() == p and lin.weight._version == v for lin, p, v in self.sources)
+        for lin, ptr, version in self.sources:  # a plain loop: this runs before every packed matmul
+            w = lin.weight
+            if w._version != version or w.data_ptr() != ptr:
+                return False
+        return True
 
     def usable(self, x: torch.Tensor) -> bool:
-        return (
-            x.dtype == self.dtype
-            and x.device.type == "cpu"
-            and not (torch.is_grad_enabled() and any(lin.weight.requires_grad for lin, _, _ in self.sources))
-            and self.fresh()
-        )
+        if x.dtype != self.dtype or x.device.type != "cpu":
+            return False
+        if torch.is_grad_enabled() and any(lin.weight.requires_grad for lin, _, _ in self.sources):
+            return False  # autograd needs the plain matmul
+        return self.fresh()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, None, "none", [], "")
