@@ -81,7 +81,8 @@ class EngineCore:
         self.cache = PagedKVCache(mcfg, num_blocks, cfg.block_size, n_layers, model.dtype, model.device)
         self.scheduler = Scheduler(self.pool, cfg.max_num_seqs, cfg.max_num_batched_tokens)
         self.runner = ModelRunner(model, self.cache)
-        self.packed_weight_bytes = model.prepack_cpu_weights() if cfg.prepack_weights else 0
+        if cfg.prepack_weights:
+            model.prepack_cpu_weights()
         self.sampler = Sampler()
         self.grammar: GrammarCompiler | None = None  # set by attach_tokenizer
         self._masker: GrammarMasker | None = None

@@ -82,8 +82,7 @@ class Indexer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k for queries of different sequences (a batch of decodes) -> idx [T, k'], valid [T, k']."""
         q, w = self.query(x, c_q, cos, sin)  # [1, T, H_I, d_I], [1, T, H_I]
-        qk = torch.bmm(q[0].float(), k_index.float().transpose(1, 2)).relu_()  # [T, H_I, S]
-        scores = torch.bmm(w[0, :, None, :], qk)[:, 0]  # [T, S]
+        scores = index_scores(q[0, :, None], w[0, :, None], k_index)[:, 0]  # each query its own batch: [T, S]
         return select_topk_visible(scores, visible, self.topk)
 
 
@@ -106,8 +105,7 @@ def select_topk(scores: torch.Tensor, q_pos: torch.Tensor, k: int) -> tuple[torc
     """
     S = scores.shape[-1]
     visible = torch.arange(S, device=scores.device)[None, :] <= q_pos[:, None]  # [T, S]
-    idx, _ = select_topk_visible(scores, visible, k)
-    return idx, idx <= q_pos[None, :, None]
+    return select_topk_visible(scores, visible, k)
 
 
 def select_topk_visible(

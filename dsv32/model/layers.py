@@ -196,10 +196,9 @@ class MLP(nn.Module):
         self._gate_up: PackedMatmul | None = None  # gate_proj and up_proj in one matmul; see ``prepack``
 
     def prepack(self, cache: dict | None = None) -> list[Linear]:
-        """Pack gate_proj and up_proj as one matmul (and down_proj on its own); returns the Linears covered."""
+        """Pack gate_proj and up_proj as one matmul; returns the Linears covered (see ``PackedMatmul``)."""
         self._gate_up = packed([self.gate_proj, self.up_proj], cache)
-        self.down_proj.prepack(cache)
-        return [self.gate_proj, self.up_proj, self.down_proj]
+        return [self.gate_proj, self.up_proj] if self._gate_up is not None else []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = matmul_split(self._gate_up, [self.gate_proj, self.up_proj], x)

@@ -23,6 +23,7 @@ from dsv32.model.kv_cache import KVCache
 from dsv32.model.layers import Linear, PackedMatmul, RMSNorm, matmul_split, packed
 from dsv32.model.rope import apply_rope_half, apply_rope_interleaved
 from dsv32.model.sparse_attn import (
+    absorb_query,
     attention_absorbed,
     attention_absorbed_selected,
     attention_naive,
@@ -135,7 +136,7 @@ class MLA(nn.Module):
             kv = self.kv_b_proj(c_kv).view(c_kv.shape[0], S, H, self.d_nope + self.d_v)
             k_nope, v = kv.split([self.d_nope, self.d_v], dim=-1)
         else:
-            w_kv_b = self.kv_b_proj.dense_weight(c_kv.dtype).view(H, self.d_nope + self.d_v, self.d_latent)
+            w_kv_b = self._w_kv_b(c_kv.dtype)
         # Queries go in chunks so score matrices stay bounded (~QUERY_CHUNK_ELEMENTS) for long prompts.
         # A chunk reads only the keys up to its last query's position (causal): later chunks see more.
         index_heads = self.indexer.n_heads if self.indexer is not None else 0
@@ -186,13 +187,14 @@ class MLA(nn.Module):
         """Absorbed attention of single-query rows of different sequences (a batch of decodes), each over
         its own gathered latent entries -> [1, T, H, d_v]. The caller selects (``Indexer.select_per_query``)
         and gathers, so only the selected entries are ever read."""
-        H = self.n_heads
-        w_kv_b = self.kv_b_proj.dense_weight(c_kv.dtype).view(H, self.d_nope + self.d_v, self.d_latent)
-        w_uk, w_uv = w_kv_b[:, : self.d_nope], w_kv_b[:, self.d_nope :]
-        q_lat = torch.einsum("bthn,hnc->bthc", inp.q_nope, w_uk)
+        q_lat, w_uv = absorb_query(inp.q_nope, self._w_kv_b(c_kv.dtype))
         return attention_absorbed_selected(
             q_lat, inp.q_pe, c_kv[None], k_pe[None], w_uv, self.scale, valid[None]
         )
+
+    def _w_kv_b(self, dtype: torch.dtype) -> torch.Tensor:
+        """kv_b_proj's weight as [H, d_n + d_v, d_c] (what the absorbed form folds into q and the output)."""
+        return self.kv_b_proj.dense_weight(dtype).view(self.n_heads, self.d_nope + self.d_v, self.d_latent)
 
     def cheaper_form(self, T: int, S: int) -> AttnForm:
         """The form with fewer multiply-adds for the last T positions of S keys as queries (both forms give

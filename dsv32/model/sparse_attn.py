@@ -62,9 +62,7 @@ def attention_absorbed(
     topk_valid: torch.Tensor | None = None,  # [B, T, k]
 ) -> torch.Tensor:
     """-> per-head outputs [B, T, H, d_v], attending in latent space."""
-    d_n = q_nope.shape[-1]
-    w_uk, w_uv = w_kv_b[:, :d_n], w_kv_b[:, d_n:]  # [H, d_n, d_c], [H, d_v, d_c]
-    q_lat = torch.einsum("bthn,hnc->bthc", q_nope, w_uk)  # absorbed query [B, T, H, d_c]
+    q_lat, w_uv = absorb_query(q_nope, w_kv_b)
     if topk_idx is None:
         # dense: every causal key
         scores = torch.einsum("bthc,bsc->bths", q_lat, c_kv) + torch.einsum("bthr,bsr->bths", q_pe, k_pe)
@@ -78,6 +76,14 @@ def attention_absorbed(
         c_sel, pe_sel = gather_rows(c_kv, topk_idx), gather_rows(k_pe, topk_idx)
         return attention_absorbed_selected(q_lat, q_pe, c_sel, pe_sel, w_uv, scale, topk_valid)
     return torch.einsum("bthc,hvc->bthv", o_lat, w_uv)
+
+
+def absorb_query(q_nope: torch.Tensor, w_kv_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fold W_UK into the query: q_nope [B, T, H, d_n] -> absorbed query [B, T, H, d_c], and W_UV
+    [H, d_v, d_c] (what maps the latent output back to per-head values)."""
+    d_n = q_nope.shape[-1]
+    w_uk, w_uv = w_kv_b[:, :d_n], w_kv_b[:, d_n:]  # [H, d_n, d_c], [H, d_v, d_c]
+    return torch.einsum("bthn,hnc->bthc", q_nope, w_uk), w_uv
 
 
 def gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
