@@ -11,18 +11,7 @@ from dsv32.chat.tokenizer import load_tokenizer
 from dsv32.engine.async_engine import AsyncEngine, QueueFullError
 from dsv32.engine.core import EngineConfig, EngineCore, EngineError
 from dsv32.engine.sampling_params import SamplingParams
-from dsv32.model.transformer import DeepseekForCausalLM
 from tests.engine.test_paged_runner import alone
-from tests.model.oracle import randomize_
-from tests.model.test_forms import tiny_config
-
-
-@pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    m = DeepseekForCausalLM(tiny_config(index_topk=12)).eval()
-    randomize_(m, seed=3)
-    return m
 
 
 def run_all(core: EngineCore) -> dict[str, list[int]]:

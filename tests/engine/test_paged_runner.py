@@ -16,17 +16,6 @@ from dsv32.engine.paged_cache import PagedKVCache
 from dsv32.engine.request import Request, Status
 from dsv32.engine.runner import ModelRunner
 from dsv32.engine.scheduler import Scheduler
-from dsv32.model.transformer import DeepseekForCausalLM
-from tests.model.oracle import randomize_
-from tests.model.test_forms import tiny_config
-
-
-@pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    m = DeepseekForCausalLM(tiny_config(index_topk=12)).eval()
-    randomize_(m, seed=3)
-    return m
 
 
 def alone(model, prompt: list[int], n: int) -> list[int]:
