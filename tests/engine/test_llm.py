@@ -1,0 +1,51 @@
+"""The offline API (``dsv32.LLM``): strings and token ids through one engine, one output per prompt."""
+
+from __future__ import annotations
+
+import pytest
+
+import dsv32
+from dsv32.engine.sampling_params import SamplingParams
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return dsv32.LLM()  # the embedded default model
+
+
+def _greedy(n: int, **kw) -> SamplingParams:
+    return SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, **kw)
+
+
+def test_strings_and_token_ids_give_the_same_outputs(llm):
+    prompts = ["Hello", "The capital of France is", "def f(x):"]
+    by_text = llm.generate(prompts, _greedy(6))
+    ids = [llm.tokenizer.encode(p, add_bos=True) for p in prompts]
+    by_ids = llm.generate(prompt_token_ids=ids, sampling_params=_greedy(6))
+    assert [o.prompt_token_ids for o in by_text] == ids
+    for a, b in zip(by_text, by_ids, strict=True):
+        assert a.token_ids == b.token_ids and len(a.token_ids) == 6
+        assert a.text == b.text == llm.tokenizer.decode(a.token_ids)
+        assert a.finish_reason == "length"
+    # batched through one engine, each output equals the prompt run alone
+    assert llm.generate(prompts[1], _greedy(6))[0].token_ids == by_text[1].token_ids
+    llm.engine.pool.assert_no_leaks()
+
+
+def test_logprobs_when_asked(llm):
+    out = llm.generate(["Hello"], _greedy(4, logprobs=True, top_logprobs=3))[0]
+    assert len(out.logprobs) == 4
+    for tok, lp in zip(out.token_ids, out.logprobs, strict=True):
+        assert len(lp["top"]) == 3 and lp["top"][0][0] == tok  # greedy: the chosen token is the top one
+        assert lp["logprob"] == pytest.approx(lp["top"][0][1])
+    assert llm.generate(["Hello"], _greedy(2))[0].logprobs is None
+
+
+def test_bad_calls_are_errors_and_leave_no_blocks(llm):
+    with pytest.raises(ValueError, match="either prompts or prompt_token_ids"):
+        llm.generate(["a"], _greedy(2), prompt_token_ids=[[1, 2]])
+    with pytest.raises(ValueError, match="2 sampling_params for 1 prompts"):
+        llm.generate(["a"], [_greedy(2), _greedy(2)])
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        llm.generate(prompt_token_ids=[[1, 2], [10**9]], sampling_params=_greedy(2))
+    llm.engine.pool.assert_no_leaks()
