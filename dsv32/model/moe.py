@@ -66,21 +66,23 @@ class MoE(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         idx, w = self.gate(x)  # [N, k]
-        y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-        # group tokens by expert: run each expert once on all tokens routed to it
+        # group the (token, expert) pairs by expert: one gather of the inputs, each expert runs once on a
+        # contiguous slice, one weighting and one scatter-add of all routed outputs
         flat = idx.flatten()
         order = flat.argsort()
         counts = torch.bincount(flat, minlength=len(self.experts)).tolist()
-        token_of = order // idx.shape[1]
-        weight_of = w.flatten()[order]
-        start = 0
+        token_of = order // idx.shape[1]  # [N·k] the token of each pair, in expert order
+        xs = x.index_select(0, token_of)
+        outs, start = [], 0
         for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            tok = token_of[start : start + n]
-            out = self.experts[e](x[tok])
-            y.index_add_(0, tok, out.float() * weight_of[start : start + n, None])
-            start += n
+            if n:
+                outs.append(self.experts[e](xs[start : start + n]))
+                start += n
+        routed = (torch.cat(outs) if len(outs) > 1 else outs[0]).float()
+        routed.mul_(w.flatten()[order, None])
         if self.shared_experts is not None:
-            y += self.shared_experts(x).float()
+            y = self.shared_experts(x).float()
+        else:
+            y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        y.index_add_(0, token_of, routed)
         return y.to(x.dtype).view(shape)
