@@ -57,6 +57,17 @@ _OPTION_KEYS = ("start_token", "start_within")
 # whitespace would let a model pad forever; a schema's own "x-guidance" settings still win.
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 _CACHE_SIZE = 256
+# llguidance's "slices" are groups of tokens a mask can allow whole, instead of walking each token through the
+# lexer. Its general slices group JSON string-content tokens by length up to 10 and 30 characters, so inside a
+# bounded string (``maxLength``) with fewer than 10 characters left most of the vocabulary is walked (~1 ms a
+# row). Finer length groups let more of it be allowed whole: ~22% less mask time on ``dsv32 bench grammar``'s
+# schema (91 -> 70 us a row) for ~0.1 s more tokenizer set-up; the masks are identical (tested).
+_STRING_CHAR = r'[^"\\\x00-\x1F\x7F]'
+MASK_SLICES = [
+    r"[\x20\x0A\x0D\x09]+",
+    *(f"{_STRING_CHAR}{{1,{n}}}" for n in (1, 2, 3, 4, 6, 8, 10, 30)),
+    f"{_STRING_CHAR}+",
+]
 
 
 class GuidedDecodingError(SamplingParamsError):
@@ -152,10 +163,14 @@ class GrammarCompiler:
     allowed exactly where the grammar may end.
     """
 
-    def __init__(self, tokenizer_json: str, vocab_rows: int, eos_id: int):
+    def __init__(
+        self, tokenizer_json: str, vocab_rows: int, eos_id: int, slices: list[str] | None = MASK_SLICES
+    ):
         self.vocab_rows = vocab_rows
         self.eos_id = eos_id
-        self.tokenizer = llguidance.LLTokenizer(tokenizer_json, n_vocab=vocab_rows, eos_token=eos_id)
+        self.tokenizer = llguidance.LLTokenizer(
+            tokenizer_json, n_vocab=vocab_rows, eos_token=eos_id, slices=slices
+        )
         self._templates: OrderedDict[str, llguidance.LLMatcher] = OrderedDict()
         self._lock = threading.Lock()
 

@@ -17,6 +17,7 @@ from dsv32.engine.grammar import (
     GuidedDecodingError,
     check_guided,
     dsml_tool_grammar,
+    tokenizer_json_text,
 )
 from dsv32.engine.sampling_params import SamplingParams, SamplingParamsError
 from dsv32.weights.default_model import ensure_default_model
@@ -108,6 +109,44 @@ def test_mask_applies_to_constrained_rows_only(compiler, tokenizer):
     assert allowed3 and all(tokenizer.decode([t]).isdigit() for t in allowed3)
     # control tokens and the padding rows past the tokenizer are never allowed
     assert not torch.isfinite(logits[[1, 3]][:, 128000:]).any()
+
+
+def test_our_mask_slices_give_the_same_masks_as_llguidances_general_ones(compiler, tokenizer):
+    """The finer string-length slices (``MASK_SLICES``) only change how a mask is computed: along sampled
+    paths through bounded and unbounded strings, numbers and enums, every mask equals the one computed with
+    llguidance's general slices."""
+    general = GrammarCompiler(tokenizer_json_text(tokenizer), ROWS, tokenizer.eos_id, slices=None)
+    schema = {
+        "type": "array",
+        "items": {
+            "type": "object",
+            "properties": {
+                "short": {"type": "string", "maxLength": 12},
+                "tiny": {"type": "string", "minLength": 2, "maxLength": 3},
+                "free": {"type": "string"},
+                "n": {"type": "integer"},
+                "kind": {"enum": ["alpha", "beta"]},
+            },
+            "required": ["short", "tiny", "free", "n", "kind"],
+            "additionalProperties": False,
+        },
+        "minItems": 3,
+    }
+    ours_masker, general_masker = GrammarMasker(compiler), GrammarMasker(general)
+    g = torch.Generator().manual_seed(0)
+    steps = 0
+    for _ in range(2):
+        ours, ref = compiler.new_state({"json_schema": schema}), general.new_state({"json_schema": schema})
+        for _ in range(120):
+            a, b = ours_masker.fill([ours]).clone(), general_masker.fill([ref])
+            assert torch.equal(a, b), f"masks differ after {steps} tokens"
+            logits = torch.randn(1, ROWS, generator=g) * 3
+            ours_masker.apply_filled(logits, [0], a)
+            tok = int(torch.multinomial(torch.softmax(logits[0], -1), 1, generator=g))
+            steps += 1
+            if ours.advance(tok) | ref.advance(tok):
+                break
+    assert steps > 100
 
 
 def test_json_object_mode(compiler, tokenizer):
