@@ -112,7 +112,27 @@ def select_topk_visible(
     scores: torch.Tensor, visible: torch.Tensor, k: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k among the visible keys: scores [..., S], visible broadcastable to it -> idx [..., k'] and
-    valid [..., k'] (k' = min(k, S); False where fewer than k' keys are visible)."""
-    scores = scores.masked_fill(~visible, float("-inf"))
-    top = scores.topk(min(k, scores.shape[-1]), dim=-1, sorted=False)  # a set: order is irrelevant
-    return top.indices, top.values > float("-inf")
+    valid [..., k'] (k' = min(k, S); False where fewer than k' keys are visible).
+
+    Keys tied with the k-th largest score are taken earliest position first. The ReLU makes exact ties
+    common (a key every index head scores negative scores exactly 0), and ``torch.topk`` alone picks among
+    tied keys by the row's length and layout: a prefill chunk (keys trimmed to what it can see), a padded
+    decode row and the full forward would each select different keys, and attend differently.
+    """
+    scores = scores.masked_fill(~visible, float("-inf"))  # our own copy: changed in place below
+    k = min(k, scores.shape[-1])
+    vals, idx = scores.topk(k, dim=-1, sorted=False)  # a set: order is irrelevant
+    cut = vals.amin(dim=-1, keepdim=True)  # the k-th largest score of each row
+    # rows that left out a key scoring exactly the cut (rows short of visible keys fill with -inf: not those);
+    # found with one pass over the keys not taken (counting the ties would cost 5x more on a long prefill)
+    scores.scatter_(-1, idx, float("-inf"))
+    redo = (scores == cut).any(-1) & (cut[..., 0] > float("-inf"))
+    if bool(redo.any()):
+        scores.scatter_(-1, idx, vals)  # restored
+        rows = redo.nonzero(as_tuple=True)
+        s, c = scores[rows], cut[rows]  # [n, S], [n, 1]
+        above, tied = s > c, s == c
+        keep = above | (tied & (tied.cumsum(-1) <= k - above.sum(-1, keepdim=True)))  # exactly k per row
+        idx = idx.clone()
+        idx[rows] = keep.nonzero()[:, 1].view(-1, k)
+    return idx, vals > float("-inf")

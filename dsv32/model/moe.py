@@ -80,9 +80,8 @@ class MoE(nn.Module):
                 start += n
         routed = (torch.cat(outs) if len(outs) > 1 else outs[0]).float()
         routed.mul_(w.flatten()[order, None])
+        # routed sum first, shared expert last: the order of the additions of transformers and the reference
+        y = torch.zeros(x.shape, dtype=torch.float32, device=x.device).index_add_(0, token_of, routed)
         if self.shared_experts is not None:
-            y = self.shared_experts(x).float()
-        else:
-            y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-        y.index_add_(0, token_of, routed)
+            y += self.shared_experts(x).float()
         return y.to(x.dtype).view(shape)

@@ -16,6 +16,9 @@ from dsv32.engine.paged_cache import PagedKVCache
 from dsv32.engine.request import Request, Status
 from dsv32.engine.runner import ModelRunner
 from dsv32.engine.scheduler import Scheduler
+from dsv32.model.transformer import DeepseekForCausalLM
+from tests.model.oracle import randomize_
+from tests.model.test_forms import tiny_config
 
 
 def alone(model, prompt: list[int], n: int) -> list[int]:
@@ -95,6 +98,22 @@ def test_paged_logits_equal_full_forward_past_index_topk(model):
     prompts = [torch.randint(0, 300, (n,), generator=g).tolist() for n in (20, 7, 26)]  # topk is 12
     _, pool, worst, _ = drive(
         model, prompts, n_new=10, num_blocks=40, block_size=4, budget=9, check_logits=True
+    )
+    assert worst < 1e-5
+    pool.assert_no_leaks()
+
+
+def test_paged_logits_equal_full_forward_when_index_scores_tie():
+    """With one index head about half the keys score exactly 0 (the ReLU), so the top-k cut falls among
+    tied keys: the paged prefill chunks, the padded decode rows and the full forward must still pick the
+    same ones (before ties were broken by position, the logits differed by 0.98)."""
+    torch.manual_seed(0)
+    tie_model = DeepseekForCausalLM(tiny_config(index_topk=12, index_n_heads=1)).eval()
+    randomize_(tie_model, seed=3)
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, 300, (n,), generator=g).tolist() for n in (20, 7, 26)]
+    _, pool, worst, _ = drive(
+        tie_model, prompts, n_new=10, num_blocks=40, block_size=4, budget=9, check_logits=True
     )
     assert worst < 1e-5
     pool.assert_no_leaks()
