@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from dsv32.config import ModelConfig
+from dsv32.heap import release_freed_heap
 from dsv32.model.kv_cache import KVCache
 from dsv32.model.layers import MLP, Linear, RMSNorm
 from dsv32.model.mla import MLA, AttentionContext, AttnForm, ContiguousContext
@@ -135,6 +136,7 @@ class DeepseekForCausalLM(nn.Module):
                 and not name.endswith(self._DENSE_ONLY)
             ):
                 module.prepack(cache)
+        release_freed_heap()  # the fused weights' concatenated temporaries
         return sum(t.numel() * t.element_size() for t in cache.values())
 
     @property

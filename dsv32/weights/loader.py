@@ -26,6 +26,7 @@ from torch import nn
 from tqdm import tqdm
 
 from dsv32.config import ModelConfig
+from dsv32.heap import release_freed_heap
 from dsv32.model.layers import FP8_DTYPE, Linear, dequantize_fp8_blocks
 from dsv32.model.transformer import DeepseekForCausalLM
 from dsv32.weights.layout import SCALE_SUFFIX, scale_name
@@ -133,6 +134,7 @@ def load_model(
                         _read_into(fh, stored[name], model.get_parameter(name))
     model.eval()
     model.requires_grad_(False)
+    release_freed_heap()  # the conversion temporaries of the shards
     return model
 
 
