@@ -192,3 +192,30 @@ def test_stop_string_across_token_boundaries(model):
     outs = run(SamplingParams(temperature=0.0, max_tokens=12, stop=[stop]))
     assert "".join(o.text for o in outs) == text[: text.index(stop)]
     assert outs[-1].finish_reason == "stop" and outs[-1].stop_sequence == stop
+
+
+@pytest.mark.slow
+def test_default_model_engine_equals_its_own_forward_past_index_topk():
+    """The model `dsv32 serve` runs (4 index heads, index_topk 64: index scores tie at exactly 0 often):
+    five requests of 33-260 tokens, chunked prefill and batched decodes, give the greedy tokens of the
+    plain forward (before ties were broken by position, 3 of these 5 parted, one at its first token)."""
+    import dsv32
+    from dsv32.weights.default_model import ensure_default_model
+
+    model = dsv32.load_model(ensure_default_model(), dtype=torch.float32, progress=False)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(2, 128000, (n,), generator=g).tolist() for n in (70, 150, 260, 33, 199)]
+    core = EngineCore(
+        model,
+        EngineConfig(num_blocks=256, block_size=16, max_num_seqs=8, max_num_batched_tokens=96),
+        eos_id=None,
+    )
+    for i, p in enumerate(prompts):
+        core.add_request(str(i), p, SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))
+    outs: dict[str, list[int]] = {str(i): [] for i in range(len(prompts))}
+    while core.has_work():
+        for o in core.step():
+            outs[o.request_id] += o.new_token_ids
+    for i, p in enumerate(prompts):
+        assert outs[str(i)] == alone(model, p, 12), f"request {i} ({len(p)} tokens)"
+    core.pool.assert_no_leaks()
