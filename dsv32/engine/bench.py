@@ -57,9 +57,9 @@ README_HF = {"decode_tok_s": 3.8, "prefill_tok_s": 96.0}  # the HF figures the t
 README_BANDWIDTH = 35e9  # bytes/s, "~35 GB/s" for this machine kind
 LLAMA_CPP_TOK_S = {1: 34.2, 4: 77.5, 16: 155.0}  # README: aggregate decode tok/s by concurrent slots
 LLAMA_CPP_RATIO = {
-    "decode": 34.2 / 3.8,
-    "prefill": 349 / 96,
-    "concurrency": {1: 34.2 / 3.8, 4: 77.5 / 3.8, 16: 155 / 3.8},
+    "decode": LLAMA_CPP_TOK_S[1] / README_HF["decode_tok_s"],
+    "prefill": 349 / README_HF["prefill_tok_s"],
+    "concurrency": {c: tok_s / README_HF["decode_tok_s"] for c, tok_s in LLAMA_CPP_TOK_S.items()},
 }
 
 

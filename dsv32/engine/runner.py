@@ -154,7 +154,7 @@ class ModelRunner:
             new_slots.append(self._slots(req.block_table, c.start, end))
             segments.append(
                 _Segment(
-                    slice(offset, end - c.start + offset), positions[-1], self._slots(req.block_table, 0, end)
+                    slice(offset, offset + c.num_tokens), positions[-1], self._slots(req.block_table, 0, end)
                 )
             )
             offset += c.num_tokens

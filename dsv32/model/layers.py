@@ -69,10 +69,6 @@ class PackedMatmul:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, None, "none", [], "")
 
-    @property
-    def nbytes(self) -> int:
-        return self.weight.numel() * self.weight.element_size()
-
 
 def packed(linears: list[Linear], cache: dict | None = None) -> PackedMatmul | None:
     """A ``PackedMatmul`` over ``linears`` when this build and their weights allow one, else None."""
