@@ -822,7 +822,8 @@ def markdown(r: dict) -> str:
 # ---- CLI -------------------------------------------------------------------------------------------
 
 
-def _ints(text: str | None) -> tuple[int, ...] | None:
+def positive_ints(text: str | None) -> tuple[int, ...] | None:
+    """A CLI list such as "1,4,16" -> (1, 4, 16); ValueError naming the text otherwise (None passes)."""
     if text is None:
         return None
     try:
@@ -848,11 +849,11 @@ def main_bench_engine(args: argparse.Namespace) -> int:
     if getattr(args, "decode", None):
         over["decode_tokens"] = args.decode
     if getattr(args, "concurrency", None):
-        over["concurrency"] = _ints(args.concurrency)
+        over["concurrency"] = positive_ints(args.concurrency)
     if getattr(args, "ttft_prompt", None):
         over["ttft_prompt_tokens"] = args.ttft_prompt
     if getattr(args, "contexts", None):
-        over["long_contexts"] = _ints(args.contexts)
+        over["long_contexts"] = positive_ints(args.contexts)
     if getattr(args, "device", None):
         if args.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"--device {args.device}: this machine has no CUDA device")

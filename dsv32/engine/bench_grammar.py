@@ -245,7 +245,9 @@ def _markdown(r: dict) -> str:
 
 
 def main_bench_grammar(args: argparse.Namespace) -> int:
-    batches = tuple(int(b) for b in str(args.batches).split(","))
+    from dsv32.engine.bench import positive_ints
+
+    batches = positive_ints(str(args.batches))
     bench_grammar(Path(args.out), args.model, tokens=args.tokens, batches=batches, repeats=args.repeats)
     print((Path(args.out) / "bench_grammar.md").read_text())
     return 0
