@@ -58,20 +58,25 @@ class BlockPool:
         return block
 
     def lookup_prefix(self, hashes: Sequence[bytes]) -> list[int]:
-        """Leading blocks whose hashes are cached, each taken (ref count + 1) for the caller."""
+        """Leading blocks whose hashes are cached, each taken (ref count + 1) for the caller (not counted in the
+        hit rate: see ``record_lookup``)."""
         found = []
         for h in hashes:
             block = self.cached.get(h)
             if block is None:
                 break
             found.append(block)
-        self.queries += len(hashes)
-        self.hits += len(found)
         for block in found:
             if self.ref_count[block] == 0:
                 del self.free_queue[block]
             self.ref_count[block] += 1
         return found
+
+    def record_lookup(self, queried: int, hit: int) -> None:
+        """Count one admitted request's prefix lookup: ``queried`` full blocks looked up, ``hit`` of them reused
+        (``lookup_prefix`` does not count: a request refused for lack of blocks gives its hits back)."""
+        self.queries += queried
+        self.hits += hit
 
     def mark_full(self, block: int, block_hash: bytes) -> None:
         """Record that ``block`` now holds the full block ``block_hash`` (reusable by later requests)."""

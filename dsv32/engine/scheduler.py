@@ -82,11 +82,17 @@ class Scheduler:
             i += 1
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
-            self._take_prefix_hits(req)  # a waiting request holds no blocks (new, preempted or refused)
+            # a waiting request holds no blocks (new, preempted or refused)
+            looked_up = self._take_prefix_hits(req)
             n = min(req.num_tokens - req.num_computed, budget)
             if not self._ensure_blocks(req, req.num_computed + n):
                 self._release(req)  # give back prefix hits; try again next step
                 break
+            # Hits count once admitted: a refused request's hits are given back (and may be evicted
+            # before it is admitted), so neither the pool's hit rate nor its cached tokens may count them.
+            self.pool.record_lookup(looked_up, req.num_computed // self.block_size)
+            if req.num_cached_prompt is None:  # reported once, from the first admission
+                req.num_cached_prompt = min(req.num_computed, len(req.prompt_ids))
             self.waiting.popleft()
             req.status = Status.RUNNING
             self.running.append(req)
@@ -109,15 +115,15 @@ class Scheduler:
             req.block_hashes = hashes
 
     # ---- helpers ----------------------------------------------------------------------------
-    def _take_prefix_hits(self, req: Request) -> None:
+    def _take_prefix_hits(self, req: Request) -> int:
+        """Take the cached blocks of the request's leading full blocks; returns how many blocks were looked up."""
         # at least one token must be computed, to have logits to sample from
         hashes = req.full_block_hashes(self.block_size, req.num_tokens - 1)
         blocks = self.pool.lookup_prefix(hashes)
         req.block_table = blocks
         req.block_hashes = hashes[: len(blocks)]
         req.num_computed = len(blocks) * self.block_size
-        if req.num_cached_prompt is None:  # reported once, from the first admission
-            req.num_cached_prompt = min(req.num_computed, len(req.prompt_ids))
+        return len(hashes)
 
     def _ensure_blocks(self, req: Request, n_tokens: int) -> bool:
         need = -(-n_tokens // self.block_size) - len(req.block_table)
