@@ -21,7 +21,14 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from dsv32.api.errors import bad_request
-from dsv32.api.generation import ChatRun, max_tokens_for, sampling_params_for, submit, with_keepalive
+from dsv32.api.generation import (
+    ChatRun,
+    max_tokens_for,
+    reject_lone_surrogates,
+    sampling_params_for,
+    submit,
+    with_keepalive,
+)
 from dsv32.api.service import MODE_LIMITS, REASONER_MODEL, ServingContext
 from dsv32.api.structured import guided_for_chat, with_guided
 from dsv32.chat import encode_prompt
@@ -172,6 +179,7 @@ def _thinking(req, ctx: ServingContext) -> bool:
 
 
 def _prompt(req, ctx: ServingContext) -> tuple[list[int], list[dict[str, Any]] | None, bool]:
+    reject_lone_surrogates(req)
     thinking = _thinking(req, ctx)
     tools = to_openai_tools(req.tools)
     choice = getattr(req, "tool_choice", None) or {}

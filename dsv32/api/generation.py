@@ -4,8 +4,11 @@ keep-alive streaming, engine errors, and ``ChatRun`` (engine outputs -> parser d
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from typing import Any
+
+from pydantic import BaseModel
 
 from dsv32.api.errors import APIError, bad_request, invalid_param
 from dsv32.api.service import ServingContext
@@ -37,6 +40,39 @@ def max_tokens_for(ctx: ServingContext, requested: int | None, n_prompt: int, li
             "max_tokens",
         )
     return requested
+
+
+def reject_lone_surrogates(body: BaseModel) -> None:
+    """400 naming the field when a request string holds a lone UTF-16 surrogate.
+
+    JSON's ``"\\ud800"`` escape decodes to one, and it is not Unicode text: the tokenizer (and UTF-8) cannot
+    take it. Tool-call ``arguments`` are JSON inside a string, so their decoded strings are checked too."""
+    todo: list[tuple[str, Any]] = [(name, getattr(body, name)) for name in type(body).model_fields]
+    todo += list((body.model_extra or {}).items())
+    while todo:
+        path, value = todo.pop()
+        if isinstance(value, str):
+            if not value.isascii():
+                try:
+                    value.encode("utf-8")
+                except UnicodeEncodeError as e:
+                    raise bad_request(
+                        f"{path}: contains a lone UTF-16 surrogate (\\u{ord(value[e.start]):04x}) at character "
+                        f"{e.start}, which is not valid Unicode text",
+                        path,
+                    ) from None
+            if path.endswith(".arguments") and "\\u" in value:
+                try:
+                    todo.append((path, json.loads(value)))
+                except (ValueError, RecursionError):
+                    pass  # not JSON: the encoder says so
+        elif isinstance(value, BaseModel):
+            todo += [(f"{path}.{name}", getattr(value, name)) for name in type(value).model_fields]
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                todo += [(f"{path} (key)", k), (f"{path}.{k}", v)]
+        elif isinstance(value, list):
+            todo += [(f"{path}[{i}]", v) for i, v in enumerate(value)]
 
 
 def logit_bias_ids(raw: dict[str, float] | None) -> dict[int, float] | None:

@@ -17,7 +17,14 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from dsv32.api.errors import bad_request, invalid_param
-from dsv32.api.generation import ChatRun, max_tokens_for, sampling_params_for, submit, with_keepalive
+from dsv32.api.generation import (
+    ChatRun,
+    max_tokens_for,
+    reject_lone_surrogates,
+    sampling_params_for,
+    submit,
+    with_keepalive,
+)
 from dsv32.api.schemas import ChatCompletionRequest, CompletionRequest
 from dsv32.api.service import MODE_LIMITS, ServingContext
 from dsv32.api.structured import guided_for_chat, with_guided, with_response_format_slot
@@ -99,6 +106,7 @@ async def list_models(request: Request) -> dict[str, Any]:
 
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     ctx = _ctx(request)
+    reject_lone_surrogates(body)
     beta = request.url.path.startswith("/beta/")
     model, default_thinking = ctx.resolve_model(body.model)
     if not model:
@@ -202,6 +210,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
 
 async def completions(body: CompletionRequest, request: Request):
     ctx = _ctx(request)
+    reject_lone_surrogates(body)
     model, thinking = ctx.resolve_model(body.model)
     if not model:
         raise bad_request(

@@ -1,0 +1,65 @@
+"""A hostile or careless client against the real server: every malformed request is a 4xx in the route's
+error shape (never a 500 or a hang), and a client that goes away leaves no running request or block."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+CHAT = '{"model": "deepseek-chat", "max_tokens": 2, "messages": [%s]}'
+CALL = '{"role": "assistant", "content": null, "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "{\\"a\\": \\"\\\\ud800\\"}"}}]}'  # fmt: skip
+TOOL = '{"role": "tool", "tool_call_id": "c", "content": "r"}'
+ANTHROPIC = '{"model": "deepseek-chat", "max_tokens": 2, "messages": [%s]}'
+
+SURROGATES = [
+    # (name, path, raw body, the field the error names)
+    ("user content", "/v1/chat/completions", CHAT % '{"role": "user", "content": "a\\ud800b"}', "messages[0].content"),
+    ("low surrogate", "/chat/completions", CHAT % '{"role": "user", "content": "\\udc00"}', "messages[0].content"),
+    ("system content", "/v1/chat/completions", CHAT % '{"role": "system", "content": "\\ud800"}, {"role": "user", "content": "x"}', "messages[0].content"),
+    ("text part", "/v1/chat/completions", CHAT % '{"role": "user", "content": [{"type": "text", "text": "\\ud800"}]}', "messages[0].content[0].text"),
+    ("tool name", "/v1/chat/completions", CHAT[:-1] % '{"role": "user", "content": "x"}' + ', "tools": [{"type": "function", "function": {"name": "\\ud800"}}]}', "tools[0].function.name"),
+    ("escaped in tool-call arguments", "/v1/chat/completions", CHAT % ('{"role": "user", "content": "x"}, ' + CALL + ", " + TOOL), "messages[1].tool_calls[0].function.arguments"),
+    ("streamed", "/v1/chat/completions", CHAT[:-1] % '{"role": "user", "content": "\\ud800"}' + ', "stream": true}', "messages[0].content"),
+    ("fim prompt", "/beta/completions", '{"model": "deepseek-chat", "prompt": "\\ud800", "max_tokens": 2}', "prompt"),
+    ("fim suffix", "/beta/completions", '{"model": "deepseek-chat", "prompt": "a", "suffix": "\\ud800", "max_tokens": 2}', "suffix"),
+    ("anthropic user", "/anthropic/v1/messages", ANTHROPIC % '{"role": "user", "content": "\\ud800"}', "messages[0].content"),
+    ("anthropic tool_use input", "/anthropic/v1/messages", ANTHROPIC % '{"role": "user", "content": "x"}, {"role": "assistant", "content": [{"type": "tool_use", "id": "t", "name": "f", "input": {"a": "\\ud800"}}]}, {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t", "content": "r"}]}', "messages[1].content[0].input.a"),
+    ("anthropic count_tokens", "/anthropic/v1/messages/count_tokens", '{"model": "m", "messages": [{"role": "user", "content": "\\ud800"}]}', "messages[0].content"),
+]  # fmt: skip
+
+
+def error_of(r: httpx.Response) -> tuple[str, str | None]:
+    """(message, param) of an error body in the route's shape."""
+    body = r.json()
+    if r.request.url.path.startswith("/anthropic/"):
+        assert body["type"] == "error" and body["error"]["type"] == "invalid_request_error", body
+        return body["error"]["message"], None
+    err = body["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["type"] == "invalid_request_error", err
+    return err["message"], err["param"]
+
+
+def assert_idle(url: str) -> None:
+    stats = httpx.get(url + "/stats").json()
+    assert stats["running"] == 0 and stats["waiting"] == 0, stats
+    assert stats["free_blocks"] == stats["total_blocks"], stats
+
+
+@pytest.mark.parametrize("name, path, raw, field", SURROGATES, ids=[c[0] for c in SURROGATES])
+def test_lone_surrogates_are_a_400_naming_the_field(engine_server, name, path, raw, field):
+    # JSON's \ud800 escape decodes to a lone surrogate, which no tokenizer takes (it was a 500 TypeError)
+    r = httpx.post(
+        engine_server.url + path, content=raw.encode(), headers={"Content-Type": "application/json"}
+    )
+    assert r.status_code == 400, r.text
+    message, param = error_of(r)
+    assert field in message and "surrogate" in message, message
+    assert param is None or param.startswith(field)
+    assert_idle(engine_server.url)
+
+
+def test_surrogate_pairs_and_the_escape_as_text_are_fine(engine_server):
+    pair = CHAT % '{"role": "user", "content": "\\ud83d\\ude00 and the text \\\\ud800"}'
+    r = httpx.post(engine_server.url + "/v1/chat/completions", content=pair.encode(), timeout=60,
+                   headers={"Content-Type": "application/json"})  # fmt: skip
+    assert r.status_code == 200, r.text
