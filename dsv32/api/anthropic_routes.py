@@ -23,10 +23,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from dsv32.api.errors import bad_request
 from dsv32.api.generation import (
     ChatRun,
+    client_gone,
     max_tokens_for,
     reject_lone_surrogates,
     sampling_params_for,
     submit,
+    unless_disconnected,
     with_keepalive,
 )
 from dsv32.api.service import MODE_LIMITS, REASONER_MODEL, ServingContext
@@ -275,7 +277,9 @@ async def messages(body: MessagesRequest, request: Request):
     model = body.model
 
     if not body.stream:
-        last = await run.run_to_end(stream)
+        last = await unless_disconnected(request, run.run_to_end(stream))
+        if last is None:
+            return client_gone()
         res = run.parser.result()
         content: list[dict[str, Any]] = []
         if res["reasoning_content"]:

@@ -4,10 +4,12 @@ keep-alive streaming, engine errors, and ``ChatRun`` (engine outputs -> parser d
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, TypeVar
 
+from fastapi import Request, Response
 from pydantic import BaseModel
 
 from dsv32.api.errors import APIError, bad_request, invalid_param
@@ -19,6 +21,7 @@ from dsv32.engine.outputs import RequestOutput
 from dsv32.engine.sampling_params import SamplingParams, SamplingParamsError
 
 THINK_END = "</think>"
+T = TypeVar("T")
 
 
 def max_tokens_for(ctx: ServingContext, requested: int | None, n_prompt: int, limits: tuple[int, int]) -> int:
@@ -136,6 +139,37 @@ async def with_keepalive(agen: AsyncIterator, interval: float) -> AsyncIterator:
         if pending is not None:
             pending.cancel()
         await agen.aclose()
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def unless_disconnected(request: Request, work: Awaitable[T]) -> T | None:
+    """``await work`` (a non-streamed request's generation), or None if the client hangs up first: then the
+    work is cancelled, which closes its engine stream, so the request is aborted and its blocks freed.
+    (A streamed body gets this from the StreamingResponse, which stops when the client goes away.)"""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:  # this handler cancelled (server shutdown): the work goes with it
+        task.cancel()
+        raise
+    finally:
+        watcher.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    return None
+
+
+def client_gone() -> Response:
+    """What a non-streamed request answers once its client hung up (nobody reads it; 499 as nginx logs)."""
+    return Response(status_code=499)
 
 
 async def submit(ctx: ServingContext, prompt_ids: list[int], params: SamplingParams, request_id: str):

@@ -19,10 +19,12 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from dsv32.api.errors import bad_request, invalid_param
 from dsv32.api.generation import (
     ChatRun,
+    client_gone,
     max_tokens_for,
     reject_lone_surrogates,
     sampling_params_for,
     submit,
+    unless_disconnected,
     with_keepalive,
 )
 from dsv32.api.schemas import ChatCompletionRequest, CompletionRequest
@@ -149,7 +151,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     head = {"id": rid, "created": created, "model": model, "system_fingerprint": ctx.system_fingerprint}
 
     if not body.stream:
-        last = await run.run_to_end(stream)
+        last = await unless_disconnected(request, run.run_to_end(stream))
+        if last is None:
+            return client_gone()
         msg = run.parser.result()
         message: dict[str, Any] = {"role": "assistant", "content": msg["content"]}
         if thinking and not hide:
@@ -256,15 +260,24 @@ async def completions(body: CompletionRequest, request: Request):
         }
 
     if not body.stream:
-        text, ids, lps, last = echo, [], [], None
-        try:
-            async for out in stream:
-                text += out.text
-                ids += out.new_token_ids
-                lps += out.logprobs or []
-                last = out
-        finally:
-            await stream.aclose()
+        text, ids, lps = echo, [], []
+
+        async def run_to_end() -> RequestOutput:
+            nonlocal text, ids, lps
+            last = None
+            try:
+                async for out in stream:
+                    text += out.text
+                    ids += out.new_token_ids
+                    lps += out.logprobs or []
+                    last = out
+            finally:
+                await stream.aclose()
+            return last
+
+        last = await unless_disconnected(request, run_to_end())
+        if last is None:
+            return client_gone()
         choice = {
             "index": 0,
             "text": text,

@@ -3,6 +3,8 @@ error shape (never a 500 or a hang), and a client that goes away leaves no runni
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import pytest
 
@@ -63,3 +65,32 @@ def test_surrogate_pairs_and_the_escape_as_text_are_fine(engine_server):
     r = httpx.post(engine_server.url + "/v1/chat/completions", content=pair.encode(), timeout=60,
                    headers={"Content-Type": "application/json"})  # fmt: skip
     assert r.status_code == 200, r.text
+
+
+def wait_idle(url: str, seconds: float) -> dict:
+    deadline = time.time() + seconds
+    while True:
+        stats = httpx.get(url + "/stats").json()
+        if (stats["running"] == 0 and stats["waiting"] == 0) or time.time() > deadline:
+            return stats
+        time.sleep(0.1)
+
+
+LONG = [
+    ("/v1/chat/completions", {"model": "deepseek-chat", "messages": [{"role": "user", "content": "x"}]}),
+    ("/beta/completions", {"model": "deepseek-chat", "prompt": "def f(", "suffix": "return 1"}),
+    ("/anthropic/v1/messages", {"model": "deepseek-chat", "messages": [{"role": "user", "content": "x"}]}),
+]
+
+
+@pytest.mark.parametrize("path, body", LONG, ids=[p for p, _ in LONG])
+def test_a_client_that_hangs_up_on_a_non_streamed_request_aborts_it(engine_server, path, body):
+    # 3000 tokens take the default model tens of seconds; the client waits 1 s. Before, the request ran to
+    # its max_tokens after the client left, holding its blocks and a batch slot.
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(
+            engine_server.url + path, json={**body, "max_tokens": 3000, "ignore_eos": True}, timeout=1.0
+        )
+    stats = wait_idle(engine_server.url, 5)
+    assert stats["running"] == 0 and stats["waiting"] == 0, stats
+    assert stats["free_blocks"] == stats["total_blocks"], stats
