@@ -250,6 +250,10 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--contexts", default=None, metavar="LIST", help="default 4096,16384,32768")
     e.add_argument("--device", default=None, help="cpu (default) or cuda: where both models run")
     e.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="default float32")
+    e.add_argument(
+        "--llama-cpp", default=None, metavar="DIR",
+        help="a built llama.cpp source tree: measure llama.cpp on the same weights in the same run",
+    )  # fmt: skip
     e.add_argument("--out", type=Path, default=Path("benchmarks/results"), metavar="DIR")
     e.set_defaults(func=_bench)
     g = bsub.add_parser(
