@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from dsv32.api.errors import bad_request
 from dsv32.api.generation import (
     ChatRun,
+    chat_format_error,
     client_gone,
     max_tokens_for,
     reject_lone_surrogates,
@@ -100,11 +101,16 @@ def _text_of(content: Any, where: str) -> str:
     raise bad_request(f"{where}: expected a string or a list of text blocks", where)
 
 
-def to_openai_messages(req: MessagesRequest | CountTokensRequest) -> list[dict[str, Any]]:
-    """Anthropic system + messages -> OpenAI-style messages for the shared encoder."""
+def to_openai_messages(
+    req: MessagesRequest | CountTokensRequest, origin: list[str] | None = None
+) -> list[dict[str, Any]]:
+    """Anthropic system + messages -> OpenAI-style messages for the shared encoder; ``origin`` (if given)
+    gets, for each of them, the Anthropic field it came from (``messages[2].content[0]``)."""
     out: list[dict[str, Any]] = []
+    origin = [] if origin is None else origin
     if req.system:
         out.append({"role": "system", "content": _text_of(req.system, "system")})
+        origin.append("system")
     for i, m in enumerate(req.messages):
         where = f"messages[{i}]"
         role, content = m.get("role"), m.get("content")
@@ -128,6 +134,7 @@ def to_openai_messages(req: MessagesRequest | CountTokensRequest) -> list[dict[s
                     raise bad_request(f"{bw}.tool_use_id: required", bw)
                 out.append({"role": "tool", "tool_call_id": str(b["tool_use_id"]),
                             "content": _text_of(b.get("content"), f"{bw}.content")})  # fmt: skip
+                origin.append(bw)
             elif kind == "tool_use" and role == "assistant":
                 if not isinstance(b.get("name"), str) or not isinstance(b.get("input", {}), dict):
                     raise bad_request(f"{bw}: tool_use needs a name and an object input", bw)
@@ -144,6 +151,7 @@ def to_openai_messages(req: MessagesRequest | CountTokensRequest) -> list[dict[s
         if role == "user":
             if texts or not blocks:
                 out.append({"role": "user", "content": "\n".join(texts)})
+                origin.append(where)
         else:
             msg: dict[str, Any] = {"role": "assistant", "content": "\n".join(texts) if texts else None}
             if reasoning:
@@ -151,6 +159,7 @@ def to_openai_messages(req: MessagesRequest | CountTokensRequest) -> list[dict[s
             if calls:
                 msg["tool_calls"] = calls
             out.append(msg)
+            origin.append(where)
     return out
 
 
@@ -190,16 +199,14 @@ def _prompt(req, ctx: ServingContext) -> tuple[list[int], list[dict[str, Any]] |
         raise bad_request("tool_choice.type must be auto, any, tool or none", "tool_choice")
     if kind == "none":
         tools = None
+    origin: list[str] = []
+    messages = to_openai_messages(req, origin)
     try:
         ids = encode_prompt(
-            to_openai_messages(req),
-            tools=tools,
-            thinking=thinking,
-            family=ctx.family,
-            tokenizer=ctx.tokenizer,
+            messages, tools=tools, thinking=thinking, family=ctx.family, tokenizer=ctx.tokenizer
         )
-    except ChatFormatError as e:
-        raise bad_request(str(e), e.field) from None
+    except (ChatFormatError, RecursionError) as e:
+        raise chat_format_error(e, origin) from None
     return ids, tools, thinking
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any, TypeVar
 
@@ -15,6 +16,7 @@ from pydantic import BaseModel
 from dsv32.api.errors import APIError, bad_request, invalid_param
 from dsv32.api.service import ServingContext
 from dsv32.chat import StreamParser
+from dsv32.chat.errors import ChatFormatError
 from dsv32.engine.async_engine import QueueFullError
 from dsv32.engine.core import EngineError
 from dsv32.engine.outputs import RequestOutput
@@ -22,6 +24,7 @@ from dsv32.engine.sampling_params import SamplingParams, SamplingParamsError
 
 THINK_END = "</think>"
 T = TypeVar("T")
+_MESSAGE_INDEX = re.compile(r"messages\[(\d+)\]")
 
 
 def max_tokens_for(ctx: ServingContext, requested: int | None, n_prompt: int, limits: tuple[int, int]) -> int:
@@ -76,6 +79,21 @@ def reject_lone_surrogates(body: BaseModel) -> None:
                 todo += [(f"{path} (key)", k), (f"{path}.{k}", v)]
         elif isinstance(value, list):
             todo += [(f"{path}[{i}]", v) for i, v in enumerate(value)]
+
+
+def chat_format_error(e: ChatFormatError | RecursionError, origin: list[str] | None = None) -> APIError:
+    """The encoder's refusal as a 400. ``origin[i]`` names the request field that rendered message ``i`` came
+    from, where the route added or converted messages (so the error names the client's own index)."""
+    if isinstance(e, RecursionError):  # json.loads of a tool call's arguments string, ~1000 levels deep
+        return bad_request(
+            "messages: nested too deeply to render (JSON of more than ~900 levels)", "messages"
+        )
+
+    def named(m: re.Match) -> str:
+        i = int(m.group(1))
+        return origin[i] if origin is not None and i < len(origin) else m.group(0)
+
+    return bad_request(_MESSAGE_INDEX.sub(named, str(e)), _MESSAGE_INDEX.sub(named, e.field))
 
 
 def logit_bias_ids(raw: dict[str, float] | None) -> dict[int, float] | None:

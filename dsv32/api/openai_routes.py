@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from dsv32.api.errors import bad_request, invalid_param
 from dsv32.api.generation import (
     ChatRun,
+    chat_format_error,
     client_gone,
     max_tokens_for,
     reject_lone_surrogates,
@@ -136,8 +137,12 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         prompt_ids = encode_prompt(
             messages, tools=tools, thinking=thinking, family=ctx.family, tokenizer=ctx.tokenizer
         )
-    except ChatFormatError as e:
-        raise bad_request(str(e), e.field) from None
+    except (ChatFormatError, RecursionError) as e:
+        added = len(messages) - len(body.messages)  # the response-format slot's system message, if any
+        origin = ["the response_format system message"] * added + [
+            f"messages[{i}]" for i in range(len(body.messages))
+        ]
+        raise chat_format_error(e, origin) from None
     max_tokens = max_tokens_for(ctx, body.max_tokens, len(prompt_ids), MODE_LIMITS[thinking])
     params = sampling_params_for(
         body, max_tokens, thinking, logprobs=bool(body.logprobs), top_logprobs=body.top_logprobs or 0

@@ -94,3 +94,33 @@ def test_a_client_that_hangs_up_on_a_non_streamed_request_aborts_it(engine_serve
     stats = wait_idle(engine_server.url, 5)
     assert stats["running"] == 0 and stats["waiting"] == 0, stats
     assert stats["free_blocks"] == stats["total_blocks"], stats
+
+
+DEEP = "[" * 5000 + "]" * 5000
+USE = {"role": "assistant", "content": [{"type": "tool_use", "id": "t", "name": "f", "input": {}}]}
+RESULT = {"type": "tool_result", "tool_use_id": "t", "content": "r"}
+REFUSED = [
+    # (name, path, body, status, words the message must contain)
+    ("tool-call arguments nested 5000 deep", "/v1/chat/completions", {"model": "deepseek-chat", "messages": [
+        {"role": "user", "content": "x"},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f", "arguments": '{"a": ' + DEEP + "}"}}]},
+        {"role": "tool", "tool_call_id": "c", "content": "r"}]}, 400, "nested too deeply"),
+    # JSON mode adds a system message for the response-format slot: the error still names the client's index
+    ("json mode, bad first message", "/v1/chat/completions", {"model": "deepseek-chat", "response_format": {"type": "json_object"},
+        "messages": [{"role": "user", "content": [[1]]}]}, 400, "messages[0].content[0]:"),
+    # Anthropic's system and tool_result blocks become messages of their own: errors name the Anthropic field
+    ("anthropic result without a use", "/anthropic/v1/messages", {"model": "deepseek-chat", "system": "s", "max_tokens": 2,
+        "messages": [{"role": "user", "content": [RESULT]}]}, 400, "messages[0].content[0]:"),
+    ("anthropic two results for one use", "/anthropic/v1/messages", {"model": "deepseek-chat", "system": "s", "max_tokens": 2,
+        "messages": [{"role": "user", "content": "x"}, USE, {"role": "user", "content": [RESULT, {**RESULT, "tool_use_id": "u"}]}]},
+        400, "messages[2].content[1]: more tool results than the 1 tool call(s) of messages[1]"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("name, path, body, status, words", REFUSED, ids=[c[0] for c in REFUSED])
+def test_refusals_name_the_clients_field(engine_server, name, path, body, status, words):
+    r = httpx.post(engine_server.url + path, json={"max_tokens": 2, **body}, timeout=30)
+    assert r.status_code == status, r.text
+    message, param = error_of(r)
+    assert words in message, message
+    assert_idle(engine_server.url)
