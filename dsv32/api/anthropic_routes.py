@@ -111,6 +111,7 @@ def to_openai_messages(
     if req.system:
         out.append({"role": "system", "content": _text_of(req.system, "system")})
         origin.append("system")
+    uses: list[str] = []  # the tool_use ids of the previous assistant message, which the next must answer
     for i, m in enumerate(req.messages):
         where = f"messages[{i}]"
         role, content = m.get("role"), m.get("content")
@@ -121,7 +122,7 @@ def to_openai_messages(
             raise bad_request(
                 f"{where}.content: expected a string or a list of content blocks", f"{where}.content"
             )
-        texts, reasoning, calls = [], [], []
+        texts, reasoning, calls, results = [], [], [], {}
         for j, b in enumerate(blocks):
             bw = f"{where}.content[{j}]"
             kind = b.get("type") if isinstance(b, dict) else None
@@ -132,9 +133,16 @@ def to_openai_messages(
             elif kind == "tool_result" and role == "user":
                 if "tool_use_id" not in b:
                     raise bad_request(f"{bw}.tool_use_id: required", bw)
-                out.append({"role": "tool", "tool_call_id": str(b["tool_use_id"]),
-                            "content": _text_of(b.get("content"), f"{bw}.content")})  # fmt: skip
-                origin.append(bw)
+                uid = str(b["tool_use_id"])
+                if uid in results:
+                    raise bad_request(f"{bw}.tool_use_id: {uid!r} is answered twice", f"{bw}.tool_use_id")
+                if uses and uid not in uses:
+                    raise bad_request(
+                        f"{bw}.tool_use_id: {uid!r} answers no tool_use block of messages[{i - 1}] (its ids: "
+                        f"{', '.join(uses)})", f"{bw}.tool_use_id",
+                    )  # fmt: skip
+                text = _text_of(b.get("content"), f"{bw}.content")
+                results[uid] = ({"role": "tool", "tool_call_id": uid, "content": text}, bw)
             elif kind == "tool_use" and role == "assistant":
                 if not isinstance(b.get("name"), str) or not isinstance(b.get("input", {}), dict):
                     raise bad_request(f"{bw}: tool_use needs a name and an object input", bw)
@@ -149,6 +157,17 @@ def to_openai_messages(
                     f"{bw}: unknown or misplaced content block {kind!r} in a {role} message", bw
                 )
         if role == "user":
+            missing = [u for u in uses if u not in results]
+            if missing:
+                raise bad_request(
+                    f"{where}: no tool_result block for the tool_use id(s) {', '.join(missing)} of "
+                    f"messages[{i - 1}] (each tool_use needs a tool_result in the next message)", where,
+                )  # fmt: skip
+            # the encoder pairs calls and results by order: results go in the order of their tool_use blocks
+            for uid in sorted(results, key=lambda u: uses.index(u) if u in uses else len(uses)):
+                out.append(results[uid][0])
+                origin.append(results[uid][1])
+            uses = []
             if texts or not blocks:
                 out.append({"role": "user", "content": "\n".join(texts)})
                 origin.append(where)
@@ -160,6 +179,7 @@ def to_openai_messages(
                 msg["tool_calls"] = calls
             out.append(msg)
             origin.append(where)
+            uses = [c["id"] for c in calls]
     return out
 
 

@@ -124,3 +124,57 @@ def test_refusals_name_the_clients_field(engine_server, name, path, body, status
     message, param = error_of(r)
     assert words in message, message
     assert_idle(engine_server.url)
+
+
+def test_anthropic_tool_results_pair_with_their_tool_use_by_id(scripted_server):
+    # The encoder pairs calls and results by order; an Anthropic client may list results in any order (ids
+    # pair them). Before, results in another order than the tool_use blocks were rendered mis-paired.
+    uses = [
+        {"type": "tool_use", "id": f"toolu_{c}", "name": "get_weather", "input": {"location": c}}
+        for c in "AB"
+    ]
+    results = [
+        {"type": "tool_result", "tool_use_id": f"toolu_{c}", "content": f"weather of {c}"} for c in "BA"
+    ]
+    tool = {
+        "name": "get_weather",
+        "input_schema": {"type": "object", "properties": {"location": {"type": "string"}}},
+    }
+    r = httpx.post(scripted_server.url + "/anthropic/v1/messages", timeout=30, json={
+        "model": "deepseek-chat", "max_tokens": 5, "tools": [tool], "messages": [
+            {"role": "user", "content": "A and B?"}, {"role": "assistant", "content": uses},
+            {"role": "user", "content": results}]})  # fmt: skip
+    assert r.status_code == 200, r.text
+    calls = [{"id": f"toolu_{c}", "type": "function",
+              "function": {"name": "get_weather", "arguments": f'{{"location": "{c}"}}'}} for c in "AB"]  # fmt: skip
+    r = httpx.post(scripted_server.url + "/v1/chat/completions", timeout=30, json={
+        "model": "deepseek-chat", "max_tokens": 5, "tools": [{"type": "function", "function": {
+            "name": "get_weather", "parameters": tool["input_schema"]}}], "messages": [
+            {"role": "user", "content": "A and B?"}, {"role": "assistant", "content": None, "tool_calls": calls},
+            *({"role": "tool", "tool_call_id": f"toolu_{c}", "content": f"weather of {c}"} for c in "AB")]})  # fmt: skip
+    assert r.status_code == 200, r.text
+    anthropic_prompt, openai_prompt = scripted_server.engine.prompts[-2:]
+    assert anthropic_prompt == openai_prompt
+
+
+TWO_USES = {"role": "assistant", "content": [
+    {"type": "tool_use", "id": "a", "name": "f", "input": {}}, {"type": "tool_use", "id": "b", "name": "f", "input": {}}]}  # fmt: skip
+MISMATCHED = [
+    ("unknown id", [{"type": "tool_result", "tool_use_id": "a", "content": "r"}, {"type": "tool_result", "tool_use_id": "zzz", "content": "r"}],
+     "messages[2].content[1].tool_use_id: 'zzz' answers no tool_use block of messages[1]"),
+    ("answered twice", [{"type": "tool_result", "tool_use_id": "a", "content": "r"}, {"type": "tool_result", "tool_use_id": "a", "content": "r"}],
+     "messages[2].content[1].tool_use_id: 'a' is answered twice"),
+    ("one missing", [{"type": "tool_result", "tool_use_id": "b", "content": "r"}], "messages[2]: no tool_result block for the tool_use id(s) a"),
+    ("no results at all", "thanks", "messages[2]: no tool_result block for the tool_use id(s) a, b"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("name, content, words", MISMATCHED, ids=[c[0] for c in MISMATCHED])
+def test_anthropic_tool_results_that_do_not_match_the_tool_uses_are_a_400(
+    engine_server, name, content, words
+):
+    messages = [{"role": "user", "content": "x"}, TWO_USES, {"role": "user", "content": content}]
+    for path in ("/anthropic/v1/messages", "/anthropic/v1/messages/count_tokens"):
+        r = httpx.post(engine_server.url + path, json={"model": "m", "max_tokens": 2, "messages": messages})
+        assert r.status_code == 400, r.text
+        assert words in error_of(r)[0]
