@@ -395,6 +395,6 @@ async def messages(body: MessagesRequest, request: Request):
 
 def anthropic_error_body(status: int, message: str) -> dict[str, Any]:
     kinds = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-             404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error", 500: "api_error",
-             503: "overloaded_error", 529: "overloaded_error"}  # fmt: skip
+             404: "not_found_error", 405: "invalid_request_error", 413: "request_too_large",
+             429: "rate_limit_error", 500: "api_error", 503: "overloaded_error", 529: "overloaded_error"}  # fmt: skip
     return {"type": "error", "error": {"type": kinds.get(status, "api_error"), "message": message}}

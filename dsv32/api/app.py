@@ -32,6 +32,34 @@ def _error_response(err: APIError, path: str = "") -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status)
 
 
+# the branch names pydantic puts in an error's loc for a union field ("stop" -> "str" | "list[str]")
+_BRANCHES = {"str": "a string", "int": "an integer", "float": "a number", "bool": "a boolean",
+             "list[str]": "a list of strings", "list[int]": "a list of token ids", "dict[str,any]": "an object",
+             "list[dict[str,any]]": "a list of objects"}  # fmt: skip
+
+
+_KINDS = {dict: "an object", list: "an array", str: "a string", bytes: "a non-JSON body", bool: "a boolean"}
+
+
+def _kind(value: Any) -> str:
+    return "null" if value is None else _KINDS.get(type(value), "a number")
+
+
+def _union_error(errors: list[dict], first: dict) -> dict:
+    """A union field's error with the branch names taken out of its loc: when the value failed inside one
+    branch (an item of a list), that error; otherwise "expected a string or a list of strings"."""
+    loc = list(first.get("loc", ()))
+    k = next((i for i, p in enumerate(loc) if p in _BRANCHES), None)
+    if k is None:
+        return first
+    same = [e for e in errors if list(e.get("loc", ()))[:k] == loc[:k] and len(e.get("loc", ())) > k]
+    inner = next((e for e in same if len(e["loc"]) > k + 1), None)
+    if inner is not None:
+        return {**inner, "loc": (*inner["loc"][:k], *inner["loc"][k + 1 :])}
+    expected = " or ".join(dict.fromkeys(_BRANCHES[e["loc"][k]] for e in same if e["loc"][k] in _BRANCHES))
+    return {**first, "loc": tuple(loc[:k]), "msg": f"expected {expected}", "type": "union_type"}
+
+
 def _validation_error(exc: RequestValidationError) -> APIError:
     errors = list(exc.errors()) or [{"type": "value_error", "loc": (), "msg": "invalid request"}]
 
@@ -39,14 +67,21 @@ def _validation_error(exc: RequestValidationError) -> APIError:
         loc = [p for p in e.get("loc", ()) if p != "body"]
         return e.get("type") in _MALFORMED or not loc or loc[0] == "messages"
 
-    first = next((e for e in errors if malformed(e)), errors[0])
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-    field = ".".join(loc) or None
+    first = _union_error(errors, next((e for e in errors if malformed(e)), errors[0]))
+    loc = [p for p in first.get("loc", ()) if p != "body"]
+    field = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or None
     if first.get("type") == "json_invalid":
-        return APIError(400, f"the request body is not valid JSON: {first.get('msg')}")
+        where = f" (at character {loc[0]})" if loc else ""
+        reason = (first.get("ctx") or {}).get("error") or first.get("msg")
+        return APIError(400, f"the request body is not valid JSON: {reason}{where}")
+    if not field and first.get("type") == "missing":
+        return APIError(400, "the request body is empty: expected a JSON object")
+    if not field:
+        got = first.get("input")
+        hint = " (send it with Content-Type: application/json)" if isinstance(got, (bytes, str)) else ""
+        return APIError(400, f"the request body must be a JSON object, got {_kind(got)}{hint}")
     if malformed(first):
-        what = f"'{field}'" if field else "the request body"
-        return APIError(400, f"Invalid request: {what}: {first.get('msg')}", field)
+        return APIError(400, f"Invalid request: '{field}': {first.get('msg')}", field)
     got = first.get("input")
     shown = (
         json.dumps(got)[:80] if isinstance(got, (int, float, str, bool, type(None))) else type(got).__name__
@@ -129,7 +164,15 @@ def create_app(ctx: ServingContext) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return _error_response(APIError(exc.status_code, str(exc.detail)), request.url.path)
+        message = str(exc.detail)
+        if isinstance(exc.__cause__, RecursionError):  # FastAPI's "error parsing the body", by cause
+            message = "the request body is not valid JSON: nested too deeply"
+        elif isinstance(exc.__cause__, UnicodeDecodeError):
+            bad = exc.__cause__
+            message = f"the request body is not valid JSON: not UTF-8 ({bad.reason} at byte {bad.start})"
+        elif exc.__cause__ is not None and exc.status_code == 400:
+            message = f"the request body could not be read as JSON ({type(exc.__cause__).__name__})"
+        return _error_response(APIError(exc.status_code, message), request.url.path)
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:

@@ -3,6 +3,7 @@ error shape (never a 500 or a hang), and a client that goes away leaves no runni
 
 from __future__ import annotations
 
+import json
 import time
 
 import httpx
@@ -178,3 +179,49 @@ def test_anthropic_tool_results_that_do_not_match_the_tool_uses_are_a_400(
         r = httpx.post(engine_server.url + path, json={"model": "m", "max_tokens": 2, "messages": messages})
         assert r.status_code == 400, r.text
         assert words in error_of(r)[0]
+
+
+OK = {"model": "deepseek-chat", "max_tokens": 2, "messages": [{"role": "user", "content": "x"}]}
+JSON = {"Content-Type": "application/json"}
+CLEAR = [
+    # (name, path, body: dict or raw bytes, headers, status, words the message must contain, param)
+    ("body is text/plain", "/v1/chat/completions", json.dumps(OK).encode(), {"Content-Type": "text/plain"}, 400,
+     "must be a JSON object, got a non-JSON body (send it with Content-Type: application/json)", None),
+    ("body is an array", "/v1/chat/completions", b"[1, 2]", JSON, 400, "must be a JSON object, got an array", None),
+    ("body is empty", "/v1/chat/completions", b"", JSON, 400, "the request body is empty", None),
+    ("bad JSON says why and where", "/v1/chat/completions", b'{"model": "x",, }', JSON, 400,
+     "Expecting property name enclosed in double quotes (at character 14)", None),
+    ("nested 100000 deep", "/v1/chat/completions", b"[" * 100000 + b"]" * 100000, JSON, 400, "nested too deeply", None),
+    ("not UTF-8", "/v1/chat/completions", b'{"model": "\xff"}', JSON, 400, "not UTF-8", None),
+    ("anthropic nested deep", "/anthropic/v1/messages", b"[" * 100000 + b"]" * 100000, JSON, 400, "nested too deeply", None),
+    # a union field's error names the field, not pydantic's branch ('stop.str', 'tool_choice.dict[str,any]')
+    ("stop is a number", "/v1/chat/completions", {**OK, "stop": 5}, JSON, 422,
+     "'stop': expected a string or a list of strings (got 5)", "stop"),
+    ("a stop is null", "/v1/chat/completions", {**OK, "stop": ["a", None]}, JSON, 422, "'stop[1]': Input should be a valid string", "stop[1]"),
+    ("tool_choice is a number", "/v1/chat/completions", {**OK, "tool_choice": 5}, JSON, 422,
+     "'tool_choice': expected a string or an object (got 5)", "tool_choice"),
+    ("prompt is null", "/v1/completions", {"model": "deepseek-chat", "prompt": None}, JSON, 422,
+     "'prompt': expected a string or a list of token ids (got null)", "prompt"),
+    ("a prompt id is a float", "/v1/completions", {"model": "deepseek-chat", "prompt": [1, 1.5]}, JSON, 422,
+     "'prompt[1]': Input should be a valid integer", "prompt[1]"),
+    ("anthropic system is a number", "/anthropic/v1/messages", {**OK, "system": 5}, JSON, 400,
+     "'system': expected a string or a list of objects (got 5)", None),
+    ("message is null", "/v1/chat/completions", {**OK, "messages": [None]}, JSON, 400, "'messages[0]'", "messages[0]"),
+    ("wrong method", "/v1/chat/completions", None, {}, 405, "Method Not Allowed", None),
+    ("anthropic wrong method", "/anthropic/v1/messages", None, {}, 405, "Method Not Allowed", None),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("name, path, body, headers, status, words, param", CLEAR, ids=[c[0] for c in CLEAR])
+def test_malformed_bodies_get_a_clear_message(engine_server, name, path, body, headers, status, words, param):
+    url = engine_server.url + path
+    if body is None:
+        r = httpx.get(url)
+    elif isinstance(body, bytes):
+        r = httpx.post(url, content=body, headers=headers)
+    else:
+        r = httpx.post(url, json=body)
+    assert r.status_code == status, r.text
+    message, got_param = error_of(r)  # invalid_request_error in both shapes (405 was "api_error")
+    assert words in message, message
+    assert got_param == param
