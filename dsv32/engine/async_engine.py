@@ -56,6 +56,14 @@ class RequestStream:
             self.engine._close(self.request_id, self.finished)
 
 
+def _resolve(future: asyncio.Future, value) -> None:
+    """Answer a submitter (on its loop) unless it was cancelled while the engine thread took its request: a
+    cancelled future's ``set_result`` raises InvalidStateError into the loop's exception handler. (The
+    cancelled ``submit`` queued an abort behind the add, so the request is still dropped.)"""
+    if not future.done():
+        future.set_result(value)
+
+
 class QueueFullError(EngineError):
     """Too many requests are waiting; the server answers 503."""
 
@@ -147,7 +155,7 @@ class AsyncEngine:
                 self._processor.add(rid, params)
             except Exception as e:  # noqa: BLE001 - handed to the caller
                 error = e
-            loop.call_soon_threadsafe(accepted.set_result, error)
+            loop.call_soon_threadsafe(_resolve, accepted, error)
         elif cmd[0] == "abort":
             if self.core.abort(cmd[1]):
                 self._processor.remove(cmd[1])

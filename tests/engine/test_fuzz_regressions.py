@@ -3,8 +3,15 @@ against the plain full-sequence forward and the scheduler's own bookkeeping)."""
 
 from __future__ import annotations
 
+import asyncio
+import threading
+
+from dsv32.chat.tokenizer import load_tokenizer
+from dsv32.engine.async_engine import AsyncEngine
 from dsv32.engine.block_pool import BlockPool
+from dsv32.engine.core import EngineConfig, EngineCore
 from dsv32.engine.request import Request
+from dsv32.engine.sampling_params import SamplingParams
 from dsv32.engine.scheduler import Scheduler
 
 
@@ -40,3 +47,43 @@ def test_refused_admission_counts_no_prefix_hits():
     assert b.num_cached_prompt == 4
     assert (pool.hits, pool.queries) == (1, 1 + 3 + 3)  # p, a, b: one lookup each
     pool.assert_no_leaks()
+
+
+def test_cancelled_submit_leaves_no_loop_error_and_no_request(model):
+    """A ``submit`` cancelled while the engine thread is taking its request: the thread's answer must not be
+    set on the cancelled future (asyncio reported 'InvalidStateError: invalid state' for each), and the
+    request it had already added is aborted."""
+    core = EngineCore(model, EngineConfig(block_size=4, num_blocks=16, prepack_weights=False), eos_id=None)
+    engine = AsyncEngine(core, load_tokenizer())
+    gate = threading.Event()
+    add = core.add_request
+
+    def held_add(*args, **kw):
+        gate.wait(10)
+        return add(*args, **kw)
+
+    core.add_request = held_add
+
+    async def main():
+        errors = []
+        asyncio.get_running_loop().set_exception_handler(lambda loop, ctx: errors.append(ctx))
+        task = asyncio.ensure_future(engine.submit([5, 6, 7], SamplingParams(max_tokens=2)))
+        await asyncio.sleep(0.05)  # the engine thread is inside add_request
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        gate.set()
+        for _ in range(200):
+            await asyncio.sleep(0.01)
+            if not core.has_work() and engine._commands.empty():
+                break
+        await asyncio.sleep(0.05)  # the thread's answer reaches the loop
+        return errors
+
+    try:
+        errors = asyncio.run(main())
+    finally:
+        gate.set()
+        engine.shutdown()
+    assert errors == []
+    assert not core.live and not core.has_work()
+    core.pool.assert_no_leaks()
