@@ -223,5 +223,5 @@ def _run(cmd: list[str], what: str, timeout: float, check: bool = True, **kw: An
         raise LlamaCppError(f"{what}: {e}") from e
     out = p.stdout + p.stderr
     if check and p.returncode != 0:
-        raise LlamaCppError(f"{what} exited with {p.returncode}: {_tail(out)}")
+        raise LlamaCppError(f"{what} exited with {p.returncode} ({' '.join(cmd)}): {_tail(out)}")
     return p.stdout if p.stdout.strip() else out
