@@ -114,7 +114,7 @@ REFUSED = [
         "messages": [{"role": "user", "content": [RESULT]}]}, 400, "messages[0].content[0]:"),
     ("anthropic two results for one use", "/anthropic/v1/messages", {"model": "deepseek-chat", "system": "s", "max_tokens": 2,
         "messages": [{"role": "user", "content": "x"}, USE, {"role": "user", "content": [RESULT, {**RESULT, "tool_use_id": "u"}]}]},
-        400, "messages[2].content[1]: more tool results than the 1 tool call(s) of messages[1]"),
+        400, "messages[2].content[1].tool_use_id: 'u' answers no tool_use block of messages[1]"),
 ]  # fmt: skip
 
 
