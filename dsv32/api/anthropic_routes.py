@@ -19,6 +19,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
 
 from dsv32.api.errors import bad_request
 from dsv32.api.generation import (
@@ -255,7 +256,7 @@ def _forced_tool_use(req, ctx: ServingContext, tools, thinking: bool) -> dict[st
 
 
 async def count_tokens(body: CountTokensRequest, request: Request) -> dict[str, int]:
-    ids, _, _ = _prompt(body, request.app.state.ctx)
+    ids, _, _ = await run_in_threadpool(_prompt, body, request.app.state.ctx)
     return {"input_tokens": len(ids)}
 
 
@@ -279,7 +280,7 @@ def _usage(out: RequestOutput) -> dict[str, int]:
 
 async def messages(body: MessagesRequest, request: Request):
     ctx: ServingContext = request.app.state.ctx
-    ids, tools, thinking = _prompt(body, ctx)
+    ids, tools, thinking = await run_in_threadpool(_prompt, body, ctx)  # tokenizing: off the event loop
     max_tokens = max_tokens_for(ctx, body.max_tokens, len(ids), (body.max_tokens, MODE_LIMITS[thinking][1]))
     # only what the compatibility table supports: temperature, top_p, stop_sequences (top_k is ignored)
     fields = SimpleNamespace(

@@ -15,6 +15,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
 from dsv32.api.errors import bad_request, invalid_param
 from dsv32.api.generation import (
@@ -134,8 +135,14 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     tools = body.tools if body.tool_choice != "none" else None
     messages = with_response_format_slot(body.messages, body.response_format, ctx.family)
     try:
-        prompt_ids = encode_prompt(
-            messages, tools=tools, thinking=thinking, family=ctx.family, tokenizer=ctx.tokenizer
+        # off the event loop: a megabytes-long prompt takes seconds to tokenize, and would stall every stream
+        prompt_ids = await run_in_threadpool(
+            encode_prompt,
+            messages,
+            tools=tools,
+            thinking=thinking,
+            family=ctx.family,
+            tokenizer=ctx.tokenizer,
         )
     except (ChatFormatError, RecursionError) as e:
         added = len(messages) - len(body.messages)  # the response-format slot's system message, if any
@@ -237,9 +244,11 @@ async def completions(body: CompletionRequest, request: Request):
         if bad:
             raise invalid_param(f"prompt token id {bad[0]} is outside the vocabulary", "prompt")
     elif body.suffix is not None:
-        prompt_ids = encode_fim(body.prompt, body.suffix, tokenizer=ctx.tokenizer)
+        prompt_ids = await run_in_threadpool(encode_fim, body.prompt, body.suffix, tokenizer=ctx.tokenizer)
     else:
-        prompt_ids = ctx.tokenizer.encode(body.prompt, add_bos=True)
+        # the batch call: the tokenizers library lets go of the GIL for it (not for a single encode)
+        (plain,) = await run_in_threadpool(ctx.tokenizer.encode_plain_batch, [body.prompt])
+        prompt_ids = [ctx.tokenizer.bos_id, *plain]
     if not prompt_ids:
         raise bad_request("the prompt is empty", "prompt")
     max_tokens = max_tokens_for(ctx, body.max_tokens, len(prompt_ids), (4096, 4096))

@@ -3,6 +3,7 @@ error shape (never a 500 or a hang), and a client that goes away leaves no runni
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 
@@ -225,3 +226,51 @@ def test_malformed_bodies_get_a_clear_message(engine_server, name, path, body, h
     message, got_param = error_of(r)  # invalid_request_error in both shapes (405 was "api_error")
     assert words in message, message
     assert got_param == param
+
+
+@pytest.mark.parametrize(
+    "path", ["/v1/chat/completions", "/anthropic/v1/messages/count_tokens", "/v1/completions"]
+)
+def test_a_huge_prompt_does_not_stall_the_other_streams(engine_server, path):
+    # ~6 MB of text is ~2M tokens and seconds of tokenizing; it ran on the event loop, so every stream froze
+    # for that long (measured: a 10.7 s gap between SSE lines beside a 9 MB request, ~0.03 s otherwise)
+    text = "ab " * 2_000_000
+    big = {"model": "deepseek-chat", "max_tokens": 2}
+    big.update(
+        {"prompt": text} if path == "/v1/completions" else {"messages": [{"role": "user", "content": text}]}
+    )
+
+    async def run() -> tuple[float, float]:
+        async with httpx.AsyncClient(timeout=120) as c:
+            started = asyncio.Event()
+
+            async def stream() -> float:
+                gaps, last = [], None
+                body = {**OK, "max_tokens": 3000, "stream": True, "ignore_eos": True}
+                async with c.stream("POST", engine_server.url + "/v1/chat/completions", json=body) as r:
+                    async for _ in r.aiter_lines():
+                        now = time.perf_counter()
+                        if last is not None and started.is_set():
+                            gaps.append(now - last)
+                        last = now
+                        if len(gaps) > 3 and done.is_set():
+                            break
+                        started.set()
+                return max(gaps)
+
+            async def huge() -> float:
+                await started.wait()
+                t = time.perf_counter()
+                r = await c.post(engine_server.url + path, json=big)
+                assert r.status_code in (200, 400), r.text  # count_tokens counts; the others are too long
+                done.set()
+                return time.perf_counter() - t
+
+            done = asyncio.Event()
+            return await asyncio.gather(stream(), huge())
+
+    max_gap, huge_s = asyncio.run(run())
+    assert huge_s > 1.0  # the big request did take a while
+    assert max_gap < huge_s / 2, (max_gap, huge_s)
+    stats = wait_idle(engine_server.url, 5)
+    assert stats["running"] == 0 and stats["free_blocks"] == stats["total_blocks"], stats
