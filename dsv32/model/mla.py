@@ -27,6 +27,7 @@ from dsv32.model.sparse_attn import (
     attention_absorbed,
     attention_absorbed_selected,
     attention_naive,
+    naive_keys_values,
 )
 
 AttnForm = Literal["auto", "naive", "absorbed"]
@@ -134,7 +135,7 @@ class MLA(nn.Module):
             raise ValueError(f"unknown attention form {form!r}")
         if form == "naive":  # per-head keys and values: kv_b_proj on every key, once for all query chunks
             kv = self.kv_b_proj(c_kv).view(c_kv.shape[0], S, H, self.d_nope + self.d_v)
-            k_nope, v = kv.split([self.d_nope, self.d_v], dim=-1)
+            k_heads, v_heads = naive_keys_values(*kv.split([self.d_nope, self.d_v], dim=-1), k_pe)
         else:
             w_kv_b = self._w_kv_b(c_kv.dtype)
         # Queries go in chunks so score matrices stay bounded (~QUERY_CHUNK_ELEMENTS) for long prompts.
@@ -155,12 +156,12 @@ class MLA(nn.Module):
                 o = attention_naive(
                     inp.q_nope[:, t],
                     inp.q_pe[:, t],
-                    k_nope[:, :s_vis],
-                    v[:, :s_vis],
-                    k_pe[:, :s_vis],
+                    k_heads[:, :s_vis],
+                    v_heads[:, :s_vis],
                     q_pos[t],
                     self.scale,
                     topk_idx,
+                    self.d_v,
                 )
             else:
                 o = attention_absorbed(

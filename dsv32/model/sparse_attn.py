@@ -21,33 +21,46 @@ def causal_visible(q_pos: torch.Tensor, n_keys: int) -> torch.Tensor:
     return torch.arange(n_keys, device=q_pos.device)[None, :] <= q_pos[:, None]
 
 
-def attention_naive(
-    q_nope: torch.Tensor,  # [B, T, H, d_n]
-    q_pe: torch.Tensor,  # [B, T, H, d_r]
+def naive_keys_values(
     k_nope: torch.Tensor,  # [B, S, H, d_n]  (kv_b_proj of the latent entries)
     v: torch.Tensor,  # [B, S, H, d_v]
     k_pe: torch.Tensor,  # [B, S, d_r]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-head keys [B, S, H, d_n + d_r] (the shared rope key appended to every head) and the values
+    ``attention_naive`` takes. Built once per layer: query chunks use leading slices of them."""
+    B, S, H, _ = k_nope.shape
+    k = torch.cat((k_nope, k_pe[:, :, None].expand(B, S, H, -1)), dim=-1)
+    d_v, d_qk = v.shape[-1], k.shape[-1]
+    if k.device.type == "cpu" and d_v < d_qk:
+        # PyTorch's CPU flash kernel wants one head dim for q, k and v; otherwise SDPA falls back to its
+        # unfused math path (2-3x slower). Zero columns in v give zero output columns: exact.
+        v = F.pad(v, (0, d_qk - d_v))
+    return k, v
+
+
+def attention_naive(
+    q_nope: torch.Tensor,  # [B, T, H, d_n]
+    q_pe: torch.Tensor,  # [B, T, H, d_r]
+    k: torch.Tensor,  # [B, S, H, d_n + d_r]  per-head keys (``naive_keys_values``)
+    v: torch.Tensor,  # [B, S, H, d_v']  values (``naive_keys_values``: maybe zero-padded past d_v)
     q_pos: torch.Tensor,  # [T]
     scale: float,
     topk_idx: torch.Tensor | None = None,  # [B, T, k] keys selected by the indexer
+    d_v: int | None = None,  # the true value dim (default: v's)
 ) -> torch.Tensor:
     """-> per-head outputs [B, T, H, d_v]."""
     B, T, H, _ = q_nope.shape
-    S = k_nope.shape[1]
+    S = k.shape[1]
     q = torch.cat((q_nope, q_pe), dim=-1).transpose(1, 2)  # [B, H, T, d_qk]
-    k = torch.cat((k_nope, k_pe[:, :, None].expand(B, S, H, -1)), dim=-1).transpose(1, 2)  # [B, H, S, d_qk]
     mask = causal_visible(q_pos, S)[None].expand(B, T, S)
     if topk_idx is not None:
         selected = torch.zeros(B, T, S, dtype=torch.bool, device=k.device)
         selected.scatter_(-1, topk_idx, True)
         mask = mask & selected
-    d_v, d_qk = v.shape[-1], q.shape[-1]
-    if q.device.type == "cpu" and d_v < d_qk:
-        # PyTorch's CPU flash kernel wants one head dim for q, k and v; otherwise SDPA falls back to its
-        # unfused math path (2-3x slower). Zero columns in v give zero output columns: exact.
-        v = F.pad(v, (0, d_qk - d_v))
-    out = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), attn_mask=mask[:, None], scale=scale)
-    return out[..., :d_v].transpose(1, 2)  # [B, T, H, d_v]
+    out = F.scaled_dot_product_attention(
+        q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask[:, None], scale=scale
+    )
+    return out[..., : d_v or v.shape[-1]].transpose(1, 2)  # [B, T, H, d_v]
 
 
 def attention_absorbed(
