@@ -25,6 +25,7 @@ from dsv32.api.errors import bad_request
 from dsv32.api.generation import (
     ChatRun,
     chat_format_error,
+    check_tool_name,
     client_gone,
     max_tokens_for,
     reject_lone_surrogates,
@@ -191,6 +192,7 @@ def to_openai_tools(tools: list[dict[str, Any]] | None) -> list[dict[str, Any]] 
     for i, t in enumerate(tools):
         if not isinstance(t, dict) or not isinstance(t.get("name"), str):
             raise bad_request(f"tools[{i}].name: required", f"tools[{i}]")
+        check_tool_name(t["name"], f"tools[{i}].name", 128)  # Anthropic's limit
         fn: dict[str, Any] = {"name": t["name"]}  # OpenAI's key order, so both doors render the same JSON
         if t.get("description"):
             fn["description"] = t["description"]

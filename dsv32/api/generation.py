@@ -25,6 +25,7 @@ from dsv32.engine.sampling_params import SamplingParams, SamplingParamsError
 THINK_END = "</think>"
 T = TypeVar("T")
 _MESSAGE_INDEX = re.compile(r"messages\[(\d+)\]")
+_TOOL_NAME = re.compile(r"[a-zA-Z0-9_-]+")
 
 
 def max_tokens_for(ctx: ServingContext, requested: int | None, n_prompt: int, limits: tuple[int, int]) -> int:
@@ -94,6 +95,17 @@ def chat_format_error(e: ChatFormatError | RecursionError, origin: list[str] | N
         return origin[i] if origin is not None and i < len(origin) else m.group(0)
 
     return bad_request(_MESSAGE_INDEX.sub(named, str(e)), _MESSAGE_INDEX.sub(named, e.field))
+
+
+def check_tool_name(name: Any, field: str, max_len: int) -> None:
+    """Tool names as DeepSeek documents them (api.md §3.5; OpenAI and Anthropic check the same): letters,
+    digits, ``_`` and ``-``. A name holding ``"`` or ``>`` would break the DSML markup it is written into, so
+    the model's call of it could not be parsed back (the markup came back as content)."""
+    if isinstance(name, str) and not (_TOOL_NAME.fullmatch(name) and len(name) <= max_len):
+        raise bad_request(
+            f"{field}: {name[:80]!r} is not a valid tool name (letters, digits, '_' and '-', at most {max_len})",
+            field,
+        )
 
 
 def logit_bias_ids(raw: dict[str, float] | None) -> dict[int, float] | None:

@@ -21,6 +21,7 @@ from dsv32.api.errors import bad_request, invalid_param
 from dsv32.api.generation import (
     ChatRun,
     chat_format_error,
+    check_tool_name,
     client_gone,
     max_tokens_for,
     reject_lone_surrogates,
@@ -126,6 +127,10 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         raise bad_request("top_logprobs requires logprobs: true", "top_logprobs")
     if thinking and (body.logprobs or body.top_logprobs):
         raise bad_request("logprobs and top_logprobs are not supported in thinking mode", "logprobs")
+    for i, t in enumerate(body.tools or []):
+        fn = t.get("function")
+        if isinstance(fn, dict):
+            check_tool_name(fn.get("name"), f"tools[{i}].function.name", 64)
     parallel = body.parallel_tool_calls is not False
     guided = guided_for_chat(
         family=ctx.family, tokenizer=ctx.tokenizer, response_format=body.response_format, tools=body.tools,

@@ -307,3 +307,36 @@ def test_special_token_strings_in_any_field_stay_plain_text(scripted_server, tok
             assert r.status_code == 200, (path, r.text)
             got.append([t for t in scripted_server.engine.prompts[-1] if t in control])
         assert got[0] == got[1], (path, [tokenizer.decode([t]) for t in got[0]])  # the template's only
+
+
+BAD_NAMES = ['get"weather', "x>y", "a b", "a" * 65]
+
+
+@pytest.mark.parametrize("name", BAD_NAMES)
+def test_tool_names_outside_the_documented_charset_are_a_400(engine_server, name):
+    # a '"' or '>' in a name broke the DSML markup: with tool_choice "required" the forced call came back as
+    # raw markup in content, with no tool_calls
+    params = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    r = httpx.post(engine_server.url + "/v1/chat/completions", json={**OK, "tool_choice": "required",
+                   "tools": [{"type": "function", "function": {"name": name, "parameters": params}}]})  # fmt: skip
+    assert r.status_code == 400, r.text
+    assert error_of(r) == (
+        f"tools[0].function.name: {name!r} is not a valid tool name (letters, digits, '_' and '-', at most 64)",
+        "tools[0].function.name",
+    )
+    if len(name) < 65:  # Anthropic allows 128 characters
+        r = httpx.post(engine_server.url + "/anthropic/v1/messages", json={**OK, "tools": [{"name": name}]})
+        assert r.status_code == 400 and "tools[0].name" in error_of(r)[0], r.text
+
+
+def test_documented_tool_names_still_work(engine_server):
+    params = {"type": "object", "properties": {}}  # no arguments: the forced call is short and complete
+    for name in ("get_weather-2", "A" * 64):
+        r = httpx.post(engine_server.url + "/v1/chat/completions", timeout=60, json={**OK, "max_tokens": 60,
+                       "tool_choice": "required", "tools": [{"type": "function", "function": {"name": name, "parameters": params}}]})  # fmt: skip
+        assert r.status_code == 200, r.text
+        assert [c["function"]["name"] for c in r.json()["choices"][0]["message"]["tool_calls"]] == [name]
+    r = httpx.post(
+        engine_server.url + "/anthropic/v1/messages", json={**OK, "tools": [{"name": "B" * 128}]}, timeout=60
+    )
+    assert r.status_code == 200, r.text
