@@ -194,6 +194,8 @@ def _tool_calls(value: Any, path: str) -> tuple[ToolCall, ...]:
                 args = json.loads(raw)
             except json.JSONDecodeError as e:
                 raise ChatFormatError(f"{p}.function.arguments", f"not valid JSON ({e})") from None
+            except RecursionError:
+                raise ChatFormatError(f"{p}.function.arguments", "JSON nested too deeply") from None
             if not isinstance(args, dict):
                 raise ChatFormatError(f"{p}.function.arguments", f"must be a JSON object, got {_type(args)}")
         else:

@@ -83,9 +83,12 @@ class Tokenizer:
         return self._full.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str, add_bos: bool = False, *, allow_special: bool = False) -> list[int]:
-        """Token ids of ``text``; control-token strings in it stay plain text unless ``allow_special``."""
+        """Token ids of ``text``; control-token strings in it stay plain text unless ``allow_special``.
+
+        Goes through the library's batch call, which releases the GIL while it works (``encode`` holds it:
+        a multi-MB text would stall every other Python thread, e.g. a server's event loop, for seconds)."""
         tok = self._full if allow_special else self._plain
-        ids = tok.encode(text, add_special_tokens=False).ids
+        ids = _encode_batch(tok, [text])[0]
         return [self.bos_id, *ids] if add_bos else ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
@@ -94,7 +97,7 @@ class Tokenizer:
 
     def encode_plain_batch(self, texts: list[str]) -> list[list[int]]:
         """``encode(t)`` for each text, in one call (the library spreads the batch over threads)."""
-        return [e.ids for e in self._plain.encode_batch(texts, add_special_tokens=False)]
+        return _encode_batch(self._plain, texts)
 
     @cached_property
     def added_tokens(self) -> dict[str, int]:
@@ -229,3 +232,20 @@ def _token_content(value: Any) -> str | None:
     if isinstance(value, dict):
         value = value.get("content")
     return value if isinstance(value, str) and value else None
+
+
+def _encode_batch(tok: _HFTokenizer, texts: list[str]) -> list[list[int]]:
+    """Ids of each text; a text that is not valid Unicode (a lone UTF-16 surrogate, which JSON's "\\ud800"
+    escape can carry) is a ValueError saying where, instead of the library's TypeError about input types."""
+    try:
+        return [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]
+    except TypeError:
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise TypeError(f"text {i}: expected a string, got {type(text).__name__}") from None
+            bad = next((j for j, ch in enumerate(text) if 0xD800 <= ord(ch) <= 0xDFFF), None)
+            if bad is not None:
+                raise ValueError(
+                    f"text {i} is not valid Unicode: lone surrogate U+{ord(text[bad]):04X} at character {bad}"
+                ) from None
+        raise

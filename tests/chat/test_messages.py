@@ -37,6 +37,10 @@ BAD: list[tuple[Any, str]] = [
     ),
     ([{"role": "tool", "tool_call_id": "x"}], r"^messages\[0\]\.content: missing"),
     ([USER, call("{bad json")], r"^messages\[1\]\.tool_calls\[0\]\.function\.arguments: not valid JSON"),
+    (  # json.loads raises RecursionError, not JSONDecodeError, past ~1000 levels
+        [USER, call('{"a": ' + "[" * 5000 + "]" * 5000 + "}")],
+        r"^messages\[1\]\.tool_calls\[0\]\.function\.arguments: JSON nested too deeply",
+    ),
     (
         [USER, call("[1, 2]")],
         r"^messages\[1\]\.tool_calls\[0\]\.function\.arguments: must be a JSON object, got array",

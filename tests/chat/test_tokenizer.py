@@ -55,6 +55,36 @@ def test_user_text_never_becomes_control_tokens(tok: Tokenizer) -> None:
     assert 1 in tok.encode(f"x{EOS}", allow_special=True)
 
 
+def test_lone_surrogates_are_a_clear_value_error(tok: Tokenizer) -> None:
+    # JSON's "\\ud800" escape decodes to a lone surrogate, which no UTF-8 text holds
+    with pytest.raises(
+        ValueError, match=r"text 0 is not valid Unicode: lone surrogate U\+D800 at character 1"
+    ):
+        tok.encode("a\ud800b")
+    with pytest.raises(
+        ValueError, match=r"text 1 is not valid Unicode: lone surrogate U\+DC00 at character 0"
+    ):
+        tok.encode_plain_batch(["fine", "\udc00"])
+    assert tok.decode(tok.encode("a\U0001f600b")) == "a\U0001f600b"  # a real pair (one astral char) is fine
+
+
+def test_encode_lets_other_threads_run(tok: Tokenizer) -> None:
+    """A long encode must not hold the GIL (a server's event loop would stall for its whole duration)."""
+    import threading
+    import time
+
+    text = "The quick brown fox jumps over the lazy dog. " * 100_000  # 4.5 MB
+    t = threading.Thread(target=tok.encode, args=(text,))
+    ticks, t0 = 0, time.perf_counter()
+    t.start()
+    while t.is_alive():
+        ticks += 1
+        time.sleep(0.005)
+    took = time.perf_counter() - t0
+    assert took > 0.2, took  # long enough for the check to mean something
+    assert ticks >= 0.5 * took / 0.005 * 0.3, (ticks, took)  # the main thread kept running
+
+
 def test_v32_model_card_token_ids(tok: Tokenizer) -> None:
     # chat-format.md §6: the V3.2 README example, encoded with control-token matching
     assert tok.encode(MODEL_CARD_TEXT, allow_special=True) == MODEL_CARD_IDS
