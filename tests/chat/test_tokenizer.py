@@ -82,7 +82,7 @@ def test_encode_lets_other_threads_run(tok: Tokenizer) -> None:
         time.sleep(0.005)
     took = time.perf_counter() - t0
     assert took > 0.2, took  # long enough for the check to mean something
-    assert ticks >= 0.5 * took / 0.005 * 0.3, (ticks, took)  # the main thread kept running
+    assert ticks >= 10, (ticks, took)  # the main thread kept running (holding the GIL: 1-2 ticks)
 
 
 def test_v32_model_card_token_ids(tok: Tokenizer) -> None:
