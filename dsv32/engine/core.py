@@ -70,6 +70,11 @@ class EngineCore:
         self.model = model
         self.config = cfg = config or EngineConfig()
         mcfg = model.config
+        if cfg.max_model_len is not None and not 1 <= cfg.max_model_len <= mcfg.max_position_embeddings:
+            raise EngineError(
+                f"max_model_len must be in [1, {mcfg.max_position_embeddings}] (the model's "
+                f"max_position_embeddings), got {cfg.max_model_len}"
+            )
         self.max_model_len = cfg.max_model_len or mcfg.max_position_embeddings
         self.eos_id = eos_id if eos_id is not None else mcfg.eos_token_id
         n_layers = mcfg.num_hidden_layers

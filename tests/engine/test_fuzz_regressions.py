@@ -6,10 +6,12 @@ from __future__ import annotations
 import asyncio
 import threading
 
+import pytest
+
 from dsv32.chat.tokenizer import load_tokenizer
 from dsv32.engine.async_engine import AsyncEngine
 from dsv32.engine.block_pool import BlockPool
-from dsv32.engine.core import EngineConfig, EngineCore
+from dsv32.engine.core import EngineConfig, EngineCore, EngineError
 from dsv32.engine.request import Request
 from dsv32.engine.sampling_params import SamplingParams
 from dsv32.engine.scheduler import Scheduler
@@ -87,3 +89,15 @@ def test_cancelled_submit_leaves_no_loop_error_and_no_request(model):
     assert errors == []
     assert not core.live and not core.has_work()
     core.pool.assert_no_leaks()
+
+
+@pytest.mark.parametrize("max_model_len", [0, -3, 4097])
+def test_max_model_len_past_the_models_positions_is_refused(model, max_model_len):
+    """The engine took any max_model_len: past max_position_embeddings (4096 here) it generated at positions
+    the model is not configured for, and the server advertised that context; 0 silently meant 'the model's'."""
+    with pytest.raises(EngineError, match=r"max_model_len must be in \[1, 4096\]"):
+        EngineCore(model, EngineConfig(num_blocks=8, max_model_len=max_model_len, prepack_weights=False))
+    assert (
+        EngineCore(model, EngineConfig(num_blocks=8, max_model_len=4096, prepack_weights=False)).max_model_len
+        == 4096
+    )
