@@ -75,7 +75,9 @@ def _token_logprobs(ctx: ServingContext, ids: list[int], lps: list[dict]) -> lis
             if ctx.tokenizer.byte_level
             else ctx.tokenizer.decode([tid]).encode()
         )
-        return {"token": b.decode("utf-8", errors="replace"), "logprob": lp, "bytes": list(b)}
+        # a token a constraint forbids has probability 0, logprob -inf, which JSON cannot carry (JSONResponse
+        # refuses it: a 500; SSE would carry the invalid -Infinity): reported as -9999.0, as vLLM does
+        return {"token": b.decode("utf-8", errors="replace"), "logprob": max(lp, -9999.0), "bytes": list(b)}
 
     out = []
     for tid, lp in zip(ids, lps, strict=False):

@@ -340,3 +340,33 @@ def test_documented_tool_names_still_work(engine_server):
         engine_server.url + "/anthropic/v1/messages", json={**OK, "tools": [{"name": "B" * 128}]}, timeout=60
     )
     assert r.status_code == 200, r.text
+
+
+def _strict_json(text: str):
+    def refuse(name: str):
+        raise AssertionError(f"{name} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_logprobs_of_a_constrained_output_are_valid_json(engine_server, stream):
+    # tokens the JSON grammar forbids have logprob -inf among the top_logprobs: a 500 (non-streamed) or
+    # -Infinity in the SSE lines before
+    body = {"model": "deepseek-chat", "max_tokens": 6, "logprobs": True, "top_logprobs": 5, "stream": stream,
+            "response_format": {"type": "json_object"},
+            "messages": [{"role": "user", "content": "Answer in json."}]}  # fmt: skip
+    r = httpx.post(engine_server.url + "/v1/chat/completions", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    if stream:
+        chunks = [_strict_json(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+        entries = [
+            e for c in chunks for e in ((c["choices"] or [{}])[0].get("logprobs") or {}).get("content", [])
+        ]
+    else:
+        entries = _strict_json(r.text)["choices"][0]["logprobs"]["content"]
+    assert entries
+    tops = [t["logprob"] for e in entries for t in e["top_logprobs"]]
+    assert len(tops) == 5 * len(entries)
+    assert -9999.0 in tops  # the forbidden ones, clamped
+    assert all(-9999.0 <= e["logprob"] <= 0 for e in entries)
