@@ -393,7 +393,7 @@ def _llama_cpp(tmp: Path, cfg, s: Settings, gen: torch.Generator) -> dict:
 def _vs_llama_cpp(r: dict) -> None:
     """Add the engine / llama.cpp ratios (same run) to ``r['llama_cpp']``."""
     lc = r.get("llama_cpp")
-    if not lc:
+    if not lc or "error" in lc:
         return
     if "decode" in lc and "decode" in r:
         lc["decode"]["engine_ratio"] = r["decode"]["engine_tok_s"] / lc["decode"]["tok_s"]
@@ -625,10 +625,16 @@ def bench_engine(config: dict, out_dir: Path, settings: Settings | None = None) 
                 with _part(result, "concurrency", s):
                     hf_dec = result.get("hf_batch1_decode_tok_s")
                     result["concurrency"] = _concurrency(ours, cfg, s, gen, hf_dec)
-            if s.llama_cpp:
+            if s.llama_cpp and {"decode", "prefill", "concurrency"} & set(s.parts):
+                from dsv32.engine.bench_llama_cpp import LlamaCppError
+
                 print(f"llama.cpp on the same weights ({s.llama_cpp}) ...", flush=True)
                 with _part(result, "llama.cpp", s):
-                    result["llama_cpp"] = _llama_cpp(tmp, cfg, s, gen)
+                    try:
+                        result["llama_cpp"] = _llama_cpp(tmp, cfg, s, gen)
+                    except LlamaCppError as e:  # the engine's figures are still written, with the reason
+                        print(f"  llama.cpp failed: {e}", flush=True)
+                        result["llama_cpp"] = {"error": str(e)}
             if "prefix" in s.parts:
                 print(f"TTFT of a {s.ttft_prompt_tokens}-token prompt, cold and cached ...", flush=True)
                 with _part(result, "prefix", s):
@@ -892,6 +898,8 @@ def _llama_cpp_lines(r: dict) -> list[str]:
     lc = r.get("llama_cpp")
     if not lc:
         return []
+    if "error" in lc:
+        return ["", "## llama.cpp on the same weights, this run", "", f"Failed: {lc['error']}"]
     lines = ["", "## llama.cpp on the same weights, this run", "",
              f"{lc['version']}; GGUF {lc['gguf_outtype']} converted from this run's checkpoint by the tree's own "
              f"converter ({lc['convert_s']:.0f} s); {lc['threads']} threads. Prefill and decode: `llama-bench` "

@@ -78,6 +78,13 @@ def test_no_llama_cpp_no_section():
     assert _llama_cpp_lines(r) == []
 
 
+def test_a_failed_llama_cpp_part_is_reported_not_raised():
+    r = _result()
+    r["llama_cpp"] = {"error": "llama-bench exited with -6 (...): GGML_ASSERT"}
+    _vs_llama_cpp(r)
+    assert _llama_cpp_lines(r)[-1] == "Failed: llama-bench exited with -6 (...): GGML_ASSERT"
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(
     not os.environ.get("DSV32_LLAMA_CPP"), reason="DSV32_LLAMA_CPP names no built llama.cpp tree"
@@ -104,3 +111,25 @@ def test_quick_run_against_a_real_llama_cpp(tmp_path):
     assert "engine_ratio" in lc["decode"] and r["llama_cpp"]["convert_s"] > 0
     assert "## llama.cpp on the same weights, this run" in (tmp_path / "bench_engine.md").read_text()
     assert not any(Path(tmp_path).glob("*.gguf"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not os.environ.get("DSV32_LLAMA_CPP"), reason="DSV32_LLAMA_CPP names no built llama.cpp tree"
+)
+def test_a_llama_cpp_failure_leaves_the_engine_results(tmp_path):
+    pytest.importorskip("transformers")
+    from dsv32.engine.bench import Settings, bench_engine
+    from dsv32.presets import resolve_preset
+
+    config = {
+        **resolve_preset("tiny"),
+        "vocab_size": 129280,
+    }  # rope 8 / index head 16: llama.cpp's ggml asserts
+    s = Settings.quick_run()
+    s.parts = ("prefill",)
+    s.llama_cpp = os.environ["DSV32_LLAMA_CPP"]
+    r = bench_engine(config, tmp_path, s)
+    assert "llama-bench exited" in r["llama_cpp"]["error"]
+    assert r["prefill"]["engine_tok_s"] > 0
+    assert "Failed: llama-bench exited" in (tmp_path / "bench_engine.md").read_text()
