@@ -253,9 +253,7 @@ async def completions(body: CompletionRequest, request: Request):
     elif body.suffix is not None:
         prompt_ids = await run_in_threadpool(encode_fim, body.prompt, body.suffix, tokenizer=ctx.tokenizer)
     else:
-        # the batch call: the tokenizers library lets go of the GIL for it (not for a single encode)
-        (plain,) = await run_in_threadpool(ctx.tokenizer.encode_plain_batch, [body.prompt])
-        prompt_ids = [ctx.tokenizer.bos_id, *plain]
+        prompt_ids = await run_in_threadpool(ctx.tokenizer.encode, body.prompt, add_bos=True)
     if not prompt_ids:
         raise bad_request("the prompt is empty", "prompt")
     max_tokens = max_tokens_for(ctx, body.max_tokens, len(prompt_ids), (4096, 4096))
