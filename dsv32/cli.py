@@ -251,6 +251,10 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--device", default=None, help="cpu (default) or cuda: where both models run")
     e.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="default float32")
     e.add_argument(
+        "--quiet-wait", type=float, default=None, metavar="S",
+        help="wait up to S seconds for idle CPUs before each part, S/2 inside one (default 60; 0: never)",
+    )  # fmt: skip
+    e.add_argument(
         "--llama-cpp", default=None, metavar="DIR",
         help="a built llama.cpp source tree: measure llama.cpp on the same weights in the same run",
     )  # fmt: skip

@@ -973,6 +973,10 @@ def main_bench_engine(args: argparse.Namespace) -> int:
         over["device"] = args.device
     if getattr(args, "dtype", None):
         over["dtype"] = args.dtype
+    if getattr(args, "quiet_wait", None) is not None:
+        if args.quiet_wait < 0:
+            raise ValueError(f"--quiet-wait must be >= 0 seconds, got {args.quiet_wait}")
+        over["quiet_wait_s"], over["quiet_wait_step_s"] = args.quiet_wait, args.quiet_wait / 2
     if getattr(args, "llama_cpp", None):
         from dsv32.engine.bench_llama_cpp import LlamaCpp
 

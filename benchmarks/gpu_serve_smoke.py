@@ -1,0 +1,79 @@
+"""Part of the prepared GPU check (gpu_check.sh): `dsv32 serve --device cuda` answers over HTTP.
+
+Standard library only (the GPU machine has no openai / anthropic SDKs): starts the server on the embedded
+model, then asks for a plain completion, a JSON-mode completion with logprobs, a streamed one, and a request
+that must get a 400; prints what came back and exits non-zero on the first surprise.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _post(url: str, body: dict) -> tuple[int, bytes]:
+    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def main(device: str = "cuda") -> int:
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "dsv32.cli", "serve", "--device", device, "--dtype", "bf16", "--port", str(port)]
+    server = subprocess.Popen(cmd)
+    try:
+        for _ in range(240):
+            try:
+                urllib.request.urlopen(f"{base}/v1/models", timeout=1).read()
+                break
+            except OSError:
+                if server.poll() is not None:
+                    print(f"server exited with {server.returncode}")
+                    return 1
+                time.sleep(0.5)
+        else:
+            print("server did not come up in 120 s")
+            return 1
+        msgs = [{"role": "user", "content": "Say hello."}]
+        checks = [
+            ("plain", {"model": "deepseek-chat", "messages": msgs, "max_tokens": 8}, 200),
+            (
+                "json+logprobs",
+                {"model": "deepseek-chat", "messages": msgs, "max_tokens": 12, "logprobs": True,
+                 "top_logprobs": 3, "response_format": {"type": "json_object"}},
+                200,
+            ),  # fmt: skip
+            ("stream", {"model": "deepseek-chat", "messages": msgs, "max_tokens": 8, "stream": True}, 200),
+            ("bad", {"model": "deepseek-chat", "messages": [], "max_tokens": 8}, 400),
+        ]
+        ok = True
+        for name, body, want in checks:
+            t0 = time.perf_counter()
+            status, raw = _post(f"{base}/v1/chat/completions", body)
+            dt = time.perf_counter() - t0
+            text = raw.decode(errors="replace")
+            print(f"== {name}: HTTP {status} in {dt:.2f}s\n{text[:600]}")
+            ok &= status == want
+        return 0 if ok else 1
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+if __name__ == "__main__":
+    sys.exit(main(*sys.argv[1:2]))
