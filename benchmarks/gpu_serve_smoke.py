@@ -34,7 +34,18 @@ def _post(url: str, body: dict) -> tuple[int, bytes]:
 def main(device: str = "cuda") -> int:
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "dsv32.cli", "serve", "--device", device, "--dtype", "bf16", "--port", str(port)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "dsv32.cli",
+        "serve",
+        "--device",
+        device,
+        "--dtype",
+        "bf16",
+        "--port",
+        str(port),
+    ]
     server = subprocess.Popen(cmd)
     try:
         for _ in range(240):
@@ -54,8 +65,14 @@ def main(device: str = "cuda") -> int:
             ("plain", {"model": "deepseek-chat", "messages": msgs, "max_tokens": 8}, 200),
             (
                 "json+logprobs",
-                {"model": "deepseek-chat", "messages": msgs, "max_tokens": 12, "logprobs": True,
-                 "top_logprobs": 3, "response_format": {"type": "json_object"}},
+                {
+                    "model": "deepseek-chat",
+                    "messages": msgs,
+                    "max_tokens": 12,
+                    "logprobs": True,
+                    "top_logprobs": 3,
+                    "response_format": {"type": "json_object"},
+                },
                 200,
             ),  # fmt: skip
             ("stream", {"model": "deepseek-chat", "messages": msgs, "max_tokens": 8, "stream": True}, 200),
