@@ -752,6 +752,7 @@ def _plot(r: dict, path: Path) -> str:
 def _reference_lines(r: dict) -> list[str]:
     """What bounds the ratios: the HF figures the targets assumed, and the weights' memory-bandwidth limit."""
     b, hf = r.get("bandwidth"), r.get("hf_batch1_decode_tok_s")
+    peers = r.get("readme_peers_apply", True)  # the README's figures are for the 2-core CPU kind, fp32
     out = ["", "Context for the ratios (not the targets' basis, which is HF in this run):"]
     if "decode" in r and r.get("readme_peers_apply"):
         d = r["decode"]
@@ -766,8 +767,9 @@ def _reference_lines(r: dict) -> list[str]:
         out.append(
             f"- A batch-1 decode step reads {b['batch1_weight_bytes'] / 2**20:.0f} MiB of weights (lm_head "
             f"{b['lm_head_bytes'] / 2**20:.0f} MiB of it): at the {b['measured_bytes_per_s'] / 1e9:.0f} GB/s this "
-            f"machine streams memory in this run (median sum over 1 GiB; the bench README says ~"
-            f"{b['readme_bytes_per_s'] / 1e9:.0f} GB/s) that caps "
+            f"machine streams memory in this run (median sum over 1 GiB"
+            + (f"; the bench README says ~{b['readme_bytes_per_s'] / 1e9:.0f} GB/s" if peers else "")
+            + ") that caps "
             f"batch-1 decode at {b['batch1_limit_tok_s']:.1f} tok/s = {b['batch1_limit_tok_s'] / hf:.1f}× this "
             f"run's HF; 16 streams touch all experts ({b['all_experts_weight_bytes'] / 2**20:.0f} MiB per step): "
             f"{b['limit_16_streams_tok_s']:.0f} tok/s = {b['limit_16_streams_tok_s'] / hf:.1f}× this run's HF."
@@ -804,6 +806,7 @@ def _met(x: bool | None) -> str:
 
 def markdown(r: dict) -> str:
     s = r["settings"]
+    peers = r.get("readme_peers_apply", True)  # the README's llama.cpp ratios: bench-small, fp32, 2-core CPU
     lines = [
         f"# dsv32 bench engine — {r['date']}",
         "",
@@ -829,20 +832,21 @@ def markdown(r: dict) -> str:
         lines.append(f"| {t['name']} | {v} | {tgt} | {_met(t['met'])} |")
     if "decode" in r or "prefill" in r:
         lines += ["", "## Batch-1 decode and prefill, engine vs HF transformers (same run, same weights)", "",
-                  "| measurement | dsv32 engine | HF transformers | ratio | llama.cpp (README) |",
-                  "|---|---|---|---|---|"]  # fmt: skip
+                  "| measurement | dsv32 engine | HF transformers | ratio |" + (" llama.cpp (README) |" if peers else ""),
+                  "|---|---|---|---|" + ("---|" if peers else "")]  # fmt: skip
         if "decode" in r:
             d = r["decode"]
             lines.append(
                 f"| batch-1 decode tok/s ({d['decode_tokens']} tokens after a {d['prompt_tokens']}-token prompt) "
-                f"| {d['engine_tok_s']:.2f} | {d['hf_tok_s']:.2f} | **{d['ratio']:.2f}×** | {d['llama_cpp_ratio']:.1f}× |"
+                f"| {d['engine_tok_s']:.2f} | {d['hf_tok_s']:.2f} | **{d['ratio']:.2f}×** |"
+                + (f" {d['llama_cpp_ratio']:.1f}× |" if peers else "")
             )
         if "prefill" in r:
             p = r["prefill"]
             lines.append(
                 f"| prefill {p['prompt_tokens']} tokens: TTFT s (tok/s) | {p['engine_ttft_s']:.2f} "
-                f"({p['engine_tok_s']:.0f}) | {p['hf_ttft_s']:.2f} ({p['hf_tok_s']:.0f}) | **{p['ratio']:.2f}×** "
-                f"| {p['llama_cpp_ratio']:.1f}× |"
+                f"({p['engine_tok_s']:.0f}) | {p['hf_ttft_s']:.2f} ({p['hf_tok_s']:.0f}) | **{p['ratio']:.2f}×** |"
+                + (f" {p['llama_cpp_ratio']:.1f}× |" if peers else "")
             )
         if "decode" in r:
             lines += ["", f"Same greedy tokens from engine and HF: {r['decode']['same_greedy_tokens']}."]
@@ -853,13 +857,15 @@ def markdown(r: dict) -> str:
                   f"Each request: a {c['prompt_tokens']}-token prompt; all prompts prefilled first, then "
                   f"{c['decode_steps_timed']} decode steps timed (the issue fixes no N; chosen to fit the time budget). "
                   "Ratio to HF `generate` batch-1 decode of this run.", "",
-                  "| concurrent requests | engine tok/s | median step ms | × HF batch-1 | llama.cpp (README) |",
-                  "|---|---|---|---|---|"]  # fmt: skip
+                  "| concurrent requests | engine tok/s | median step ms | × HF batch-1 |"
+                  + (" llama.cpp (README) |" if peers else ""),
+                  "|---|---|---|---|" + ("---|" if peers else "")]  # fmt: skip
         for x in c["rows"]:
             ratio = f"{x['ratio_to_hf_batch1']:.1f}×" if "ratio_to_hf_batch1" in x else "–"
-            llama = f"{x['llama_cpp_ratio']:.1f}×" if "llama_cpp_ratio" in x else "–"
+            llama = f" {x['llama_cpp_ratio']:.1f}× |" if "llama_cpp_ratio" in x else " – |"
             lines.append(
-                f"| {x['concurrency']} | {x['engine_tok_s']:.1f} | {x['step_ms_median']:.0f} | {ratio} | {llama} |"
+                f"| {x['concurrency']} | {x['engine_tok_s']:.1f} | {x['step_ms_median']:.0f} | {ratio} |"
+                + (llama if peers else "")
             )
     if "prefix" in r:
         p = r["prefix"]
