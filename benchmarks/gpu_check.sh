@@ -28,7 +28,8 @@ export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 python3 -c "import torch, transformers; print('torch', torch.__version__, '| transformers', transformers.__version__)"
 echo "== CUDA tests"
-timeout 120 python3 -m pytest -q -p no:cacheprovider -k cuda tests/model/test_forms.py tests/engine/test_paged_runner.py
+timeout 150 python3 -m pytest -q -p no:cacheprovider -k cuda tests/model/test_forms.py tests/engine/test_paged_runner.py \
+    tests/engine/test_cuda_graphs.py
 echo "== serve on cuda"
 timeout 150 python3 benchmarks/gpu_serve_smoke.py cuda 2>&1 | grep -v '^INFO'
 echo "== bench engine, quick"
@@ -39,5 +40,8 @@ fi
 echo "== bench engine"
 timeout "${BENCH_TIMEOUT:-300}" python3 -m dsv32.cli bench engine --device cuda --dtype bfloat16 --quiet-wait 5 \
     --out "$OUT"
+echo "== bench engine without CUDA graphs (the same parts that decode, for comparison)"
+timeout 150 python3 -m dsv32.cli bench engine --device cuda --dtype bfloat16 --quiet-wait 0 --enforce-eager \
+    --parts decode,prefill,concurrency --repeats 2 --out "$OUT/eager" | grep -A12 "^## Targets"
 echo "== profile"
 timeout 120 python3 benchmarks/gpu_profile.py cuda 2>&1 | grep -v -e USDT -e '^Loading'

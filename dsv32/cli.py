@@ -171,6 +171,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-waiting", type=int, default=256, help="queued requests before answering 503")
     p.add_argument("--max-concurrent-per-key", type=int, help="in-flight requests per API key before 429")
     p.add_argument("--chat-format", choices=("v3.2", "v3.1", "v3"), help="override the prompt format")
+    p.add_argument(
+        "--enforce-eager", action="store_true", help="GPU: run decode steps eagerly (no CUDA graphs)"
+    )
     p.set_defaults(func=_serve)
 
 
@@ -184,7 +187,7 @@ def _serve(args: argparse.Namespace) -> int:
             cache_memory_gb=args.cache_memory_gb, max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
             max_waiting=args.max_waiting, max_concurrent_per_key=args.max_concurrent_per_key,
-            chat_format=args.chat_format,
+            chat_format=args.chat_format, cuda_graphs=not args.enforce_eager,
         )
     )  # fmt: skip
     return 0
@@ -250,6 +253,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--contexts", default=None, metavar="LIST", help="default 4096,16384,32768")
     e.add_argument("--device", default=None, help="cpu (default) or cuda: where both models run")
     e.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="default float32")
+    e.add_argument("--enforce-eager", action="store_true", help="GPU: no CUDA graphs for decode steps")
     e.add_argument(
         "--quiet-wait", type=float, default=None, metavar="S",
         help="wait up to S seconds for idle CPUs before each part, S/2 inside one (default 60; 0: never)",

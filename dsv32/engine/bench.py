@@ -83,6 +83,7 @@ class Settings:
     device: str = "cpu"  # where both models run ("cuda" on a GPU machine)
     dtype: str = "float32"  # both models' weights and activations ("bfloat16" on a GPU)
     llama_cpp: str | None = None  # a built llama.cpp tree: also measure it (see ``bench_llama_cpp``)
+    cuda_graphs: bool = True  # on a GPU: decode steps replayed from CUDA graphs (False: eager)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -121,13 +122,14 @@ def _prompt(gen: torch.Generator, vocab: int, n: int) -> list[int]:
     return torch.randint(2, vocab, (n,), generator=gen).tolist()
 
 
-def _engine(model, tokens: int, max_seqs: int, max_batched: int):
+def _engine(model, tokens: int, max_seqs: int, max_batched: int, cuda_graphs: bool = True):
     from dsv32.engine.core import EngineConfig, EngineCore
 
     blocks = -(-tokens // BLOCK_SIZE) + 2 * max_seqs + 4
     cfg = EngineConfig(
-        block_size=BLOCK_SIZE, num_blocks=blocks, max_num_seqs=max_seqs, max_num_batched_tokens=max_batched
-    )
+        block_size=BLOCK_SIZE, num_blocks=blocks, max_num_seqs=max_seqs, max_num_batched_tokens=max_batched,
+        cuda_graphs=cuda_graphs,
+    )  # fmt: skip
     return EngineCore(model, cfg, eos_id=None)
 
 
@@ -239,7 +241,7 @@ def _decode_and_prefill(ours, hf, cfg, s: Settings, gen: torch.Generator) -> dic
     parts = set(s.parts)
     prompt = _prompt(gen, cfg.vocab_size, s.prompt_tokens)
     need = s.prompt_tokens + s.decode_tokens + 2 + s.prefill_tokens + 2
-    core = _engine(ours, need, 1, s.max_num_batched_tokens)
+    core = _engine(ours, need, 1, s.max_num_batched_tokens, s.cuda_graphs)
     t: dict[str, list[float]] = {k: [] for k in ("hf_1", "hf_n", "eng_dec", "hf_pre", "eng_pre")}
     toks: dict[str, list[int]] = {}
     _hf_generate(hf, prompt, 3)  # warm-up (first calls pay one-off setup costs)
@@ -317,7 +319,7 @@ def _decode_and_prefill(ours, hf, cfg, s: Settings, gen: torch.Generator) -> dic
 def _concurrency(ours, cfg, s: Settings, gen: torch.Generator, hf_dec: float | None) -> dict:
     n = s.concurrent_decode_tokens
     cmax = max(s.concurrency)
-    core = _engine(ours, cmax * (s.prompt_tokens + n + 8), cmax, s.max_num_batched_tokens)
+    core = _engine(ours, cmax * (s.prompt_tokens + n + 8), cmax, s.max_num_batched_tokens, s.cuda_graphs)
     rows = []
     waits: list[float] = []
     for c in s.concurrency:
@@ -416,7 +418,7 @@ def _vs_llama_cpp(r: dict) -> None:
 
 def _prefix(ours, cfg, s: Settings, gen: torch.Generator) -> dict:
     n = s.ttft_prompt_tokens
-    core = _engine(ours, 2 * (n + BLOCK_SIZE), 1, s.max_num_batched_tokens)
+    core = _engine(ours, 2 * (n + BLOCK_SIZE), 1, s.max_num_batched_tokens, s.cuda_graphs)
     prompt = _prompt(gen, cfg.vocab_size, n)
     waits: list[float] = []
     _settle(s, waits)
@@ -525,7 +527,7 @@ def _dsa(config: dict, tmp: Path, s: Settings, gen: torch.Generator) -> dict:
     attns = [model.model.layers[i].self_attn for i in range(cfg.num_hidden_layers)]
     weights = decode_weight_bytes(model)
     elt = torch.empty((), dtype=model.dtype).element_size()
-    core = _engine(model, sum(contexts) + len(contexts) * (2 * K + 2), 1, s.long_prefill_chunk)
+    core = _engine(model, sum(contexts) + len(contexts) * (2 * K + 2), 1, s.long_prefill_chunk, s.cuda_graphs)
     prompt = _prompt(gen, cfg.vocab_size, max(contexts))
     rows, waits = [], []
     try:
@@ -810,7 +812,13 @@ def markdown(r: dict) -> str:
     lines = [
         f"# dsv32 bench engine — {r['date']}",
         "",
-        f"Config: {r['config']}; {r['dtype']} on {r.get('device', 'cpu')}; {r['machine']['threads']} threads; "
+        f"Config: {r['config']}; {r['dtype']} on {r.get('device', 'cpu')}"
+        + (
+            ""
+            if r.get("device", "cpu") == "cpu"
+            else f" (decode steps {'from CUDA graphs' if s.get('cuda_graphs', False) else 'eager'})"
+        )
+        + f"; {r['machine']['threads']} threads; "
         f"torch {r['machine']['torch']}; "
         f"load average {r['machine']['load_avg_start']} at start, {r['machine']['load_avg_end']} at end; "
         f"{r['wall_s'] / 60:.1f} min in all. Best of {s['repeats']} rounds unless said otherwise"
@@ -985,6 +993,8 @@ def main_bench_engine(args: argparse.Namespace) -> int:
         over["device"] = args.device
     if getattr(args, "dtype", None):
         over["dtype"] = args.dtype
+    if getattr(args, "enforce_eager", False):
+        over["cuda_graphs"] = False
     if getattr(args, "quiet_wait", None) is not None:
         if args.quiet_wait < 0:
             raise ValueError(f"--quiet-wait must be >= 0 seconds, got {args.quiet_wait}")

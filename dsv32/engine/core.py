@@ -11,9 +11,11 @@ Knows nothing of threads or HTTP: ``AsyncEngine`` and ``LLM`` drive it.
 from __future__ import annotations
 
 import itertools
+import logging
 from dataclasses import dataclass, field
 
 from dsv32.engine.block_pool import BlockPool
+from dsv32.engine.cuda_graphs import DecodeGraphs
 from dsv32.engine.grammar import GrammarCompiler, GrammarMasker, GuidedState
 from dsv32.engine.paged_cache import PagedKVCache
 from dsv32.engine.request import Request
@@ -21,7 +23,10 @@ from dsv32.engine.runner import ModelRunner
 from dsv32.engine.sampler import Sampler, SamplingState
 from dsv32.engine.sampling_params import SamplingParams
 from dsv32.engine.scheduler import Scheduler
+from dsv32.model.moe import MoE, grouped_matmul_available
 from dsv32.model.transformer import DeepseekForCausalLM
+
+log = logging.getLogger(__name__)
 
 
 class EngineError(ValueError):
@@ -38,6 +43,8 @@ class EngineConfig:
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     # CPU: keep a oneDNN-layout copy of every matmul weight (2-4x faster matmuls; costs their size again)
     prepack_weights: bool = True
+    # GPU: replay decode-only steps from CUDA graphs (``cuda_graphs.DecodeGraphs``); False: always eager
+    cuda_graphs: bool = True
 
 
 @dataclass
@@ -88,11 +95,29 @@ class EngineCore:
         self.runner = ModelRunner(model, self.cache)
         if cfg.prepack_weights:
             model.prepack_cpu_weights()
+        if cfg.cuda_graphs and model.device.type == "cuda":
+            self.runner.graphs = self._decode_graphs()
         self.sampler = Sampler()
         self.grammar: GrammarCompiler | None = None  # set by attach_tokenizer
         self._masker: GrammarMasker | None = None
         self.live: dict[str, _Live] = {}
         self._arrivals = itertools.count()
+
+    def _decode_graphs(self) -> DecodeGraphs | None:
+        """Graph-captured decode steps, when the model allows them: the MoE's experts stacked for grouped
+        matmuls (not FP8 experts, and only where ``torch._grouped_mm`` runs for this GPU and dtype)."""
+        model = self.model
+        moes = [layer.mlp for layer in model.model.layers if isinstance(layer.mlp, MoE)]
+        if moes and not grouped_matmul_available(model.device, model.dtype):
+            log.info("no CUDA graphs: grouped matmuls do not run on this GPU in %s", model.dtype)
+            return None
+        try:
+            for moe in moes:
+                moe.stack_experts()
+        except ValueError as e:
+            log.info("no CUDA graphs: %s", e)
+            return None
+        return DecodeGraphs(model, self.cache, self.config.max_num_seqs, self.max_model_len)
 
     @property
     def capacity_tokens(self) -> int:
@@ -176,8 +201,9 @@ class EngineCore:
             self._masker.apply(logits, [i for i, _ in guided], [g for _, g in guided])
         out = self.sampler(logits, [lv.state for lv in lives]) if lives else None
         results: list[TokenOutput] = []
+        token_ids = out.token_ids.tolist() if lives else []  # one copy from the device, not one per row
         for i, lv in enumerate(lives):
-            tok = int(out.token_ids[i])
+            tok = token_ids[i]
             req = lv.request
             req.output_ids.append(tok)
             lv.state.output_ids.append(tok)

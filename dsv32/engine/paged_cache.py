@@ -23,7 +23,10 @@ class PagedKVCache:
         device: torch.device | str = "cpu",
     ):
         self.num_blocks, self.block_size = num_blocks, block_size
-        slots = num_blocks * block_size
+        # one extra block that no sequence owns: padding rows of a fixed-shape step (``DecodeGraphs``) write
+        # and read there
+        self.scratch_block = num_blocks
+        slots = (num_blocks + 1) * block_size
 
         def alloc(dim: int) -> list[torch.Tensor]:
             return [torch.zeros(slots, dim, dtype=dtype, device=device) for _ in range(n_layers)]

@@ -12,14 +12,18 @@ the paged cache after the step's new latent entries are written to their slots:
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 
+from dsv32.engine.cuda_graphs import DecodeGraphs, GraphCaptureError
 from dsv32.engine.paged_cache import PagedKVCache
 from dsv32.engine.scheduler import ScheduledChunk
 from dsv32.model.mla import MLA, MLAInputs
 from dsv32.model.transformer import DeepseekForCausalLM
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -96,6 +100,7 @@ class ModelRunner:
         self.model, self.cache = model, cache
         self.block_size = cache.block_size
         self.device = model.device
+        self.graphs: DecodeGraphs | None = None  # decode-only steps as fixed-shape (CUDA-graph) steps
 
     def _slots(self, block_table: list[int], start: int, end: int) -> torch.Tensor:
         pos = torch.arange(start, end)
@@ -134,6 +139,12 @@ class ModelRunner:
     def execute(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
         """Run the step; returns fp32 logits [n_sampling_chunks, vocab], one row per chunk that samples
         (in the order of ``chunks``)."""
+        if self.graphs is not None and self.graphs.fits(chunks):
+            try:
+                return self.graphs.execute(chunks)
+            except GraphCaptureError as e:
+                log.warning("%s; decode steps stay eager", e)
+                self.graphs = None
         multi = [c for c in chunks if c.num_tokens > 1]
         ids, positions, new_slots, segments, decodes = [], [], [], [], []
         row_of: dict[int, int] = {}  # id(chunk) -> its last row in the flattened step

@@ -119,6 +119,8 @@ def select_topk_visible(
     tied keys by the row's length and layout: a prefill chunk (keys trimmed to what it can see), a padded
     decode row and the full forward would each select different keys, and attend differently.
     """
+    if scores.device.type != "cpu":
+        return select_topk_visible_sorted(scores, visible, k)
     scores = scores.masked_fill(~visible, float("-inf"))  # our own copy: changed in place below
     k = min(k, scores.shape[-1])
     vals, idx = scores.topk(k, dim=-1, sorted=False)  # a set: order is irrelevant
@@ -136,3 +138,15 @@ def select_topk_visible(
         idx = idx.clone()
         idx[rows] = keep.nonzero()[:, 1].view(-1, k)
     return idx, vals > float("-inf")
+
+
+def select_topk_visible_sorted(
+    scores: torch.Tensor, visible: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``select_topk_visible`` by one stable descending sort: tied keys keep their order, so the earliest
+    are taken. No host sync (the top-k-then-fix-ties form asks the host whether any row has a tie), so a
+    CUDA graph can capture it; on a GPU the sort is cheap. Same selected sets, in another order."""
+    scores = scores.masked_fill(~visible, float("-inf"))
+    k = min(k, scores.shape[-1])
+    vals, idx = scores.sort(dim=-1, descending=True, stable=True)
+    return idx[..., :k], vals[..., :k] > float("-inf")

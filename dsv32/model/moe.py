@@ -61,11 +61,35 @@ class MoE(nn.Module):
             if cfg.n_shared_experts > 0
             else None
         )
+        # Every routed expert's weights in one tensor each (``stack_experts``): [E, 2I, D] gate‖up, [E, D, I] down.
+        self._w13: torch.Tensor | None = None
+        self._w2: torch.Tensor | None = None
+
+    def stack_experts(self) -> None:
+        """Move the routed experts' weights into two stacked tensors; each expert's Linears keep views of
+        them (no second copy). ``forward`` then runs all experts as two grouped matmuls with no host sync,
+        which a CUDA graph can capture, instead of a loop over the experts that reads the token counts on
+        the host. Not for FP8 experts (their weights are dequantised per call)."""
+        if self._w13 is not None:
+            return
+        if any(lin.is_fp8 for e in self.experts for lin in (e.gate_proj, e.up_proj, e.down_proj)):
+            raise ValueError("stack_experts: FP8 expert weights are dequantised per call; not stacked")
+        inter = self.experts[0].gate_proj.out_features
+        with torch.no_grad():
+            w13 = torch.stack([torch.cat((e.gate_proj.weight, e.up_proj.weight)) for e in self.experts])
+            w2 = torch.stack([e.down_proj.weight for e in self.experts])
+        for i, e in enumerate(self.experts):
+            e.gate_proj.weight = nn.Parameter(w13[i, :inter], requires_grad=False)
+            e.up_proj.weight = nn.Parameter(w13[i, inter:], requires_grad=False)
+            e.down_proj.weight = nn.Parameter(w2[i], requires_grad=False)
+        self._w13, self._w2 = w13, w2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         idx, w = self.gate(x)  # [N, k]
+        if self._w13 is not None:
+            return self._forward_grouped(x, idx, w).view(shape)
         # group the (token, expert) pairs by expert: one gather of the inputs, each expert runs once on a
         # contiguous slice, one weighting and one scatter-add of all routed outputs
         flat = idx.flatten()
@@ -85,3 +109,36 @@ class MoE(nn.Module):
         if self.shared_experts is not None:
             y += self.shared_experts(x).float()
         return y.to(x.dtype).view(shape)
+
+    def _forward_grouped(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """The routed experts as two grouped matmuls over the (token, expert) pairs sorted by expert; the
+        group sizes stay on the device (no ``.tolist()``), so the shapes never depend on the routing."""
+        n_experts, inter = self._w13.shape[0], self._w13.shape[1] // 2
+        flat = idx.flatten()
+        order = flat.argsort(stable=True)
+        token_of = order // idx.shape[1]  # [N·k] the token of each pair, in expert order
+        counts = torch.zeros(n_experts, dtype=torch.int32, device=x.device)
+        counts.index_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
+        offs = counts.cumsum(0, dtype=torch.int32)  # end row of each expert's group
+        xs = x.index_select(0, token_of)
+        gate_up = torch._grouped_mm(xs, self._w13.transpose(1, 2), offs=offs)  # [N·k, 2I]
+        act = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
+        routed = torch._grouped_mm(act, self._w2.transpose(1, 2), offs=offs).float()  # [N·k, D]
+        routed.mul_(w.flatten()[order, None])
+        y = torch.zeros(x.shape, dtype=torch.float32, device=x.device).index_add_(0, token_of, routed)
+        if self.shared_experts is not None:
+            y += self.shared_experts(x).float()
+        return y.to(x.dtype)
+
+
+def grouped_matmul_available(device: torch.device | str, dtype: torch.dtype) -> bool:
+    """Whether ``torch._grouped_mm`` (what ``MoE.stack_experts`` relies on) runs for this device and dtype."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    try:
+        a = torch.ones(4, 16, device=device, dtype=dtype)
+        b = torch.ones(2, 16, 16, device=device, dtype=dtype)
+        torch._grouped_mm(a, b.transpose(1, 2), offs=torch.tensor([2, 4], device=device, dtype=torch.int32))
+        return True
+    except (RuntimeError, NotImplementedError):
+        return False

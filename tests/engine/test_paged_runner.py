@@ -41,11 +41,23 @@ class RecordingCache(PagedKVCache):
         return super().gather_latent(layer, slots)
 
 
-def drive(model, prompts, n_new, num_blocks, block_size, budget, max_seqs=8, check_logits=False, cache=None):
+def drive(
+    model,
+    prompts,
+    n_new,
+    num_blocks,
+    block_size,
+    budget,
+    max_seqs=8,
+    check_logits=False,
+    cache=None,
+    graphs=None,
+):
     pool = BlockPool(num_blocks, block_size)
     cache = cache or PagedKVCache(model.config, num_blocks, block_size, model.config.num_hidden_layers)
     sched = Scheduler(pool, max_num_seqs=max_seqs, max_num_batched_tokens=budget)
     runner = ModelRunner(model, cache)
+    runner.graphs = graphs  # DecodeGraphs: decode-only steps as fixed-shape steps (test_cuda_graphs.py)
     reqs = [Request(f"r{i}", p, n_new, i) for i, p in enumerate(prompts)]
     for r in reqs:
         sched.add(r)

@@ -49,3 +49,27 @@ def test_causal_rows_short_of_k_keys_report_invalid_slots():
     for t in range(4):
         kept = idx[0, t][valid[0, t]].tolist()
         assert sorted(kept) == list(range(min(t + 1, 3)))
+
+
+def test_sort_form_selects_the_same_keys():
+    """The sort form (GPUs: no host sync, so CUDA graphs can capture it) picks the same set as the top-k form,
+    ties, padding and rows short of k keys included."""
+    from dsv32.model.indexer import select_topk_visible_sorted
+
+    g = torch.Generator().manual_seed(1)
+    scores = torch.randn(2, 6, 50, generator=g).relu_()  # about half of them tie at 0
+    scores[0, 0, :20] = 0.25  # a long run of equal scores straddling the cut
+    visible = torch.rand(2, 6, 50, generator=g) < 0.7
+    visible[1, 2] = False
+    visible[1, 2, :5] = True  # a row with fewer visible keys than k
+    for k in (1, 8, 16, 50, 64):
+        want, want_valid = select_topk_visible(scores, visible, k)
+        got, got_valid = select_topk_visible_sorted(scores, visible, k)
+        assert got.shape == want.shape
+        kept_want = [
+            set(i[v].tolist()) for i, v in zip(want.flatten(0, 1), want_valid.flatten(0, 1), strict=True)
+        ]
+        kept_got = [
+            set(i[v].tolist()) for i, v in zip(got.flatten(0, 1), got_valid.flatten(0, 1), strict=True)
+        ]
+        assert kept_got == kept_want, k

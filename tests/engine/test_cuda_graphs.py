@@ -1,0 +1,152 @@
+"""Fixed-shape decode steps (what ``DecodeGraphs`` captures as CUDA graphs).
+
+On the CPU the padded step runs eagerly (``capture=False``): the tests check its padding (rows to a bucket,
+slots to a power of two, the scratch block), the grouped-matmul MoE and the sort-based DSA selection against
+the plain runner and the full forward, and that the step asks the host nothing (no sync a graph would
+break on). The capture itself is checked on a GPU.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from dsv32.engine.cuda_graphs import DecodeGraphs
+from dsv32.engine.paged_cache import PagedKVCache
+from dsv32.model.moe import MoE
+from tests.engine.test_paged_runner import alone, drive
+
+
+def stacked(model):
+    m = copy.deepcopy(model)
+    for layer in m.model.layers:
+        if isinstance(layer.mlp, MoE):
+            layer.mlp.stack_experts()
+    return m
+
+
+def with_graphs(model, num_blocks, block_size, max_rows=8, max_context=256, capture=False):
+    """A paged cache and a hook for ``drive``: its runner gets ``DecodeGraphs``."""
+    cache = PagedKVCache(
+        model.config, num_blocks, block_size, model.config.num_hidden_layers, device=model.device
+    )
+    graphs = DecodeGraphs(model, cache, max_rows, max_context, capture=capture)
+    return cache, graphs
+
+
+def test_grouped_moe_equals_the_expert_loop(model):
+    m = stacked(model)
+    x = torch.randn(1, 23, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    for a, b in zip(model.model.layers, m.model.layers, strict=True):
+        if isinstance(a.mlp, MoE):
+            with torch.no_grad():
+                torch.testing.assert_close(b.mlp(x), a.mlp(x), rtol=1e-5, atol=1e-6)
+            # the experts' Linears are views of the stacks: one copy of the weights
+            assert b.mlp.experts[3].up_proj.weight.untyped_storage().data_ptr() == (
+                b.mlp._w13.untyped_storage().data_ptr()
+            )
+
+
+def test_padded_decode_steps_equal_the_full_forward(model):
+    """Three requests (one past index_topk = 12) decode through the padded step: 3 rows in a bucket of 4,
+    slots padded to 256; prefill chunks still take the plain path."""
+    m = stacked(model)
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, 300, (n,), generator=g).tolist() for n in (20, 7, 26)]
+    cache, graphs = with_graphs(m, 40, 4)
+    calls = []
+    real = graphs.execute
+    graphs.execute = lambda chunks: calls.append(len(chunks)) or real(chunks)
+    reqs, pool, worst, _ = drive(
+        m, prompts, n_new=10, num_blocks=40, block_size=4, budget=9, check_logits=True, cache=cache,
+        graphs=graphs,
+    )  # fmt: skip
+    assert calls and max(calls) == 3
+    assert {k[:2] for k in graphs.steps} <= {(1, 256), (2, 256), (4, 256)}, graphs.steps.keys()
+    assert worst < 1e-5
+    for r, p in zip(reqs, prompts, strict=True):
+        assert r.output_ids == alone(model, p, 10), r.request_id
+    pool.assert_no_leaks()
+
+
+def test_padding_rows_touch_only_the_scratch_block(model):
+    m = stacked(model)
+    cache, graphs = with_graphs(m, 10, 4)
+    before = [t.clone() for t in cache.c_kv]
+    prompts = [[5, 6, 7, 8, 9], [1, 2, 3], [4, 4, 4, 4]]  # 3 decode rows: a bucket of 4, 1 padding row
+    drive(m, prompts, n_new=3, num_blocks=10, block_size=4, budget=64, cache=cache, graphs=graphs)
+    assert {k[:2] for k in graphs.steps} == {(4, 256)}
+    scratch = cache.scratch_block * 4
+    for layer, t in enumerate(cache.c_kv):
+        changed = set((t != before[layer]).any(-1).nonzero().flatten().tolist())
+        # the requests' entries in their own blocks, and slot 0 of the scratch block (the padding row)
+        assert scratch in changed
+        assert all(s < 10 * 4 or s == scratch for s in changed), sorted(changed)
+
+
+class NoHostSync(TorchDispatchMode):
+    """Fails on ops whose result the host must read (a CUDA graph cannot contain them)."""
+
+    SYNCING = {"_local_scalar_dense", "is_nonzero", "item", "nonzero", "bincount", "unique", "_unique2",
+               "masked_select"}  # fmt: skip
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in self.SYNCING:
+            raise AssertionError(f"host sync inside the fixed-shape step: {func}")
+        if name == "index" and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1]):
+            raise AssertionError(f"boolean-mask indexing (a host sync) inside the fixed-shape step: {func}")
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_fixed_shape_step_needs_no_host_sync(model, monkeypatch):
+    """Everything _forward runs, past index_topk (the DSA selection) and through the MoE, never reads a
+    device value on the host. (The DSA selection takes its sort form on any device but the CPU: forced here.)"""
+    import dsv32.model.indexer as indexer
+
+    monkeypatch.setattr(indexer, "select_topk_visible", indexer.select_topk_visible_sorted)
+    m = stacked(model)
+    cache, graphs = with_graphs(m, 40, 4)
+    step = graphs._new_step(4, 256, (12,))
+    step.positions.copy_(torch.tensor([30, 3, 0, 0]))
+    step.tables[0, :8] = torch.arange(8)
+    step.tables[1, :1] = 8
+    with torch.inference_mode(), NoHostSync():
+        logits = graphs._forward(step)
+    assert logits.shape == (4, model.config.vocab_size) and torch.isfinite(logits).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graph_decode_matches_eager_on_gpu(model):
+    """The engine on a GPU (bf16) with captured decode steps against the same engine kept eager."""
+    from dsv32.engine.core import EngineConfig, EngineCore
+    from dsv32.engine.sampling_params import SamplingParams
+
+    gpu = copy.deepcopy(model).to("cuda", torch.bfloat16)
+    g = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(0, 300, (n,), generator=g).tolist() for n in (20, 7, 26, 3, 40)]
+    outs = {}
+    for graphs in (False, True):
+        core = EngineCore(gpu, EngineConfig(block_size=4, num_blocks=100, max_num_seqs=8, cuda_graphs=graphs))
+        assert (core.runner.graphs is not None) == graphs
+        for i, p in enumerate(prompts):
+            core.add_request(f"r{i}", p, SamplingParams(max_tokens=12, temperature=0, logprobs=True))
+        got: dict[str, list] = {}
+        while core.has_work():
+            for o in core.step():
+                got.setdefault(o.request_id, []).append((o.new_token_ids[0], o.logprobs[0]["logprob"]))
+        core.pool.assert_no_leaks()
+        outs[graphs] = got
+        if graphs:
+            assert any(s.graph is not None for s in core.runner.graphs.steps.values())
+    for rid, eager in outs[False].items():
+        graphed = outs[True][rid]
+        # bf16: the first tokens agree and the chosen tokens' logprobs stay close while the paths do
+        assert graphed[0][0] == eager[0][0], rid
+        for (t1, lp1), (t2, lp2) in zip(eager, graphed, strict=True):
+            if t1 != t2:
+                break
+            assert abs(lp1 - lp2) < 0.1, (rid, lp1, lp2)
