@@ -32,6 +32,7 @@ class _Segment:
 
     rows: slice  # this request's tokens in the flattened step
     q_pos: torch.Tensor  # [n] absolute positions
+    first_pos: int  # q_pos[0] (the positions are consecutive)
     slots: torch.Tensor  # [S] cache slots of every visible token (0 .. start + n - 1)
 
 
@@ -81,6 +82,7 @@ class PagedContext:
                     k_pe[None],
                     None if k_idx is None else k_idx[None],
                     seg.q_pos,
+                    first_pos=seg.first_pos,
                 )
             )
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
@@ -165,8 +167,11 @@ class ModelRunner:
             new_slots.append(self._slots(req.block_table, c.start, end))
             segments.append(
                 _Segment(
-                    slice(offset, offset + c.num_tokens), positions[-1], self._slots(req.block_table, 0, end)
-                )
+                    slice(offset, offset + c.num_tokens),
+                    positions[-1],
+                    c.start,
+                    self._slots(req.block_table, 0, end),
+                )  # fmt: skip
             )
             offset += c.num_tokens
             row_of[id(c)] = offset - 1

@@ -126,6 +126,7 @@ class MLA(nn.Module):
         k_index: torch.Tensor | None,  # [B, S, d_I]
         q_pos: torch.Tensor,  # [T] absolute positions of the queries
         form: AttnForm = "auto",
+        first_pos: int | None = None,  # q_pos[0] when q_pos is consecutive: no read-back from a GPU
     ) -> torch.Tensor:
         """The attention core over the latent entries -> per-head outputs [B, T, H, d_v]."""
         T, H, S = q_pos.shape[0], self.n_heads, c_kv.shape[1]
@@ -141,11 +142,14 @@ class MLA(nn.Module):
         # Queries go in chunks so score matrices stay bounded (~QUERY_CHUNK_ELEMENTS) for long prompts.
         # A chunk reads only the keys up to its last query's position (causal): later chunks see more.
         index_heads = self.indexer.n_heads if self.indexer is not None else 0
-        rows = min(QUERY_CHUNK_ROWS[form], max(1, QUERY_CHUNK_ELEMENTS // (S * max(H, index_heads))))
+        rows = max(1, QUERY_CHUNK_ELEMENTS // (S * max(H, index_heads)))
+        if c_kv.device.type == "cpu":  # on a GPU more, smaller chunks cost launches and gain little
+            rows = min(rows, QUERY_CHUNK_ROWS[form])
         outs = []
         for t0 in range(0, T, rows):
             t = slice(t0, min(T, t0 + rows))
-            s_vis = min(S, int(q_pos[t].max()) + 1)
+            last = first_pos + t.stop - 1 if first_pos is not None else int(q_pos[t].max())
+            s_vis = min(S, last + 1)
             topk_idx = topk_valid = None
             # DSA selects keys only when more are visible than index_topk (otherwise attention is dense).
             if self.indexer is not None and s_vis > self.indexer.topk:
@@ -249,4 +253,4 @@ class ContiguousContext:
         c_kv, k_pe, k_index = inp.c_kv, inp.k_pe, inp.k_index
         if self.cache is not None:
             c_kv, k_pe, k_index = self.cache[layer_idx].write(self.start_pos, c_kv, k_pe, k_index)
-        return mla.attend(inp, c_kv, k_pe, k_index, self.q_pos, self.form)
+        return mla.attend(inp, c_kv, k_pe, k_index, self.q_pos, self.form, first_pos=self.start_pos)
