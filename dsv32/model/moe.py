@@ -88,7 +88,7 @@ class MoE(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         idx, w = self.gate(x)  # [N, k]
-        if self._w13 is not None:
+        if self._w13 is not None and self._still_stacked():
             return self._forward_grouped(x, idx, w).view(shape)
         # group the (token, expert) pairs by expert: one gather of the inputs, each expert runs once on a
         # contiguous slice, one weighting and one scatter-add of all routed outputs
@@ -109,6 +109,15 @@ class MoE(nn.Module):
         if self.shared_experts is not None:
             y += self.shared_experts(x).float()
         return y.to(x.dtype).view(shape)
+
+    def _still_stacked(self) -> bool:
+        """Whether the experts still hold views of the stacks (``module.to(...)`` gives parameters new
+        storage and leaves the stacks behind: then the loop is used and the stacks dropped)."""
+        first, last = self.experts[0].gate_proj.weight, self.experts[-1].down_proj.weight
+        ok = first.data_ptr() == self._w13.data_ptr() and last.data_ptr() == self._w2[-1].data_ptr()
+        if not ok:
+            self._w13 = self._w2 = None
+        return ok
 
     def _forward_grouped(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """The routed experts as two grouped matmuls over the (token, expert) pairs sorted by expert; the

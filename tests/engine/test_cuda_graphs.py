@@ -50,6 +50,15 @@ def test_grouped_moe_equals_the_expert_loop(model):
             )
 
 
+def test_moving_a_stacked_model_falls_back_to_the_expert_loop(model):
+    m = stacked(model).double()  # new storage for every parameter: the stacks are stale now
+    x = torch.randn(1, 5, model.config.hidden_size, dtype=torch.float64)
+    moe = next(layer.mlp for layer in m.model.layers if isinstance(layer.mlp, MoE))
+    with torch.no_grad():
+        y = moe(x)
+    assert moe._w13 is None and y.dtype == torch.float64
+
+
 def test_padded_decode_steps_equal_the_full_forward(model):
     """Three requests (one past index_topk = 12) decode through the padded step: 3 rows in a bucket of 4,
     slots padded to 256; prefill chunks still take the plain path."""
