@@ -159,3 +159,44 @@ def test_cuda_graph_decode_matches_eager_on_gpu(model):
             if t1 != t2:
                 break
             assert abs(lp1 - lp2) < 0.1, (rid, lp1, lp2)
+
+
+def test_engine_with_padded_decode_steps_matches_running_alone(model):
+    """The whole engine with fixed-shape decode steps (eager here): mixed lengths past index_topk, a shared
+    prefix, preemption forced by a tiny cache, seeded sampling beside greedy; greedy outputs equal running
+    each request alone, the seeded one equals itself on the plain engine, and no block leaks."""
+    from dsv32.engine.core import EngineConfig, EngineCore
+    from dsv32.engine.sampling_params import SamplingParams
+
+    m = stacked(model)
+    g = torch.Generator().manual_seed(11)
+    shared = torch.randint(2, 300, (9,), generator=g).tolist()
+    prompts = [torch.randint(2, 300, (n,), generator=g).tolist() for n in (3, 17, 30, 5)]
+    prompts += [shared + [7, 8], shared + list(range(20, 40))]
+
+    def run(graphs: bool) -> dict[str, list[int]]:
+        core = EngineCore(
+            m, EngineConfig(block_size=4, num_blocks=24, max_num_batched_tokens=13), eos_id=None
+        )
+        preempted = []
+        real_preempt = core.scheduler._preempt
+        core.scheduler._preempt = lambda req: preempted.append(req.request_id) or real_preempt(req)
+        if graphs:
+            core.runner.graphs = DecodeGraphs(m, core.cache, core.config.max_num_seqs, 256, capture=False)
+        for i, p in enumerate(prompts):
+            core.add_request(f"g{i}", p, SamplingParams(temperature=0.0, max_tokens=8))
+        core.add_request("s", prompts[1], SamplingParams(temperature=0.9, top_p=0.9, seed=3, max_tokens=8))
+        got: dict[str, list[int]] = {}
+        while core.has_work():
+            for o in core.step():
+                got.setdefault(o.request_id, []).extend(o.new_token_ids)
+        core.pool.assert_no_leaks()
+        if graphs:
+            assert core.runner.graphs.steps, "no decode step took the fixed-shape path"
+            assert preempted, "the tiny cache forced no preemption"
+        return got
+
+    padded, plain = run(True), run(False)
+    for i, p in enumerate(prompts):
+        assert padded[f"g{i}"] == alone(model, p, 8), i
+    assert padded["s"] == plain["s"]
