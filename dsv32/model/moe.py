@@ -88,27 +88,43 @@ class MoE(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         idx, w = self.gate(x)  # [N, k]
-        if self._w13 is not None and self._still_stacked():
-            return self._forward_grouped(x, idx, w).view(shape)
-        # group the (token, expert) pairs by expert: one gather of the inputs, each expert runs once on a
-        # contiguous slice, one weighting and one scatter-add of all routed outputs
+        grouped = self._w13 is not None and self._still_stacked()
+        # group the (token, expert) pairs by expert: one gather of the inputs, the experts' matmuls on
+        # contiguous slices, one weighting and one scatter-add of all routed outputs. (The grouped path sorts
+        # stably, the same order on any device; the loop keeps the default sort, so CPU results stay bit for bit.)
         flat = idx.flatten()
-        order = flat.argsort()
-        counts = torch.bincount(flat, minlength=len(self.experts)).tolist()
+        order = flat.argsort(stable=grouped)
         token_of = order // idx.shape[1]  # [N·k] the token of each pair, in expert order
         xs = x.index_select(0, token_of)
-        outs, start = [], 0
-        for e, n in enumerate(counts):
-            if n:
-                outs.append(self.experts[e](xs[start : start + n]))
-                start += n
-        routed = (torch.cat(outs) if len(outs) > 1 else outs[0]).float()
+        routed = (self._experts_grouped(xs, flat) if grouped else self._experts_looped(xs, flat)).float()
         routed.mul_(w.flatten()[order, None])
         # routed sum first, shared expert last: the order of the additions of transformers and the reference
         y = torch.zeros(x.shape, dtype=torch.float32, device=x.device).index_add_(0, token_of, routed)
         if self.shared_experts is not None:
             y += self.shared_experts(x).float()
         return y.to(x.dtype).view(shape)
+
+    def _experts_looped(self, xs: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+        """Each expert once on its slice of ``xs`` (the pairs in expert order); the slice sizes are read on
+        the host."""
+        counts = torch.bincount(flat, minlength=len(self.experts)).tolist()
+        outs, start = [], 0
+        for e, n in enumerate(counts):
+            if n:
+                outs.append(self.experts[e](xs[start : start + n]))
+                start += n
+        return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+    def _experts_grouped(self, xs: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+        """All experts as two grouped matmuls over ``xs`` (the pairs in expert order); the group sizes stay on
+        the device (no ``.tolist()``), so the shapes never depend on the routing."""
+        n_experts, inter = self._w13.shape[0], self._w13.shape[1] // 2
+        counts = torch.zeros(n_experts, dtype=torch.int32, device=xs.device)
+        counts.index_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
+        offs = counts.cumsum(0, dtype=torch.int32)  # end row of each expert's group
+        gate_up = torch._grouped_mm(xs, self._w13.transpose(1, 2), offs=offs)  # [N·k, 2I]
+        act = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
+        return torch._grouped_mm(act, self._w2.transpose(1, 2), offs=offs)  # [N·k, D]
 
     def _still_stacked(self) -> bool:
         """Whether the experts still hold views of the stacks (``module.to(...)`` gives parameters new
@@ -118,26 +134,6 @@ class MoE(nn.Module):
         if not ok:
             self._w13 = self._w2 = None
         return ok
-
-    def _forward_grouped(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """The routed experts as two grouped matmuls over the (token, expert) pairs sorted by expert; the
-        group sizes stay on the device (no ``.tolist()``), so the shapes never depend on the routing."""
-        n_experts, inter = self._w13.shape[0], self._w13.shape[1] // 2
-        flat = idx.flatten()
-        order = flat.argsort(stable=True)
-        token_of = order // idx.shape[1]  # [N·k] the token of each pair, in expert order
-        counts = torch.zeros(n_experts, dtype=torch.int32, device=x.device)
-        counts.index_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
-        offs = counts.cumsum(0, dtype=torch.int32)  # end row of each expert's group
-        xs = x.index_select(0, token_of)
-        gate_up = torch._grouped_mm(xs, self._w13.transpose(1, 2), offs=offs)  # [N·k, 2I]
-        act = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
-        routed = torch._grouped_mm(act, self._w2.transpose(1, 2), offs=offs).float()  # [N·k, D]
-        routed.mul_(w.flatten()[order, None])
-        y = torch.zeros(x.shape, dtype=torch.float32, device=x.device).index_add_(0, token_of, routed)
-        if self.shared_experts is not None:
-            y += self.shared_experts(x).float()
-        return y.to(x.dtype)
 
 
 def grouped_matmul_available(device: torch.device | str, dtype: torch.dtype) -> bool:
