@@ -8,18 +8,13 @@ that must get a 400; prints what came back and exits non-zero on the first surpr
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from dsv32.api.server import free_port
 
 
 def _post(url: str, body: dict) -> tuple[int, bytes]:
@@ -32,7 +27,7 @@ def _post(url: str, body: dict) -> tuple[int, bytes]:
 
 
 def main(device: str = "cuda") -> int:
-    port = _free_port()
+    port = free_port()
     base = f"http://127.0.0.1:{port}"
     cmd = [
         sys.executable,

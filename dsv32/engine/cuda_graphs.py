@@ -109,7 +109,7 @@ class DecodeGraphs:
             return logits[: len(sampling)]
         return logits.index_select(0, torch.tensor(sampling, device=logits.device))
 
-    def _new_step(self, rows: int, slots: int, topks: tuple[int, ...] = ()) -> _Step:
+    def _new_step(self, rows: int, slots: int, topks: tuple[int, ...]) -> _Step:
         dev = self.model.device
         step = _Step(
             ids=torch.zeros(rows, dtype=torch.long, device=dev),
