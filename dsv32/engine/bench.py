@@ -756,7 +756,7 @@ def _reference_lines(r: dict) -> list[str]:
     b, hf = r.get("bandwidth"), r.get("hf_batch1_decode_tok_s")
     peers = r.get("readme_peers_apply", True)  # the README's figures are for the 2-core CPU kind, fp32
     out = ["", "Context for the ratios (not the targets' basis, which is HF in this run):"]
-    if "decode" in r and r.get("readme_peers_apply"):
+    if "decode" in r and peers:
         d = r["decode"]
         out.append(
             f"- The targets were set against HF at {README_HF['decode_tok_s']} tok/s decode and "
