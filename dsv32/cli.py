@@ -174,6 +174,11 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--enforce-eager", action="store_true", help="GPU: run decode steps eagerly (no CUDA graphs)"
     )
+    p.add_argument(
+        "--compile", action="store_true",
+        help="CPU: compile the single-request decode step with torch.compile at start (about a minute; "
+        "needs a C++ compiler; ~10%% faster batch-1 decode)",
+    )  # fmt: skip
     p.set_defaults(func=_serve)
 
 
@@ -187,7 +192,7 @@ def _serve(args: argparse.Namespace) -> int:
             cache_memory_gb=args.cache_memory_gb, max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
             max_waiting=args.max_waiting, max_concurrent_per_key=args.max_concurrent_per_key,
-            chat_format=args.chat_format, cuda_graphs=not args.enforce_eager,
+            chat_format=args.chat_format, cuda_graphs=not args.enforce_eager, compile_cpu_decode=args.compile,
         )
     )  # fmt: skip
     return 0
@@ -254,6 +259,10 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--device", default=None, help="cpu (default) or cuda: where both models run")
     e.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="default float32")
     e.add_argument("--enforce-eager", action="store_true", help="GPU: no CUDA graphs for decode steps")
+    e.add_argument(
+        "--compile", action="store_true",
+        help="CPU: also measure batch-1 decode with the compiled decode step (serve --compile)",
+    )  # fmt: skip
     e.add_argument(
         "--quiet-wait", type=float, default=None, metavar="S",
         help="wait up to S seconds for idle CPUs before each part, S/2 inside one (default 60; 0: never)",

@@ -32,6 +32,7 @@ class ServeOptions:
     max_concurrent_per_key: int | None = None
     chat_format: str | None = None  # override the family picked from config.json
     cuda_graphs: bool = True  # GPU: decode steps replayed from CUDA graphs (``--enforce-eager``: off)
+    compile_cpu_decode: bool = False  # CPU: single-request decode steps compiled at start (``--compile``)
     keepalive_s: float = 5.0
 
 
@@ -49,7 +50,7 @@ def build_context(opts: ServeOptions) -> ServingContext:
     config = EngineConfig(
         cache_memory_gb=opts.cache_memory_gb, max_num_seqs=opts.max_num_seqs,
         max_num_batched_tokens=opts.max_num_batched_tokens, max_model_len=opts.max_model_len,
-        cuda_graphs=opts.cuda_graphs,
+        cuda_graphs=opts.cuda_graphs, compile_cpu_decode=opts.compile_cpu_decode,
     )  # fmt: skip
     core = EngineCore(model, config, eos_id=tokenizer.eos_id)
     engine = AsyncEngine(core, tokenizer, max_waiting=opts.max_waiting)

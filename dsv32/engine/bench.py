@@ -84,6 +84,7 @@ class Settings:
     dtype: str = "float32"  # both models' weights and activations ("bfloat16" on a GPU)
     llama_cpp: str | None = None  # a built llama.cpp tree: also measure it (see ``bench_llama_cpp``)
     cuda_graphs: bool = True  # on a GPU: decode steps replayed from CUDA graphs (False: eager)
+    compile_cpu_decode: bool = False  # CPU: batch-1 decode also measured with the compiled decode step
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -122,13 +123,15 @@ def _prompt(gen: torch.Generator, vocab: int, n: int) -> list[int]:
     return torch.randint(2, vocab, (n,), generator=gen).tolist()
 
 
-def _engine(model, tokens: int, max_seqs: int, max_batched: int, cuda_graphs: bool = True):
+def _engine(
+    model, tokens: int, max_seqs: int, max_batched: int, cuda_graphs: bool = True, compiled: bool = False
+):
     from dsv32.engine.core import EngineConfig, EngineCore
 
     blocks = -(-tokens // BLOCK_SIZE) + 2 * max_seqs + 4
     cfg = EngineConfig(
         block_size=BLOCK_SIZE, num_blocks=blocks, max_num_seqs=max_seqs, max_num_batched_tokens=max_batched,
-        cuda_graphs=cuda_graphs,
+        cuda_graphs=cuda_graphs, compile_cpu_decode=compiled,
     )  # fmt: skip
     return EngineCore(model, cfg, eos_id=None)
 
@@ -242,8 +245,18 @@ def _decode_and_prefill(ours, hf, cfg, s: Settings, gen: torch.Generator) -> dic
     prompt = _prompt(gen, cfg.vocab_size, s.prompt_tokens)
     need = s.prompt_tokens + s.decode_tokens + 2 + s.prefill_tokens + 2
     core = _engine(ours, need, 1, s.max_num_batched_tokens, s.cuda_graphs)
-    t: dict[str, list[float]] = {k: [] for k in ("hf_1", "hf_n", "eng_dec", "hf_pre", "eng_pre")}
+    t: dict[str, list[float]] = {
+        k: [] for k in ("hf_1", "hf_n", "eng_dec", "eng_dec_compiled", "hf_pre", "eng_pre")
+    }
     toks: dict[str, list[int]] = {}
+    compiled, compile_s = None, None
+    if s.compile_cpu_decode and "decode" in parts:
+        t0 = _now()
+        compiled = _engine(ours, need, 1, s.max_num_batched_tokens, s.cuda_graphs, compiled=True)
+        compile_s = _now() - t0
+        if compiled.runner.graphs is None:
+            raise RuntimeError("--compile: the decode step could not be compiled (see the warning above)")
+        _engine_decode(compiled, "warmup", prompt, 2)
     _hf_generate(hf, prompt, 3)  # warm-up (first calls pay one-off setup costs)
     _engine_decode(core, "warmup", prompt, 2)
     if torch.device(s.device).type == "cuda" and "prefill" in parts:
@@ -263,6 +276,9 @@ def _decode_and_prefill(ours, hf, cfg, s: Settings, gen: torch.Generator) -> dic
         if "decode" in parts:
             dt, toks["engine"] = _engine_decode(core, f"dec{r}", prompt, s.decode_tokens)
             t["eng_dec"].append(dt)
+            if compiled is not None:
+                dt, toks["compiled"] = _engine_decode(compiled, f"cdec{r}", prompt, s.decode_tokens)
+                t["eng_dec_compiled"].append(dt)
         if "prefill" in parts:
             long = _prompt(gen, cfg.vocab_size, s.prefill_tokens)  # fresh each round: no prefix hits
             dt, _ = _hf_generate(hf, long, 1)
@@ -299,6 +315,14 @@ def _decode_and_prefill(ours, hf, cfg, s: Settings, gen: torch.Generator) -> dic
             "same_greedy_tokens": toks.get("engine") == toks.get("hf"),
             "engine_weight_GB_s": wb * eng / 1e9, "ratio_to_readme_hf": eng / README_HF["decode_tok_s"],
         }  # fmt: skip
+        if compiled is not None:
+            ceng = n / min(t["eng_dec_compiled"])
+            out["decode"]["compiled"] = {
+                "engine_tok_s": ceng, "engine_ms_per_token": 1000 * min(t["eng_dec_compiled"]) / n,
+                "ratio": ceng / out["hf_batch1_decode_tok_s"], "vs_eager": ceng / eng,
+                "engine_start_s": compile_s, "same_greedy_tokens": toks.get("compiled") == toks.get("hf"),
+            }  # fmt: skip
+            compiled.pool.assert_no_leaks()
     if "prefill" in parts:
         p = s.prefill_tokens
         out["prefill"] = {
@@ -405,6 +429,10 @@ def _vs_llama_cpp(r: dict) -> None:
         return
     if "decode" in lc and "decode" in r:
         lc["decode"]["engine_ratio"] = r["decode"]["engine_tok_s"] / lc["decode"]["tok_s"]
+        if "compiled" in r["decode"]:
+            lc["decode"]["compiled_engine_ratio"] = (
+                r["decode"]["compiled"]["engine_tok_s"] / lc["decode"]["tok_s"]
+            )
     if "prefill" in lc and "prefill" in r:
         lc["prefill"]["engine_ratio"] = r["prefill"]["engine_tok_s"] / lc["prefill"]["tok_s"]
     ours = {x["concurrency"]: x for x in r.get("concurrency", {}).get("rows", [])}
@@ -673,6 +701,9 @@ def _targets(r: dict) -> list[dict]:
                      "met": None if value is None else bool(value >= target)})  # fmt: skip
 
     add("batch-1 decode vs HF generate", r.get("decode", {}).get("ratio"), TARGETS["decode"])
+    if "compiled" in r.get("decode", {}):
+        add("batch-1 decode vs HF generate, compiled decode step (`--compile`)", r["decode"]["compiled"]["ratio"],
+            TARGETS["decode"])  # fmt: skip
     n_pre = r.get("prefill", {}).get("prompt_tokens", r["settings"]["prefill_tokens"])
     add(f"prefill {n_pre} tokens vs HF", r.get("prefill", {}).get("ratio"), TARGETS["prefill"])
     c16 = [x for x in r.get("concurrency", {}).get("rows", []) if x["concurrency"] == 16]
@@ -849,6 +880,13 @@ def markdown(r: dict) -> str:
                 f"| {d['engine_tok_s']:.2f} | {d['hf_tok_s']:.2f} | **{d['ratio']:.2f}×** |"
                 + (f" {d['llama_cpp_ratio']:.1f}× |" if peers else "")
             )
+            if "compiled" in d:
+                c = d["compiled"]
+                lines.append(
+                    f"| the same, compiled decode step (`--compile`; engine start {c['engine_start_s']:.0f} s) "
+                    f"| {c['engine_tok_s']:.2f} | {d['hf_tok_s']:.2f} | **{c['ratio']:.2f}×** |"
+                    + (f" {d['llama_cpp_ratio']:.1f}× |" if peers else "")
+                )
         if "prefill" in r:
             p = r["prefill"]
             lines.append(
@@ -857,7 +895,12 @@ def markdown(r: dict) -> str:
                 + (f" {p['llama_cpp_ratio']:.1f}× |" if peers else "")
             )
         if "decode" in r:
-            lines += ["", f"Same greedy tokens from engine and HF: {r['decode']['same_greedy_tokens']}."]
+            same = f"Same greedy tokens from engine and HF: {r['decode']['same_greedy_tokens']}"
+            if "compiled" in r["decode"]:
+                c = r["decode"]["compiled"]
+                same += (f"; from the compiled step and HF: {c['same_greedy_tokens']}. The compiled step is "
+                         f"{c['vs_eager']:.2f}× the eager one (decodes alternate in each round)")  # fmt: skip
+            lines += ["", same + "."]
         lines += _reference_lines(r)
     if "concurrency" in r:
         c = r["concurrency"]
@@ -942,6 +985,9 @@ def _llama_cpp_lines(r: dict) -> list[str]:
         d = lc["decode"]
         row(f"batch-1 decode tok/s ({d['decode_tokens']} tokens at {d['context_tokens']} context)",
             r.get("decode", {}).get("engine_tok_s"), d, LLAMA_CPP_INTENT["decode"])  # fmt: skip
+        if "compiled" in r.get("decode", {}):
+            row("the same, compiled decode step (`--compile`)", r["decode"]["compiled"]["engine_tok_s"],
+                {**d, "engine_ratio": d.get("compiled_engine_ratio")}, LLAMA_CPP_INTENT["decode"])  # fmt: skip
     if "prefill" in lc:
         row(f"prefill {lc['prefill']['prompt_tokens']} tokens tok/s", r.get("prefill", {}).get("engine_tok_s"),
             lc["prefill"], LLAMA_CPP_INTENT["prefill"])  # fmt: skip
@@ -995,6 +1041,10 @@ def main_bench_engine(args: argparse.Namespace) -> int:
         over["dtype"] = args.dtype
     if getattr(args, "enforce_eager", False):
         over["cuda_graphs"] = False
+    if getattr(args, "compile", False):
+        if torch.device(over.get("device", s.device)).type != "cpu":
+            raise ValueError("--compile is for the CPU (on a GPU decode steps run from CUDA graphs)")
+        over["compile_cpu_decode"] = True
     if getattr(args, "quiet_wait", None) is not None:
         if args.quiet_wait < 0:
             raise ValueError(f"--quiet-wait must be >= 0 seconds, got {args.quiet_wait}")

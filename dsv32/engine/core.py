@@ -15,7 +15,8 @@ import logging
 from dataclasses import dataclass, field
 
 from dsv32.engine.block_pool import BlockPool
-from dsv32.engine.cuda_graphs import DecodeGraphs
+from dsv32.engine.compiled_decode import CompiledDecode, compile_unsupported_reason
+from dsv32.engine.cuda_graphs import DecodeGraphs, GraphCaptureError
 from dsv32.engine.grammar import GrammarCompiler, GrammarMasker, GuidedState
 from dsv32.engine.paged_cache import PagedKVCache
 from dsv32.engine.request import Request
@@ -45,6 +46,9 @@ class EngineConfig:
     prepack_weights: bool = True
     # GPU: replay decode-only steps from CUDA graphs (``cuda_graphs.DecodeGraphs``); False: always eager
     cuda_graphs: bool = True
+    # CPU: run single-request decode steps as one torch.compile'd step (``compiled_decode``), compiled when
+    # the engine starts (about a minute on bench-small; needs a C++ compiler)
+    compile_cpu_decode: bool = False
 
 
 @dataclass
@@ -97,6 +101,8 @@ class EngineCore:
             model.prepack_cpu_weights()
         if cfg.cuda_graphs and model.device.type == "cuda":
             self.runner.graphs = self._decode_graphs()
+        if cfg.compile_cpu_decode:
+            self.runner.graphs = self._compiled_decode()
         self.sampler = Sampler()
         self.grammar: GrammarCompiler | None = None  # set by attach_tokenizer
         self._masker: GrammarMasker | None = None
@@ -118,6 +124,20 @@ class EngineCore:
             log.info("no CUDA graphs: %s", e)
             return None
         return DecodeGraphs(model, self.cache, self.config.max_num_seqs, self.max_model_len)
+
+    def _compiled_decode(self) -> CompiledDecode | None:
+        """The compiled CPU decode step, compiled now; None (eager steps) where it cannot be."""
+        reason = compile_unsupported_reason(self.model)
+        if reason:
+            log.warning("decode steps stay eager: %s", reason)
+            return None
+        compiled = CompiledDecode(self.model, self.cache, self.max_model_len)
+        try:
+            compiled.warm_up()
+        except GraphCaptureError as e:
+            log.warning("%s; decode steps stay eager", e)
+            return None
+        return compiled
 
     @property
     def capacity_tokens(self) -> int:

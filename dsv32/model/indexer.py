@@ -119,7 +119,7 @@ def select_topk_visible(
     tied keys by the row's length and layout: a prefill chunk (keys trimmed to what it can see), a padded
     decode row and the full forward would each select different keys, and attend differently.
     """
-    if scores.device.type != "cpu":
+    if scores.device.type != "cpu" or torch.compiler.is_compiling():  # (the tie fix-up syncs with the host)
         return select_topk_visible_sorted(scores, visible, k)
     scores = scores.masked_fill(~visible, float("-inf"))  # our own copy: changed in place below
     k = min(k, scores.shape[-1])

@@ -62,6 +62,10 @@ class PackedMatmul:
     def usable(self, x: torch.Tensor) -> bool:
         if x.dtype != self.dtype or x.device.type != "cpu":
             return False
+        if torch.compiler.is_compiling():
+            # a compiled step (``engine.compiled_decode``) freezes the weights as constants: the freshness
+            # check (data_ptr, _version) cannot be traced, and the engine compiles only a model it owns
+            return True
         if torch.is_grad_enabled() and any(lin.weight.requires_grad for lin, _, _ in self.sources):
             return False  # autograd needs the plain matmul
         return self.fresh()

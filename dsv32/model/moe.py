@@ -11,6 +11,8 @@ Routing ("noaux_tc") for one token, all in fp32:
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -96,7 +98,13 @@ class MoE(nn.Module):
         order = flat.argsort(stable=grouped)
         token_of = order // idx.shape[1]  # [N·k] the token of each pair, in expert order
         xs = x.index_select(0, token_of)
-        routed = (self._experts_grouped(xs, flat) if grouped else self._experts_looped(xs, flat)).float()
+        if grouped:
+            routed = self._experts_grouped(xs, flat)
+        elif torch.compiler.is_compiling():  # the loop's sizes are read on the host: one opaque op
+            routed = torch.ops.dsv32.moe_experts_looped(xs, flat, id(self))  # see ``register_for_compile``
+        else:
+            routed = self._experts_looped(xs, flat)
+        routed = routed.float()
         routed.mul_(w.flatten()[order, None])
         # routed sum first, shared expert last: the order of the additions of transformers and the reference
         y = torch.zeros(x.shape, dtype=torch.float32, device=x.device).index_add_(0, token_of, routed)
@@ -134,6 +142,33 @@ class MoE(nn.Module):
         if not ok:
             self._w13 = self._w2 = None
         return ok
+
+
+# ``torch.compile`` cannot trace ``MoE._experts_looped`` (its slice sizes come from the routing, read on the
+# host), so a compiled step runs it as one custom op that the compiler treats as opaque. The op finds its
+# MoE by its id (custom ops take tensors and plain values, not modules).
+_LOOPED: weakref.WeakValueDictionary[int, MoE] = weakref.WeakValueDictionary()
+
+
+def register_for_compile(model: nn.Module) -> None:
+    """Let a ``torch.compile``d forward of ``model`` run its MoEs' expert loops (call before compiling)."""
+    for m in model.modules():
+        if isinstance(m, MoE):
+            _LOOPED[id(m)] = m
+
+
+@torch.library.custom_op("dsv32::moe_experts_looped", mutates_args=())
+def _moe_experts_looped(xs: torch.Tensor, flat: torch.Tensor, moe_id: int) -> torch.Tensor:
+    """MoE._experts_looped of the registered MoE ``moe_id``: [N·k, D] outputs of the pairs in expert order."""
+    moe = _LOOPED.get(moe_id)
+    if moe is None:
+        raise RuntimeError("a compiled MoE forward needs moe.register_for_compile(model) first")
+    return moe._experts_looped(xs, flat)
+
+
+@_moe_experts_looped.register_fake
+def _(xs: torch.Tensor, flat: torch.Tensor, moe_id: int) -> torch.Tensor:
+    return xs.new_empty(xs.shape)
 
 
 def grouped_matmul_available(device: torch.device | str, dtype: torch.dtype) -> bool:

@@ -1,0 +1,104 @@
+"""Batch-1 decode steps on the CPU as one ``torch.compile``d step.
+
+A CPU decode step of one request is bound by memory for its matmuls and by the host for the rest: on
+bench-small about 1300 small aten ops and their Python cost ~8 ms next to ~20 ms of weight streaming
+(``dsv32 bench engine``). Inductor fuses the small ops into a few C++ kernels. It compiles the same
+fixed-shape, sync-free step that CUDA graphs record (``cuda_graphs.DecodeGraphs`` with ``capture=False``),
+with these differences:
+
+* the weights are frozen as constants (inductor's ``freezing``), so the oneDNN-packed matmul weights
+  (``PackedMatmul``) are read in place and any other matmul weight is packed once at compile time;
+* the routed experts run as one opaque op (``dsv32::moe_experts_looped``, the eager loop), because their
+  slice sizes come from the routing;
+* the visible-slot dimension is dynamic: one compiled step serves every slot bucket up to ``index_topk``
+  and one more every bucket past it (the dense and the DSA form). ``warm_up`` compiles both up front.
+
+Only single-request decode steps use it: at 16 rows the step is bound by the matmuls and compiling gains
+nothing measurable (``dsv32 bench engine --compile``). Results equal the eager step within float rounding
+(fused kernels sum in another order), not bit for bit. Needs a C++ compiler at run time; if compiling fails
+the engine logs a warning and stays eager.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+import torch._inductor.config
+
+from dsv32.engine.cuda_graphs import DecodeGraphs, GraphCaptureError, _Step
+from dsv32.engine.paged_cache import PagedKVCache
+from dsv32.model.layers import Linear
+from dsv32.model.moe import register_for_compile
+from dsv32.model.transformer import DeepseekForCausalLM
+
+log = logging.getLogger(__name__)
+
+
+def compile_unsupported_reason(model: DeepseekForCausalLM) -> str | None:
+    """Why the decode step of ``model`` is not compiled (None: it can be)."""
+    if model.device.type != "cpu":
+        return f"the compiled decode step is for the CPU; this model is on {model.device}"
+    if any(m.is_fp8 for m in model.modules() if isinstance(m, Linear)):
+        # freezing would fold each dequantisation into a full-precision constant: the memory FP8 saves
+        return "FP8 weights kept in FP8 are dequantised per call; not compiled"
+    return None
+
+
+class CompiledDecode(DecodeGraphs):
+    """Single-request decode steps through one ``torch.compile``d fixed-shape step."""
+
+    def __init__(self, model: DeepseekForCausalLM, cache: PagedKVCache, max_context: int):
+        reason = compile_unsupported_reason(model)
+        if reason:
+            raise ValueError(reason)
+        super().__init__(model, cache, max_rows=1, max_context=max_context, capture=False)
+        model.rotary.inv_freq(model.device)  # made on first use, eagerly: not inside the compiled step
+        register_for_compile(model)
+        self._compiled = torch.compile(super()._forward, fullgraph=True, dynamic=None)
+        self._forms_compiled: set[tuple] = set()  # ``_form``s compiled so far
+
+    def _new_step(self, rows: int, slots: int, topks: tuple[int, ...]) -> _Step:
+        step = super()._new_step(rows, slots, topks)
+        torch._dynamo.mark_dynamic(step.tables, 1)  # the slot buckets share one compiled step per form
+        return step
+
+    def _form(self, step: _Step) -> tuple:
+        """What decides which compiled step runs: past some indexer's top-k or not, and the top-ks."""
+        slots = step.tables.shape[1] * self.block_size
+        topks = tuple(ix.topk for ix in self._indexers)
+        return any(slots > k for k in topks), topks
+
+    def _run(self, step: _Step) -> torch.Tensor:
+        # freezing is read where the compiled graph is lowered (``options=`` of torch.compile does not reach it);
+        # every engine compiles its own step (its model's weights are constants in it): more than dynamo's
+        # default of 8 entries per function where a process builds several engines (the bench, the tests)
+        with torch._inductor.config.patch(freezing=True), torch._dynamo.config.patch(recompile_limit=64):
+            return self._compiled(step)
+
+    def _forward(self, step: _Step) -> torch.Tensor:
+        form = self._form(step)
+        if form in self._forms_compiled:
+            return self._run(step)
+        t0 = time.perf_counter()
+        try:
+            out = self._run(step)
+        except Exception as e:  # noqa: BLE001 - any compiler failure (no C++ compiler, an inductor bug)
+            raise GraphCaptureError(f"compiling the CPU decode step failed: {type(e).__name__}: {e}") from e
+        self._forms_compiled.add(form)
+        log.info(
+            "compiled the CPU decode step (%s) in %.1f s",
+            "DSA selection" if form[0] else "all visible slots",
+            time.perf_counter() - t0,
+        )
+        return out
+
+    def warm_up(self) -> None:
+        """Compile both forms now (each on a step of padding rows, which touch only the scratch block)."""
+        longest = {1} | {k + 1 for k in (ix.topk for ix in self._indexers) if k < self.max_slots}
+        for n in sorted(longest):
+            key = (*self._bucket(1, n), tuple(ix.topk for ix in self._indexers))
+            step = self.steps.get(key) or self._new_step(*key)
+            with torch.inference_mode():
+                self._forward(step)

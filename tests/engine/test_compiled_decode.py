@@ -1,0 +1,108 @@
+"""The compiled CPU decode step (``CompiledDecode``): torch.compile of the fixed-shape step, weights frozen.
+
+Each compile of the tiny model takes ~10-20 s on two cores, so these tests are few and marked slow.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from dsv32.engine.compiled_decode import CompiledDecode, compile_unsupported_reason
+from dsv32.engine.core import EngineConfig, EngineCore
+from dsv32.engine.paged_cache import PagedKVCache
+from dsv32.engine.sampling_params import SamplingParams
+from dsv32.model.transformer import DeepseekForCausalLM
+from tests.engine.test_paged_runner import alone, drive
+from tests.model.oracle import randomize_
+from tests.model.test_forms import tiny_config
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.parametrize("model_type", ["deepseek_v32", "deepseek_v3"])
+def test_compiled_decode_steps_equal_the_full_forward(model_type):
+    """One request at a time (every decode step single-row, so compiled), contexts from 5 to 30 with
+    index_topk 12: each step's logits equal the full forward's to float rounding, greedy equals alone."""
+    torch.manual_seed(0)
+    model = DeepseekForCausalLM(tiny_config(model_type=model_type, index_topk=12)).eval()
+    randomize_(model, seed=4)
+    model.prepack_cpu_weights()  # what the engine does: the packed weights are frozen into the step
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(2, 300, (n,), generator=g).tolist() for n in (5, 20)]
+    cache = PagedKVCache(model.config, 24, 4, model.config.num_hidden_layers)
+    compiled = CompiledDecode(model, cache, max_context=256)
+    graphs_before = counters["stats"]["unique_graphs"]
+    calls = []
+    real = compiled.execute
+    compiled.execute = lambda chunks: calls.append(len(chunks)) or real(chunks)
+    reqs, pool, worst, _ = drive(
+        model, prompts, n_new=10, num_blocks=24, block_size=4, budget=8, max_seqs=1, check_logits=True,
+        cache=cache, graphs=compiled,
+    )  # fmt: skip
+    assert len(calls) >= 18 and set(calls) == {1}
+    assert compiled._forms_compiled and counters["stats"]["unique_graphs"] > graphs_before, "nothing compiled"
+    assert worst < 1e-4
+    for r, p in zip(reqs, prompts, strict=True):
+        assert r.output_ids == alone(model, p, 10)
+    pool.assert_no_leaks()
+
+
+def test_engine_compiles_at_start_and_matches_running_alone(model):
+    """``compile_cpu_decode``: compiled when the engine starts; single-request decode steps take it, steps
+    of several rows and prefill chunks stay eager; greedy outputs equal running each request alone."""
+    graphs_before = counters["stats"]["unique_graphs"]
+    core = EngineCore(
+        model,
+        EngineConfig(
+            block_size=4, num_blocks=40, max_num_seqs=3, max_num_batched_tokens=9, compile_cpu_decode=True
+        ),
+        eos_id=None,
+    )
+    compiled = core.runner.graphs
+    assert isinstance(compiled, CompiledDecode) and counters["stats"]["unique_graphs"] > graphs_before
+    calls = []
+    real = compiled.execute
+    compiled.execute = lambda chunks: calls.append(len(chunks)) or real(chunks)
+    g = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(2, 300, (n,), generator=g).tolist() for n in (3, 16, 9)]
+    n_new = [4, 14, 6]  # the longest runs on alone at the end: single-row steps
+    for i, (p, n) in enumerate(zip(prompts, n_new, strict=True)):
+        core.add_request(f"r{i}", p, SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True))
+    got: dict[str, list[int]] = {}
+    while core.has_work():
+        for o in core.step():
+            got.setdefault(o.request_id, []).extend(o.new_token_ids)
+    core.pool.assert_no_leaks()
+    assert calls.count(1) >= 6, calls  # the longest request's last steps, alone
+    for i, (p, n) in enumerate(zip(prompts, n_new, strict=True)):
+        assert got[f"r{i}"] == alone(model, p, n), i
+
+
+def test_a_failed_compile_leaves_the_engine_eager(model, caplog):
+    """No working C++ compiler: the engine logs why and runs every step eagerly, with the same outputs."""
+    prompt = list(range(2, 12))
+    with torch._inductor.config.patch({"cpp.cxx": ("/nonexistent/c++",)}), caplog.at_level(logging.WARNING):
+        core = EngineCore(
+            model,
+            EngineConfig(block_size=4, num_blocks=16, compile_cpu_decode=True),
+            eos_id=None,
+        )
+    assert core.runner.graphs is None
+    assert "compiling the CPU decode step failed" in caplog.text
+    core.add_request("a", prompt, SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True))
+    got = [t for _ in range(8) for o in core.step() for t in o.new_token_ids]
+    assert got == alone(model, prompt, 5)
+
+
+def test_fp8_weights_are_not_compiled(model):
+    fp8 = DeepseekForCausalLM(tiny_config()).eval()
+    lin = fp8.model.layers[0].self_attn.o_proj
+    lin.load_fp8(lin.weight.detach(), torch.ones(-(-lin.out_features // 128), -(-lin.in_features // 128)))
+    assert "FP8" in compile_unsupported_reason(fp8)
+    assert compile_unsupported_reason(model) is None
+    with pytest.raises(ValueError, match="FP8"):
+        CompiledDecode(fp8, PagedKVCache(fp8.config, 4, 4, fp8.config.num_hidden_layers), 64)
