@@ -13,8 +13,9 @@ with these differences:
 * the visible-slot dimension is dynamic: one compiled step serves every slot bucket up to ``index_topk``
   and one more every bucket past it (the dense and the DSA form). ``warm_up`` compiles both up front.
 
-Only single-request decode steps use it: at 16 rows the step is bound by the matmuls and compiling gains
-nothing measurable (``dsv32 bench engine --compile``). Results equal the eager step within float rounding
+Only single-request decode steps use it. With the row count dynamic too, one more compile (~40 s per form)
+served all row buckets, but gained little on bench-small: 37.2 against 39.6 ms eager at 4 rows, 57.8 against
+56.7 ms at 16, where the matmuls dominate. Results equal the eager step within float rounding
 (fused kernels sum in another order), not bit for bit. Needs a C++ compiler at run time; if compiling fails
 the engine logs a warning and stays eager.
 """

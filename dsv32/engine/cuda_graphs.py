@@ -140,12 +140,12 @@ class DecodeGraphs:
         from dsv32.engine.runner import PagedContext, _Decodes
 
         model, bs = self.model, self.block_size
-        rows = step.ids.shape[0]
         grid = torch.arange(step.tables.shape[1] * bs, device=step.ids.device)  # [S]
         slots = step.tables[:, grid // bs] * bs + grid % bs  # [R, S]
         visible = grid[None, :] <= step.positions[:, None]
         new_slots = slots.gather(1, step.positions[:, None])[:, 0]
         cos, sin = model.rotary(step.positions, model.dtype)
-        ctx = PagedContext(self.cache, [_Decodes(slice(0, rows), slots, visible)], [], new_slots, cos, sin)
+        # every row is one group (``slice(None)``: no Python int of the row count, which torch.compile keeps dynamic)
+        ctx = PagedContext(self.cache, [_Decodes(slice(None), slots, visible)], [], new_slots, cos, sin)
         hidden = model.forward_layers(model.model.embed_tokens(step.ids[None]), ctx)
         return model.lm_head(hidden[0]).float()
