@@ -123,6 +123,8 @@ ERRORS = [
     ({"model": "m", "max_tokens": 5, "thinking": {"type": "sometimes"}, "messages": [{"role": "user", "content": "x"}]}, 400, "thinking"),
     ({"model": "m", "max_tokens": 5, "tool_choice": {"type": "maybe"}, "messages": [{"role": "user", "content": "x"}]}, 400, "tool_choice"),
     ({"model": "m", "max_tokens": 99999, "messages": [{"role": "user", "content": "x"}]}, 400, "max_tokens"),
+    ({"model": "m", "max_tokens": "5", "messages": [{"role": "user", "content": "x"}]}, 400, "max_tokens"),
+    ({"model": "m", "max_tokens": 5, "stream": "yes", "messages": [{"role": "user", "content": "x"}]}, 400, "stream"),
 ]  # fmt: skip
 
 

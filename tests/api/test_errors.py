@@ -37,6 +37,13 @@ CASES = [
     ("frequency penalty", "/chat/completions", chat(frequency_penalty=3), 422, "frequency_penalty"),
     ("presence penalty", "/chat/completions", chat(presence_penalty=-2.5), 422, "presence_penalty"),
     ("max_tokens zero", "/chat/completions", chat(max_tokens=0), 422, "max_tokens"),
+    # types are not coerced: a string, a boolean or a float where an integer belongs is an error
+    ("max_tokens a string", "/chat/completions", chat(max_tokens="5"), 422, "max_tokens"),
+    ("max_tokens a boolean", "/chat/completions", chat(max_tokens=True), 422, "max_tokens"),
+    ("max_tokens a float", "/chat/completions", chat(max_tokens=2.0), 422, "max_tokens"),
+    ("seed a string", "/chat/completions", chat(seed="7"), 422, "seed"),
+    ("stream a string", "/chat/completions", chat(stream="true"), 422, "stream"),
+    ("logprobs a number", "/chat/completions", chat(logprobs=1), 422, "logprobs"),
     ("max_tokens above model max", "/chat/completions", chat(max_tokens=9000), 422, "8192"),
     ("max_tokens beyond context", "/chat/completions", chat(model="deepseek-reasoner", max_tokens=5000), 400, "4096"),
     ("top_logprobs too many", "/chat/completions", chat(logprobs=True, top_logprobs=21), 422, "top_logprobs"),
