@@ -21,13 +21,14 @@ def run_chat(
     thinking: bool = False,
     max_tokens: int = 512,
     temperature: float = 0.7,
+    cache_memory_gb: float = 1.0,
     stdin: TextIO = sys.stdin,
     stdout: TextIO = sys.stdout,
 ) -> int:
     import torch
 
     from dsv32.chat import StreamParser, encode_prompt, family_for_model_dir, load_tokenizer
-    from dsv32.engine.core import EngineCore
+    from dsv32.engine.core import EngineConfig, EngineCore
     from dsv32.engine.outputs import OutputProcessor
     from dsv32.engine.sampling_params import SamplingParams
     from dsv32.weights.default_model import model_dir_or_default
@@ -37,7 +38,8 @@ def run_chat(
     model = load_model(model_dir, dtype=torch.float32, progress=False)
     tokenizer = load_tokenizer(model_dir)
     family = family_for_model_dir(model_dir)
-    engine = EngineCore(model, eos_id=tokenizer.eos_id)
+    engine = EngineCore(model, EngineConfig(cache_memory_gb=cache_memory_gb), eos_id=tokenizer.eos_id)
+    limit = min(engine.max_model_len, engine.capacity_tokens)  # prompt + reply, in tokens
     color = stdout.isatty()
 
     def paint(text: str, code: str) -> str:
@@ -68,9 +70,14 @@ def run_chat(
             continue
         messages.append({"role": "user", "content": text})
         ids = encode_prompt(messages, thinking=thinking, family=family, tokenizer=tokenizer)
-        params = SamplingParams(
-            max_tokens=min(max_tokens, engine.max_model_len - len(ids)), temperature=temperature
-        )
+        if len(ids) >= limit:
+            messages.pop()
+            stdout.write(
+                f"[the conversation would be {len(ids)} tokens, and at most {limit} fit in the context and "
+                "cache with room for a reply: /reset starts a new one]\n"
+            )
+            continue
+        params = SamplingParams(max_tokens=min(max_tokens, limit - len(ids)), temperature=temperature)
         rid = f"chat-{turn}"
         turn += 1
         engine.add_request(rid, ids, params)

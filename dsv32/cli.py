@@ -209,13 +209,17 @@ def _add_chat(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--think", action="store_true", help="start in thinking mode")
     p.add_argument("--max-tokens", type=int, default=512)
     p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--cache-memory-gb", type=float, default=1.0, help="memory for the paged latent cache")
     p.set_defaults(func=_chat)
 
 
 def _chat(args: argparse.Namespace) -> int:
     from dsv32.chat_cli import run_chat
 
-    return run_chat(args.model, thinking=args.think, max_tokens=args.max_tokens, temperature=args.temperature)
+    return run_chat(
+        args.model, thinking=args.think, max_tokens=args.max_tokens, temperature=args.temperature,
+        cache_memory_gb=args.cache_memory_gb,
+    )  # fmt: skip
 
 
 # ---- bench (implemented in dsv32.bench) -------------------------------------------------------
