@@ -25,7 +25,9 @@ def test_a_conversation_past_the_cache_is_refused_not_crashed():
     with a message (the conversation stays as it was), and the session goes on."""
     stdin = io.StringIO("hi\n" + "word " * 40 + "\n/reset\nhi\n/exit\n")
     stdout = io.StringIO()
-    assert run_chat(None, max_tokens=50, temperature=0.0, cache_memory_gb=1e-9, stdin=stdin, stdout=stdout) == 0
+    assert (
+        run_chat(None, max_tokens=50, temperature=0.0, cache_memory_gb=1e-9, stdin=stdin, stdout=stdout) == 0
+    )
     out = stdout.getvalue()
     assert out.count("at most 16 fit") == 1, out
     assert "new conversation" in out and out.count("> ") == 5
