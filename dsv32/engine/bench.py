@@ -19,6 +19,9 @@ weights (fp32, the threads torch has), as issue 5's "Benchmarks" acceptance asks
    cache, then DSA and dense decode steps alternate on the same cache.
 
 Best of ``repeats`` rounds (HF and engine interleaved, so drift hits both; round 0 doubles as warm-up).
+With ``--compile`` each decode round also runs an engine with the compiled CPU decode step; with
+``--llama-cpp DIR`` llama.cpp's batch-1 decode runs once in each round too (its prefill and aggregate decode
+in a part of their own).
 Results go to ``benchmarks/results/bench_engine.{json,md,png}`` (the PNG needs matplotlib: the ``bench``
 extra; without it the plot is skipped with a note).
 """
@@ -34,7 +37,7 @@ import os
 import platform
 import tempfile
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -240,7 +243,9 @@ def _engine_decode(core, rid: str, prompt: list[int], n: int) -> tuple[float, li
     return _now() - t0, toks
 
 
-def _decode_and_prefill(ours, hf, cfg, s: Settings, gen: torch.Generator) -> dict:
+def _decode_and_prefill(
+    ours, hf, cfg, s: Settings, gen: torch.Generator, llama: _LlamaRun | None = None
+) -> dict:
     parts = set(s.parts)
     prompt = _prompt(gen, cfg.vocab_size, s.prompt_tokens)
     need = s.prompt_tokens + s.decode_tokens + 2 + s.prefill_tokens + 2
@@ -279,6 +284,10 @@ def _decode_and_prefill(ours, hf, cfg, s: Settings, gen: torch.Generator) -> dic
             if compiled is not None:
                 dt, toks["compiled"] = _engine_decode(compiled, f"cdec{r}", prompt, s.decode_tokens)
                 t["eng_dec_compiled"].append(dt)
+            if (
+                llama is not None
+            ):  # in the same window as the engine's decodes (bandwidth drifts between parts)
+                llama.decode_rounds.append(llama.decode(s.decode_tokens, s.prompt_tokens))
         if "prefill" in parts:
             long = _prompt(gen, cfg.vocab_size, s.prefill_tokens)  # fresh each round: no prefix hits
             dt, _ = _hf_generate(hf, long, 1)
@@ -383,14 +392,28 @@ def _concurrency(ours, cfg, s: Settings, gen: torch.Generator, hf_dec: float | N
 # ---- optional: llama.cpp on the same weights ------------------------------------------------------
 
 
-def _llama_cpp(tmp: Path, cfg, s: Settings, gen: torch.Generator) -> dict:
-    """llama.cpp's prefill, batch-1 decode and aggregate decode on this run's checkpoint, sized as the
-    engine's parts (see ``bench_llama_cpp``)."""
+@dataclass
+class _LlamaRun:
+    """llama.cpp with this run's checkpoint converted (``_llama_prepare``); its batch-1 decode is measured
+    once in each of the engine's decode rounds (``decode_rounds``, tok/s), the rest in its own part."""
+
+    llama: Any  # bench_llama_cpp.LlamaCpp
+    gguf: Path
+    info: dict
+    decode_rounds: list[dict] = field(default_factory=list)
+
+    def decode(self, tokens: int, context: int) -> dict:
+        return self.llama.bench(
+            self.gguf, self.info["threads"], prompt=0, gen=tokens, depth=context, repeats=1
+        )
+
+
+def _llama_prepare(tmp: Path, s: Settings) -> _LlamaRun:
     from dsv32.engine.bench_llama_cpp import LlamaCpp
     from dsv32.weights.default_model import ensure_default_model
 
     llama = LlamaCpp(s.llama_cpp)
-    out: dict[str, Any] = {
+    info: dict[str, Any] = {
         "root": str(llama.root),
         "version": llama.version(),
         "threads": torch.get_num_threads(),
@@ -398,7 +421,14 @@ def _llama_cpp(tmp: Path, cfg, s: Settings, gen: torch.Generator) -> dict:
     outtype = {"float32": "f32", "bfloat16": "bf16"}[s.dtype]
     t0 = _now()
     gguf = llama.convert(tmp / "main", ensure_default_model(), tmp / f"llama-cpp-{outtype}.gguf", outtype)
-    out.update(gguf_outtype=outtype, convert_s=_now() - t0)
+    info.update(gguf_outtype=outtype, convert_s=_now() - t0)
+    return _LlamaRun(llama, gguf, info)
+
+
+def _llama_cpp(run: _LlamaRun, cfg, s: Settings, gen: torch.Generator) -> dict:
+    """llama.cpp's prefill, batch-1 decode and aggregate decode on this run's checkpoint, sized as the
+    engine's parts (see ``bench_llama_cpp``)."""
+    llama, gguf, out = run.llama, run.gguf, dict(run.info)
     threads, parts = out["threads"], set(s.parts)
     if "prefill" in parts:
         _wait_quiet(s.quiet_wait_step_s)
@@ -406,11 +436,9 @@ def _llama_cpp(tmp: Path, cfg, s: Settings, gen: torch.Generator) -> dict:
             gguf, threads, prompt=s.prefill_tokens, gen=0, depth=0, repeats=s.repeats
         )
         out["prefill"]["prompt_tokens"] = s.prefill_tokens
-    if "decode" in parts:
-        _wait_quiet(s.quiet_wait_step_s)
-        out["decode"] = llama.bench(
-            gguf, threads, prompt=0, gen=s.decode_tokens, depth=s.prompt_tokens, repeats=s.repeats
-        )
+    if "decode" in parts and run.decode_rounds:  # best of the rounds, as the engine's figure
+        best = max(run.decode_rounds, key=lambda x: x["tok_s"])
+        out["decode"] = {**best, "rounds_tok_s": [x["tok_s"] for x in run.decode_rounds], "interleaved": True}
         out["decode"].update(decode_tokens=s.decode_tokens, context_tokens=s.prompt_tokens)
     if "concurrency" in parts:
         _wait_quiet(s.quiet_wait_step_s)
@@ -418,7 +446,6 @@ def _llama_cpp(tmp: Path, cfg, s: Settings, gen: torch.Generator) -> dict:
             gguf, threads, s.concurrency, lambda: _prompt(gen, cfg.vocab_size, s.prompt_tokens),
             s.concurrent_decode_tokens, s.repeats,
         )  # fmt: skip
-    gguf.unlink(missing_ok=True)  # the size of the weights again: not kept past the part
     return out
 
 
@@ -642,7 +669,19 @@ def bench_engine(config: dict, out_dir: Path, settings: Settings | None = None) 
                   f"{cfg.num_hidden_layers} layers) ...", flush=True)  # fmt: skip
             write_synthetic_checkpoint(cfg, tmp / "main", seed=0, dtype=torch.bfloat16)
             ours = dsv32.load_model(tmp / "main", dtype=s.torch_dtype, device=s.device, progress=False)
-            hf = None
+            hf, llama = None, None
+            if s.llama_cpp and {"decode", "prefill", "concurrency"} & set(s.parts):
+                from dsv32.engine.bench_llama_cpp import LlamaCppError
+
+                print(
+                    f"llama.cpp on the same weights ({s.llama_cpp}): converting the checkpoint ...",
+                    flush=True,
+                )
+                try:
+                    llama = _llama_prepare(tmp, s)
+                except LlamaCppError as e:  # the engine's figures are still written, with the reason
+                    print(f"  llama.cpp failed: {e}", flush=True)
+                    result["llama_cpp"] = {"error": str(e)}
             if main_parts & {"decode", "prefill", "concurrency"}:
                 from transformers import AutoModelForCausalLM
 
@@ -653,7 +692,7 @@ def bench_engine(config: dict, out_dir: Path, settings: Settings | None = None) 
                 )
                 print("batch-1 decode and prefill (engine vs HF generate) ...", flush=True)
                 with _part(result, "decode+prefill", s):
-                    result.update(_decode_and_prefill(ours, hf, cfg, s, gen))
+                    result.update(_decode_and_prefill(ours, hf, cfg, s, gen, llama))
                 del hf
                 gc.collect()
             if "concurrency" in s.parts:
@@ -661,16 +700,16 @@ def bench_engine(config: dict, out_dir: Path, settings: Settings | None = None) 
                 with _part(result, "concurrency", s):
                     hf_dec = result.get("hf_batch1_decode_tok_s")
                     result["concurrency"] = _concurrency(ours, cfg, s, gen, hf_dec)
-            if s.llama_cpp and {"decode", "prefill", "concurrency"} & set(s.parts):
-                from dsv32.engine.bench_llama_cpp import LlamaCppError
-
-                print(f"llama.cpp on the same weights ({s.llama_cpp}) ...", flush=True)
+            if llama is not None:
+                print("llama.cpp: prefill and aggregate decode ...", flush=True)
                 with _part(result, "llama.cpp", s):
                     try:
-                        result["llama_cpp"] = _llama_cpp(tmp, cfg, s, gen)
-                    except LlamaCppError as e:  # the engine's figures are still written, with the reason
+                        result["llama_cpp"] = _llama_cpp(llama, cfg, s, gen)
+                    except LlamaCppError as e:
                         print(f"  llama.cpp failed: {e}", flush=True)
                         result["llama_cpp"] = {"error": str(e)}
+                    finally:
+                        llama.gguf.unlink(missing_ok=True)  # the size of the weights again: not kept
             if "prefix" in s.parts:
                 print(f"TTFT of a {s.ttft_prompt_tokens}-token prompt, cold and cached ...", flush=True)
                 with _part(result, "prefix", s):
@@ -965,8 +1004,9 @@ def _llama_cpp_lines(r: dict) -> list[str]:
         return ["", "## llama.cpp on the same weights, this run", "", f"Failed: {lc['error']}"]
     lines = ["", "## llama.cpp on the same weights, this run", "",
              f"{lc['version']}; GGUF {lc['gguf_outtype']} converted from this run's checkpoint by the tree's own "
-             f"converter ({lc['convert_s']:.0f} s); {lc['threads']} threads. Prefill and decode: `llama-bench` "
-             f"(mean of {r['settings']['repeats']} repetitions); aggregate decode: `llama-server -np "
+             f"converter ({lc['convert_s']:.0f} s); {lc['threads']} threads. Batch-1 decode: `llama-bench -r 1` once "
+             "in each of the engine's decode rounds, right after the engine's decodes (best of the rounds, as the "
+             f"engine's); prefill: `llama-bench` (mean of {r['settings']['repeats']} repetitions); aggregate decode: `llama-server -np "
              f"{max(r['settings']['concurrency'])}` with that many concurrent `/completion` requests of id prompts "
              "(Σ predicted tokens / the longest decode time; best of the rounds). The issue's ratio targets stand for "
              "llama.cpp parity (decode, prefill) and 1.5× llama.cpp (16 streams): measured here directly.", "",

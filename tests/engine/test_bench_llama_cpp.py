@@ -69,6 +69,16 @@ def test_ratios_and_table_against_llama_cpp():
     # 16 streams: the 60x-HF target is 1.5x llama.cpp's 16 slots; 1.2x is short of it
     assert "| 16 concurrent: aggregate decode tok/s | 300.0 | 250.0 | **1.20×** | ≥ 1.5×: not met |" in md
     assert "| 1 concurrent: aggregate decode tok/s | 45.0 | 30.0 | **1.50×** |  |" in md
+    assert "compiled decode step" not in md
+
+
+def test_the_compiled_decode_step_gets_its_own_llama_cpp_row():
+    r = _result()
+    r["decode"]["compiled"] = {"engine_tok_s": 40.0}
+    _vs_llama_cpp(r)
+    assert r["llama_cpp"]["decode"]["compiled_engine_ratio"] == pytest.approx(1.25)
+    md = "\n".join(_llama_cpp_lines(r))
+    assert "| the same, compiled decode step (`--compile`) | 40.0 | 32.0 | **1.25×** | ≥ 1×: **met** |" in md
 
 
 def test_no_llama_cpp_no_section():
@@ -109,6 +119,9 @@ def test_quick_run_against_a_real_llama_cpp(tmp_path):
         for x, c in zip(lc["concurrency"], s.concurrency, strict=True)
     )
     assert "engine_ratio" in lc["decode"] and r["llama_cpp"]["convert_s"] > 0
+    # llama.cpp's batch-1 decode runs once in each of the engine's decode rounds; the best is reported
+    assert lc["decode"]["interleaved"] and len(lc["decode"]["rounds_tok_s"]) == s.repeats
+    assert lc["decode"]["tok_s"] == max(lc["decode"]["rounds_tok_s"])
     assert "## llama.cpp on the same weights, this run" in (tmp_path / "bench_engine.md").read_text()
     assert not any(Path(tmp_path).glob("*.gguf"))
 
