@@ -12,6 +12,8 @@ with these differences:
   slice sizes come from the routing;
 * the visible-slot dimension is dynamic: one compiled step serves every slot bucket up to ``index_topk``
   and one more every bucket past it (the dense and the DSA form). ``warm_up`` compiles both up front.
+  (Inductor's stable sort guards the slot count below 32767: a context past that compiles once more, when
+  it first comes.)
 
 Only single-request decode steps use it. With the row count dynamic too, one more compile (~40 s per form)
 served all row buckets, but gained little on bench-small: 37.2 against 39.6 ms eager at 4 rows, 57.8 against
@@ -74,9 +76,9 @@ class CompiledDecode(DecodeGraphs):
     def _run(self, step: _Step) -> torch.Tensor:
         # The options are read where the compiled graph is lowered (``options=`` of torch.compile does not
         # reach freezing). A C++ wrapper instead of inductor's Python one around the kernels: 26.5 against
-        # 27.4 ms a step on bench-small (alternating in one process), for ~5 s more compile. Every engine
-        # compiles its own step (its model's weights are constants in it): more than dynamo's default of 8
-        # entries per function where a process builds several engines (the bench, the tests).
+        # 27.4 ms a step on bench-small (alternating in one process), for ~5 s more compile. An engine over
+        # another model compiles its own step (the weights are constants in it): more than dynamo's default
+        # of 8 entries per function where a process builds engines over several models (the tests).
         inductor = torch._inductor.config.patch(freezing=True, cpp_wrapper=True)
         with inductor, torch._dynamo.config.patch(recompile_limit=64):
             return self._compiled(step)
