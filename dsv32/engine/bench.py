@@ -914,16 +914,23 @@ def markdown(r: dict) -> str:
                   "|---|---|---|---|" + ("---|" if peers else "")]  # fmt: skip
         if "decode" in r:
             d = r["decode"]
-            lines.append(
-                f"| batch-1 decode tok/s ({d['decode_tokens']} tokens after a {d['prompt_tokens']}-token prompt) "
-                f"| {d['engine_tok_s']:.2f} | {d['hf_tok_s']:.2f} | **{d['ratio']:.2f}×** |"
-                + (f" {d['llama_cpp_ratio']:.1f}× |" if peers else "")
-            )
+            runs = [
+                (
+                    f"batch-1 decode tok/s ({d['decode_tokens']} tokens after a {d['prompt_tokens']}-token prompt)",
+                    d,
+                )
+            ]
             if "compiled" in d:
                 c = d["compiled"]
+                runs.append(
+                    (
+                        f"the same, compiled decode step (`--compile`; engine start {c['engine_start_s']:.0f} s)",
+                        c,
+                    )
+                )
+            for name, x in runs:
                 lines.append(
-                    f"| the same, compiled decode step (`--compile`; engine start {c['engine_start_s']:.0f} s) "
-                    f"| {c['engine_tok_s']:.2f} | {d['hf_tok_s']:.2f} | **{c['ratio']:.2f}×** |"
+                    f"| {name} | {x['engine_tok_s']:.2f} | {d['hf_tok_s']:.2f} | **{x['ratio']:.2f}×** |"
                     + (f" {d['llama_cpp_ratio']:.1f}× |" if peers else "")
                 )
         if "prefill" in r:
