@@ -103,7 +103,14 @@ class BackgroundServer:
 def serve(opts: ServeOptions) -> None:
     import uvicorn
 
+    if opts.compile_cpu_decode:
+        print(
+            "--compile: the engine compiles its CPU decode step first (~1 min)", file=sys.stderr, flush=True
+        )
     ctx = build_context(opts)
+    if opts.compile_cpu_decode:
+        compiled = ctx.engine.core.runner.graphs is not None
+        print(f"decode steps: {'compiled' if compiled else 'eager (see the warning above)'}", file=sys.stderr)
     app = create_app(ctx)
     print(
         f"dsv32 serving {ctx.served_model_name} on http://{opts.host}:{opts.port}",
