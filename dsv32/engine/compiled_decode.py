@@ -32,7 +32,7 @@ import torch._inductor.config
 
 from dsv32.engine.cuda_graphs import DecodeGraphs, GraphCaptureError, _Step
 from dsv32.engine.paged_cache import PagedKVCache
-from dsv32.model.layers import Linear
+from dsv32.model.layers import Linear, frozen_weights
 from dsv32.model.moe import register_for_compile
 from dsv32.model.transformer import DeepseekForCausalLM
 
@@ -80,7 +80,7 @@ class CompiledDecode(DecodeGraphs):
         # another model compiles its own step (the weights are constants in it): more than dynamo's default
         # of 8 entries per function where a process builds engines over several models (the tests).
         inductor = torch._inductor.config.patch(freezing=True, cpp_wrapper=True)
-        with inductor, torch._dynamo.config.patch(recompile_limit=64):
+        with inductor, torch._dynamo.config.patch(recompile_limit=64), frozen_weights():
             return self._compiled(step)
 
     def _forward(self, step: _Step) -> torch.Tensor:

@@ -8,6 +8,9 @@ we measure on, while oneDNN's prepacked kernel streams the weight at memory spee
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -63,15 +66,32 @@ class PackedMatmul:
         if x.dtype != self.dtype or x.device.type != "cpu":
             return False
         if torch.compiler.is_compiling():
-            # a compiled step (``engine.compiled_decode``) freezes the weights as constants: the freshness
-            # check (data_ptr, _version) cannot be traced, and the engine compiles only a model it owns
-            return True
+            # The freshness check (data_ptr, _version) cannot be traced. A compile that freezes the weights as
+            # constants (``frozen_weights``: the engine's compiled decode step, over a model it owns) reads
+            # the packed copy; any other compile gets the plain matmul (inductor lowers the packed one only
+            # for constant weights).
+            return _FROZEN_WEIGHTS
         if torch.is_grad_enabled() and any(lin.weight.requires_grad for lin, _, _ in self.sources):
             return False  # autograd needs the plain matmul
         return self.fresh()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, None, "none", [], "")
+
+
+_FROZEN_WEIGHTS = False
+
+
+@contextlib.contextmanager
+def frozen_weights() -> Iterator[None]:
+    """Inside: a ``torch.compile`` that runs now freezes the weights (inductor's ``freezing``), so packed
+    matmuls may be traced (see ``PackedMatmul.usable``)."""
+    global _FROZEN_WEIGHTS
+    before, _FROZEN_WEIGHTS = _FROZEN_WEIGHTS, True
+    try:
+        yield
+    finally:
+        _FROZEN_WEIGHTS = before
 
 
 def packed(linears: list[Linear], cache: dict | None = None) -> PackedMatmul | None:
@@ -181,7 +201,7 @@ class Linear(nn.Module):
         if self._packed is not None:
             if self._packed.usable(x):
                 return self._packed(x)
-            if not self._packed.fresh():
+            if not torch.compiler.is_compiling() and not self._packed.fresh():
                 self._packed = None  # the weight changed since packing: back to the plain matmul
         return F.linear(x, self.dense_weight(x.dtype))
 

@@ -66,6 +66,7 @@ class MoE(nn.Module):
         # Every routed expert's weights in one tensor each (``stack_experts``): [E, 2I, D] gate‖up, [E, D, I] down.
         self._w13: torch.Tensor | None = None
         self._w2: torch.Tensor | None = None
+        self._opaque_loop = False  # see ``register_for_compile``
 
     def stack_experts(self) -> None:
         """Move the routed experts' weights into two stacked tensors; each expert's Linears keep views of
@@ -100,7 +101,7 @@ class MoE(nn.Module):
         xs = x.index_select(0, token_of)
         if grouped:
             routed = self._experts_grouped(xs, flat)
-        elif torch.compiler.is_compiling():  # the loop's sizes are read on the host: one opaque op
+        elif torch.compiler.is_compiling() and self._opaque_loop:  # sizes read on the host: one opaque op
             routed = torch.ops.dsv32.moe_experts_looped(xs, flat, id(self))  # see ``register_for_compile``
         else:
             routed = self._experts_looped(xs, flat)
@@ -155,6 +156,7 @@ def register_for_compile(model: nn.Module) -> None:
     for m in model.modules():
         if isinstance(m, MoE):
             _LOOPED[id(m)] = m
+            m._opaque_loop = True
 
 
 @torch.library.custom_op("dsv32::moe_experts_looped", mutates_args=())

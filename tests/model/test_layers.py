@@ -105,3 +105,18 @@ def test_fused_gate_up_matches_and_falls_back_when_a_weight_changes():
     with torch.inference_mode():
         assert not mlp._gate_up.usable(x)
         assert torch.equal(mlp(x), torch.zeros(5, 64))
+
+
+@pytest.mark.slow
+def test_a_plain_torch_compile_of_a_packed_model_runs_the_plain_matmuls():
+    """Outside the engine's compiled step (which freezes the weights), torch.compile of a prepacked model
+    traces the plain matmuls and the MoE's expert loop eagerly: it runs, and equals the eager model."""
+    torch.manual_seed(0)
+    model = DeepseekForCausalLM(tiny_config(num_hidden_layers=2)).eval()
+    randomize_(model, seed=1)
+    model.prepack_cpu_weights()
+    ids = torch.randint(0, 300, (1, 9))
+    with torch.no_grad():
+        want = model(ids)
+        got = torch.compile(model)(ids)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
