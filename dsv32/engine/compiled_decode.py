@@ -11,9 +11,9 @@ with these differences:
 * the routed experts run as one opaque op (``dsv32::moe_experts_looped``, the eager loop), because their
   slice sizes come from the routing;
 * the visible-slot dimension is dynamic: one compiled step serves every slot bucket up to ``index_topk``
-  and one more every bucket past it (the dense and the DSA form). ``warm_up`` compiles both up front.
-  (Inductor's stable sort guards the slot count below 32767: a context past that compiles once more, when
-  it first comes.)
+  and one more every bucket past it (the dense and the DSA form), up to 32766 slots: inductor lowers the
+  DSA form's stable sort differently from ``LONG_SORT_SLOTS`` on, a third compile. ``warm_up`` compiles all
+  that the context length allows up front, so no request meets a compile.
 
 Only single-request decode steps use it. With the row count dynamic too, one more compile (~40 s per form)
 served all row buckets, but gained little on bench-small: 37.2 against 39.6 ms eager at 4 rows, 57.8 against
@@ -37,6 +37,8 @@ from dsv32.model.moe import register_for_compile
 from dsv32.model.transformer import DeepseekForCausalLM
 
 log = logging.getLogger(__name__)
+
+LONG_SORT_SLOTS = 32767  # from this many slots inductor's stable sort compiles to another kernel (a guard)
 
 
 def compile_unsupported_reason(model: DeepseekForCausalLM) -> str | None:
@@ -68,10 +70,12 @@ class CompiledDecode(DecodeGraphs):
         return step
 
     def _form(self, step: _Step) -> tuple:
-        """What decides which compiled step runs: past some indexer's top-k or not, and the top-ks."""
+        """What decides which compiled step runs: past some indexer's top-k or not, the top-ks, and whether
+        the slots reach ``LONG_SORT_SLOTS``."""
         slots = step.tables.shape[1] * self.block_size
         topks = tuple(ix.topk for ix in self._indexers)
-        return any(slots > k for k in topks), topks
+        past_topk = any(slots > k for k in topks)
+        return past_topk, topks, past_topk and slots >= LONG_SORT_SLOTS
 
     def _run(self, step: _Step) -> torch.Tensor:
         # The options are read where the compiled graph is lowered (``options=`` of torch.compile does not
@@ -93,16 +97,20 @@ class CompiledDecode(DecodeGraphs):
         except Exception as e:  # noqa: BLE001 - any compiler failure (no C++ compiler, an inductor bug)
             raise GraphCaptureError(f"compiling the CPU decode step failed: {type(e).__name__}: {e}") from e
         self._forms_compiled.add(form)
-        log.info(
-            "compiled the CPU decode step (%s) in %.1f s",
-            "DSA selection" if form[0] else "all visible slots",
-            time.perf_counter() - t0,
+        past_topk, _, long_sort = form
+        what = (
+            f"DSA selection{f', {LONG_SORT_SLOTS}+ slots' if long_sort else ''}" if past_topk else "all slots"
         )
+        log.info("compiled the CPU decode step (%s) in %.1f s", what, time.perf_counter() - t0)
         return out
 
     def warm_up(self) -> None:
-        """Compile both forms now (each on a step of padding rows, which touch only the scratch block)."""
-        longest = {1} | {k + 1 for k in (ix.topk for ix in self._indexers) if k < self.max_slots}
+        """Compile every form the context length allows now (each on a step of padding rows, which touch only
+        the scratch block)."""
+        topks = [ix.topk for ix in self._indexers]
+        longest = {1} | {k + 1 for k in topks if k < self.max_slots}
+        if topks and self.max_slots >= LONG_SORT_SLOTS:
+            longest.add(LONG_SORT_SLOTS // 2 + 2)  # its bucket: the first power of two past LONG_SORT_SLOTS
         for n in sorted(longest):
             key = (*self._bucket(1, n), tuple(ix.topk for ix in self._indexers))
             step = self.steps.get(key) or self._new_step(*key)

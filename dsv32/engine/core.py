@@ -47,7 +47,7 @@ class EngineConfig:
     # GPU: replay decode-only steps from CUDA graphs (``cuda_graphs.DecodeGraphs``); False: always eager
     cuda_graphs: bool = True
     # CPU: run single-request decode steps as one torch.compile'd step (``compiled_decode``), compiled when
-    # the engine starts (about a minute on bench-small; needs a C++ compiler)
+    # the engine starts (~107 s on bench-small's 32K context; needs a C++ compiler)
     compile_cpu_decode: bool = False
 
 

@@ -13,6 +13,7 @@ from torch._dynamo.utils import counters
 
 from dsv32.engine.compiled_decode import CompiledDecode, compile_unsupported_reason
 from dsv32.engine.core import EngineConfig, EngineCore
+from dsv32.engine.cuda_graphs import DecodeGraphs
 from dsv32.engine.paged_cache import PagedKVCache
 from dsv32.engine.sampling_params import SamplingParams
 from dsv32.model.transformer import DeepseekForCausalLM
@@ -106,3 +107,33 @@ def test_fp8_weights_are_not_compiled(model):
     assert compile_unsupported_reason(model) is None
     with pytest.raises(ValueError, match="FP8"):
         CompiledDecode(fp8, PagedKVCache(fp8.config, 4, 4, fp8.config.num_hidden_layers), 64)
+
+
+def test_long_contexts_are_compiled_at_start_and_match_the_eager_step():
+    """A context length past 32767 slots: inductor lowers the DSA sort differently from there on, so
+    ``warm_up`` compiles that form too, and a step at 20000 tokens of context (a 32768-slot bucket) compiles
+    nothing more and equals the same padded step run eagerly. The cache holds random entries (no prefill)."""
+    torch.manual_seed(0)
+    model = DeepseekForCausalLM(tiny_config(index_topk=12, max_position_embeddings=32768)).eval()
+    randomize_(model, seed=6)
+    model.prepack_cpu_weights()
+    cache = PagedKVCache(model.config, 2048, 16, model.config.num_hidden_layers)
+    g = torch.Generator().manual_seed(1)
+    for table in (*cache.c_kv, *cache.k_pe, *cache.k_index):
+        table.copy_(torch.randn(table.shape, generator=g))
+    compiled = CompiledDecode(model, cache, max_context=32768)
+    graphs_before = counters["stats"]["unique_graphs"]
+    compiled.warm_up()
+    assert {f[2] for f in compiled._forms_compiled} == {False, True}
+    graphs_after_warm_up = counters["stats"]["unique_graphs"]
+    assert graphs_after_warm_up > graphs_before
+    for position in (600, 20000):
+        key = (*compiled._bucket(1, position + 1), (12, 12))
+        step = compiled._new_step(*key)
+        step.tables[0] = torch.arange(step.tables.shape[1])
+        step.positions[0], step.ids[0] = position, 7
+        with torch.inference_mode():
+            got = compiled._forward(step)
+            want = DecodeGraphs._forward(compiled, step)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+    assert counters["stats"]["unique_graphs"] == graphs_after_warm_up  # nothing compiled after the start
