@@ -105,7 +105,9 @@ def serve(opts: ServeOptions) -> None:
 
     if opts.compile_cpu_decode:
         print(
-            "--compile: the engine compiles its CPU decode step first (up to ~2 min)", file=sys.stderr, flush=True
+            "--compile: the engine compiles its CPU decode step first (up to ~2 min)",
+            file=sys.stderr,
+            flush=True,
         )
     ctx = build_context(opts)
     if opts.compile_cpu_decode:
