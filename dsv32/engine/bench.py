@@ -20,8 +20,8 @@ weights (fp32, the threads torch has), as issue 5's "Benchmarks" acceptance asks
 
 Best of ``repeats`` rounds (HF and engine interleaved, so drift hits both; round 0 doubles as warm-up).
 With ``--compile`` each decode round also runs an engine with the compiled CPU decode step; with
-``--llama-cpp DIR`` llama.cpp's batch-1 decode runs once in each round too (its prefill and aggregate decode
-in a part of their own).
+``--llama-cpp DIR`` llama.cpp's batch-1 decode and prefill run once in each round too (its aggregate decode
+in a part of its own).
 Results go to ``benchmarks/results/bench_engine.{json,md,png}`` (the PNG needs matplotlib: the ``bench``
 extra; without it the plot is skipped with a note).
 """
@@ -284,10 +284,8 @@ def _decode_and_prefill(
             if compiled is not None:
                 dt, toks["compiled"] = _engine_decode(compiled, f"cdec{r}", prompt, s.decode_tokens)
                 t["eng_dec_compiled"].append(dt)
-            if (
-                llama is not None
-            ):  # in the same window as the engine's decodes (bandwidth drifts between parts)
-                llama.decode_rounds.append(llama.decode(s.decode_tokens, s.prompt_tokens))
+            if llama is not None:  # in the same window as the engine's (bandwidth drifts between parts)
+                llama.measure("decode", 0, s.decode_tokens, s.prompt_tokens)
         if "prefill" in parts:
             long = _prompt(gen, cfg.vocab_size, s.prefill_tokens)  # fresh each round: no prefix hits
             dt, _ = _hf_generate(hf, long, 1)
@@ -295,6 +293,8 @@ def _decode_and_prefill(
             dt, _ = _first_token(core, f"pre{r}", long, 1)
             _drain(core)
             t["eng_pre"].append(dt)
+            if llama is not None:
+                llama.measure("prefill", s.prefill_tokens, 0, 0)
         print(f"  round {r}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in t.items() if v), flush=True)
     out: dict[str, Any] = {"waited_s_between_rounds": sum(waits)}
     n = s.decode_tokens
@@ -394,18 +394,36 @@ def _concurrency(ours, cfg, s: Settings, gen: torch.Generator, hf_dec: float | N
 
 @dataclass
 class _LlamaRun:
-    """llama.cpp with this run's checkpoint converted (``_llama_prepare``); its batch-1 decode is measured
-    once in each of the engine's decode rounds (``decode_rounds``, tok/s), the rest in its own part."""
+    """llama.cpp with this run's checkpoint converted (``_llama_prepare``). Its batch-1 decode and prefill
+    run once in each of the engine's rounds (``rounds``: one ``llama-bench`` result per round), its aggregate
+    decode in a part of its own."""
 
     llama: Any  # bench_llama_cpp.LlamaCpp
     gguf: Path
     info: dict
-    decode_rounds: list[dict] = field(default_factory=list)
+    rounds: dict[str, list[dict]] = field(default_factory=lambda: {"decode": [], "prefill": []})
 
-    def decode(self, tokens: int, context: int) -> dict:
-        return self.llama.bench(
-            self.gguf, self.info["threads"], prompt=0, gen=tokens, depth=context, repeats=1
-        )
+    error: str | None = None  # the first failure: llama.cpp is not run again, the engine's figures stand
+
+    def measure(self, what: str, prompt: int, gen: int, depth: int) -> None:
+        """One ``llama-bench`` repetition into ``rounds[what]``: prefill of ``prompt`` tokens, or ``gen``
+        decodes after ``depth``."""
+        from dsv32.engine.bench_llama_cpp import LlamaCppError
+
+        if self.error is None:
+            try:
+                self.rounds[what].append(
+                    self.llama.bench(self.gguf, self.info["threads"], prompt, gen, depth, repeats=1)
+                )
+            except LlamaCppError as e:
+                print(f"  llama.cpp failed: {e}", flush=True)
+                self.error = str(e)
+
+    def best(self, what: str) -> dict:
+        """The fastest round of ``what`` (as the engine's figures: best of the rounds), with every round's."""
+        rounds = self.rounds[what]
+        return {**max(rounds, key=lambda x: x["tok_s"]), "rounds_tok_s": [x["tok_s"] for x in rounds],
+                "interleaved": True}  # fmt: skip
 
 
 def _llama_prepare(tmp: Path, s: Settings) -> _LlamaRun:
@@ -426,20 +444,18 @@ def _llama_prepare(tmp: Path, s: Settings) -> _LlamaRun:
 
 
 def _llama_cpp(run: _LlamaRun, cfg, s: Settings, gen: torch.Generator) -> dict:
-    """llama.cpp's prefill, batch-1 decode and aggregate decode on this run's checkpoint, sized as the
-    engine's parts (see ``bench_llama_cpp``)."""
+    """llama.cpp's prefill, batch-1 decode (both measured in the engine's rounds) and aggregate decode on
+    this run's checkpoint, sized as the engine's parts (see ``bench_llama_cpp``)."""
     llama, gguf, out = run.llama, run.gguf, dict(run.info)
     threads, parts = out["threads"], set(s.parts)
-    if "prefill" in parts:
-        _wait_quiet(s.quiet_wait_step_s)
-        out["prefill"] = llama.bench(
-            gguf, threads, prompt=s.prefill_tokens, gen=0, depth=0, repeats=s.repeats
-        )
-        out["prefill"]["prompt_tokens"] = s.prefill_tokens
-    if "decode" in parts and run.decode_rounds:  # best of the rounds, as the engine's figure
-        best = max(run.decode_rounds, key=lambda x: x["tok_s"])
-        out["decode"] = {**best, "rounds_tok_s": [x["tok_s"] for x in run.decode_rounds], "interleaved": True}
-        out["decode"].update(decode_tokens=s.decode_tokens, context_tokens=s.prompt_tokens)
+    if "prefill" in parts and run.rounds["prefill"]:
+        out["prefill"] = {**run.best("prefill"), "prompt_tokens": s.prefill_tokens}
+    if "decode" in parts and run.rounds["decode"]:
+        out["decode"] = {
+            **run.best("decode"),
+            "decode_tokens": s.decode_tokens,
+            "context_tokens": s.prompt_tokens,
+        }
     if "concurrency" in parts:
         _wait_quiet(s.quiet_wait_step_s)
         out["concurrency"] = llama.concurrency(
@@ -700,16 +716,18 @@ def bench_engine(config: dict, out_dir: Path, settings: Settings | None = None) 
                 with _part(result, "concurrency", s):
                     hf_dec = result.get("hf_batch1_decode_tok_s")
                     result["concurrency"] = _concurrency(ours, cfg, s, gen, hf_dec)
-            if llama is not None:
-                print("llama.cpp: prefill and aggregate decode ...", flush=True)
+            if llama is not None and llama.error is not None:  # it failed in a round: not run again
+                result["llama_cpp"] = {"error": llama.error}
+            elif llama is not None:
+                print("llama.cpp: aggregate decode (prefill, batch-1 decode: in the rounds) ...", flush=True)
                 with _part(result, "llama.cpp", s):
                     try:
                         result["llama_cpp"] = _llama_cpp(llama, cfg, s, gen)
                     except LlamaCppError as e:
                         print(f"  llama.cpp failed: {e}", flush=True)
                         result["llama_cpp"] = {"error": str(e)}
-                    finally:
-                        llama.gguf.unlink(missing_ok=True)  # the size of the weights again: not kept
+            if llama is not None:
+                llama.gguf.unlink(missing_ok=True)  # the size of the weights again: not kept
             if "prefix" in s.parts:
                 print(f"TTFT of a {s.ttft_prompt_tokens}-token prompt, cold and cached ...", flush=True)
                 with _part(result, "prefix", s):
@@ -1011,9 +1029,9 @@ def _llama_cpp_lines(r: dict) -> list[str]:
         return ["", "## llama.cpp on the same weights, this run", "", f"Failed: {lc['error']}"]
     lines = ["", "## llama.cpp on the same weights, this run", "",
              f"{lc['version']}; GGUF {lc['gguf_outtype']} converted from this run's checkpoint by the tree's own "
-             f"converter ({lc['convert_s']:.0f} s); {lc['threads']} threads. Batch-1 decode: `llama-bench -r 1` once "
-             "in each of the engine's decode rounds, right after the engine's decodes (best of the rounds, as the "
-             f"engine's); prefill: `llama-bench` (mean of {r['settings']['repeats']} repetitions); aggregate decode: `llama-server -np "
+             f"converter ({lc['convert_s']:.0f} s); {lc['threads']} threads. Batch-1 decode and prefill: `llama-bench -r 1` "
+             "once in each of the engine's rounds, right after the engine's own (best of the rounds, as the "
+             "engine's); aggregate decode: `llama-server -np "
              f"{max(r['settings']['concurrency'])}` with that many concurrent `/completion` requests of id prompts "
              "(Σ predicted tokens / the longest decode time; best of the rounds). The issue's ratio targets stand for "
              "llama.cpp parity (decode, prefill) and 1.5× llama.cpp (16 streams): measured here directly.", "",
