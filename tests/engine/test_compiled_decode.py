@@ -17,6 +17,7 @@ from dsv32.engine.cuda_graphs import DecodeGraphs
 from dsv32.engine.paged_cache import PagedKVCache
 from dsv32.engine.sampling_params import SamplingParams
 from dsv32.model.transformer import DeepseekForCausalLM
+from tests.engine.test_engine import run_all
 from tests.engine.test_paged_runner import alone, drive
 from tests.model.oracle import randomize_
 from tests.model.test_forms import tiny_config
@@ -73,10 +74,7 @@ def test_engine_compiles_at_start_and_matches_running_alone(model):
     n_new = [4, 14, 6]  # the longest runs on alone at the end: single-row steps
     for i, (p, n) in enumerate(zip(prompts, n_new, strict=True)):
         core.add_request(f"r{i}", p, SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True))
-    got: dict[str, list[int]] = {}
-    while core.has_work():
-        for o in core.step():
-            got.setdefault(o.request_id, []).extend(o.new_token_ids)
+    got = run_all(core)
     core.pool.assert_no_leaks()
     assert calls.count(1) >= 6, calls  # the longest request's last steps, alone
     for i, (p, n) in enumerate(zip(prompts, n_new, strict=True)):

@@ -17,6 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from dsv32.engine.cuda_graphs import DecodeGraphs
 from dsv32.engine.paged_cache import PagedKVCache
 from dsv32.model.moe import MoE, grouped_matmul_available
+from tests.engine.test_engine import run_all
 from tests.engine.test_paged_runner import alone, drive
 
 
@@ -188,10 +189,7 @@ def test_engine_with_padded_decode_steps_matches_running_alone(model):
         for i, p in enumerate(prompts):
             core.add_request(f"g{i}", p, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))
         core.add_request("s", prompts[1], SamplingParams(temperature=0.9, top_p=0.9, seed=3, max_tokens=8))
-        got: dict[str, list[int]] = {}
-        while core.has_work():
-            for o in core.step():
-                got.setdefault(o.request_id, []).extend(o.new_token_ids)
+        got = run_all(core)
         core.pool.assert_no_leaks()
         if graphs:
             assert core.runner.graphs.steps, "no decode step took the fixed-shape path"
@@ -246,10 +244,7 @@ def test_random_workloads_with_padded_decode_steps_match_running_alone(seed, mon
     core.runner.graphs = DecodeGraphs(m, core.cache, max_seqs, 4096, capture=False)
     for i, p in enumerate(prompts):
         core.add_request(f"r{i}", p, SamplingParams(temperature=0.0, max_tokens=n_new, ignore_eos=True))
-    got: dict[str, list[int]] = {}
-    while core.has_work():
-        for o in core.step():
-            got.setdefault(o.request_id, []).extend(o.new_token_ids)
+    got = run_all(core)
     core.pool.assert_no_leaks()
     assert core.runner.graphs.steps
     for i, p in enumerate(prompts):
