@@ -103,6 +103,8 @@ class BackgroundServer:
 def serve(opts: ServeOptions) -> None:
     import uvicorn
 
+    from dsv32.engine.compiled_decode import CompiledDecode
+
     if opts.compile_cpu_decode:
         print(
             "--compile: the engine compiles its CPU decode step first (up to ~2 min)",
@@ -111,8 +113,11 @@ def serve(opts: ServeOptions) -> None:
         )
     ctx = build_context(opts)
     if opts.compile_cpu_decode:
-        compiled = ctx.engine.core.runner.graphs is not None
-        print(f"decode steps: {'compiled' if compiled else 'eager (see the warning above)'}", file=sys.stderr)
+        compiled = isinstance(ctx.engine.core.runner.graphs, CompiledDecode)
+        print(
+            f"compiled CPU decode step: {'yes' if compiled else 'no (see the warning above)'}",
+            file=sys.stderr,
+        )
     app = create_app(ctx)
     print(
         f"dsv32 serving {ctx.served_model_name} on http://{opts.host}:{opts.port}",

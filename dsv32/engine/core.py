@@ -15,7 +15,7 @@ import logging
 from dataclasses import dataclass, field
 
 from dsv32.engine.block_pool import BlockPool
-from dsv32.engine.compiled_decode import CompiledDecode, compile_unsupported_reason
+from dsv32.engine.compiled_decode import CompiledDecode
 from dsv32.engine.cuda_graphs import DecodeGraphs, GraphCaptureError
 from dsv32.engine.grammar import GrammarCompiler, GrammarMasker, GuidedState
 from dsv32.engine.paged_cache import PagedKVCache
@@ -102,7 +102,9 @@ class EngineCore:
         if cfg.cuda_graphs and model.device.type == "cuda":
             self.runner.graphs = self._decode_graphs()
         if cfg.compile_cpu_decode:
-            self.runner.graphs = self._compiled_decode()
+            compiled = self._compiled_decode()  # None off the CPU: CUDA graphs (or eager steps) stay
+            if compiled is not None:
+                self.runner.graphs = compiled
         self.sampler = Sampler()
         self.grammar: GrammarCompiler | None = None  # set by attach_tokenizer
         self._masker: GrammarMasker | None = None
@@ -126,16 +128,14 @@ class EngineCore:
         return DecodeGraphs(model, self.cache, self.config.max_num_seqs, self.max_model_len)
 
     def _compiled_decode(self) -> CompiledDecode | None:
-        """The compiled CPU decode step, compiled now; None (eager steps) where it cannot be."""
-        reason = compile_unsupported_reason(self.model)
-        if reason:
-            log.warning("decode steps stay eager: %s", reason)
-            return None
-        compiled = CompiledDecode(self.model, self.cache, self.max_model_len)
+        """The compiled CPU decode step, compiled now; None where it cannot be (logged: why)."""
         try:
+            compiled = CompiledDecode(
+                self.model, self.cache, self.max_model_len
+            )  # ValueError: not this model
             compiled.warm_up()
-        except GraphCaptureError as e:
-            log.warning("%s; decode steps stay eager", e)
+        except (ValueError, GraphCaptureError) as e:
+            log.warning("no compiled CPU decode step: %s", e)
             return None
         return compiled
 
