@@ -112,7 +112,5 @@ class CompiledDecode(DecodeGraphs):
         if topks and self.max_slots >= LONG_SORT_SLOTS:
             longest.add(LONG_SORT_SLOTS // 2 + 2)  # its bucket: the first power of two past LONG_SORT_SLOTS
         for n in sorted(longest):
-            key = (*self._bucket(1, n), tuple(ix.topk for ix in self._indexers))
-            step = self.steps.get(key) or self._new_step(*key)
             with torch.inference_mode():
-                self._forward(step)
+                self._forward(self._step(1, n))

@@ -84,11 +84,8 @@ class DecodeGraphs:
     def execute(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
         """fp32 logits [n_sampling_chunks, vocab] of a decode-only step (``fits``), like ``ModelRunner.execute``."""
         rows = len(chunks)
-        r, s = self._bucket(rows, max(c.start for c in chunks) + 1)
-        # a graph bakes in each indexer's top-k (the bench switches DSA off by raising it): part of the key
-        key = (r, s, tuple(ix.topk for ix in self._indexers))
-        step = self.steps.get(key) or self._new_step(*key)
-        nb = step.tables.shape[1]
+        step = self._step(rows, max(c.start for c in chunks) + 1)
+        r, nb = step.tables.shape
         scratch = self.cache.scratch_block
         ids = [c.request.token_at(c.start) for c in chunks] + [0] * (r - rows)
         positions = [c.start for c in chunks] + [0] * (r - rows)
@@ -108,6 +105,12 @@ class DecodeGraphs:
         if sampling == list(range(len(sampling))):
             return logits[: len(sampling)]
         return logits.index_select(0, torch.tensor(sampling, device=logits.device))
+
+    def _step(self, rows: int, longest: int) -> _Step:
+        """The step of the bucket of ``rows`` rows whose longest context is ``longest`` (made on first use)."""
+        # a graph bakes in each indexer's top-k (the bench switches DSA off by raising it): part of the key
+        key = (*self._bucket(rows, longest), tuple(ix.topk for ix in self._indexers))
+        return self.steps.get(key) or self._new_step(*key)
 
     def _new_step(self, rows: int, slots: int, topks: tuple[int, ...]) -> _Step:
         dev = self.model.device
