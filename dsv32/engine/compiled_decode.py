@@ -65,7 +65,10 @@ class CompiledDecode(DecodeGraphs):
         self._forms_compiled: set[tuple] = set()  # ``_form``s compiled so far
 
     def _new_step(self, rows: int, slots: int, topks: tuple[int, ...]) -> _Step:
-        step = super()._new_step(rows, slots, topks)
+        # inference tensors whoever asks (warm-up or a step): dynamo guards on it, and a step made outside
+        # inference mode would compile again when the engine's steps (inside it) come
+        with torch.inference_mode():
+            step = super()._new_step(rows, slots, topks)
         torch._dynamo.mark_dynamic(step.tables, 1)  # the slot buckets share one compiled step per form
         return step
 

@@ -60,23 +60,27 @@ def test_engine_compiles_at_start_and_matches_running_alone(model):
     core = EngineCore(
         model,
         EngineConfig(
-            block_size=4, num_blocks=40, max_num_seqs=3, max_num_batched_tokens=9, compile_cpu_decode=True
+            block_size=4, num_blocks=90, max_num_seqs=3, max_num_batched_tokens=9, compile_cpu_decode=True
         ),
         eos_id=None,
     )
     compiled = core.runner.graphs
-    assert isinstance(compiled, CompiledDecode) and counters["stats"]["unique_graphs"] > graphs_before
+    graphs_after_start = counters["stats"]["unique_graphs"]
+    assert isinstance(compiled, CompiledDecode) and graphs_after_start > graphs_before
     calls = []
     real = compiled.execute
     compiled.execute = lambda chunks: calls.append(len(chunks)) or real(chunks)
     g = torch.Generator().manual_seed(7)
-    prompts = [torch.randint(2, 300, (n,), generator=g).tolist() for n in (3, 16, 9)]
-    n_new = [4, 14, 6]  # the longest runs on alone at the end: single-row steps
+    prompts = [torch.randint(2, 300, (n,), generator=g).tolist() for n in (3, 250, 9)]
+    n_new = [4, 14, 6]  # the longest runs on alone at the end: single-row steps, past 256 slots
     for i, (p, n) in enumerate(zip(prompts, n_new, strict=True)):
         core.add_request(f"r{i}", p, SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True))
     got = run_all(core)
     core.pool.assert_no_leaks()
     assert calls.count(1) >= 6, calls  # the longest request's last steps, alone
+    # a bucket first used by a request (512 slots) runs what the start compiled: no compile while serving
+    assert 512 in {key[1] for key in compiled.steps}
+    assert counters["stats"]["unique_graphs"] == graphs_after_start
     for i, (p, n) in enumerate(zip(prompts, n_new, strict=True)):
         assert got[f"r{i}"] == alone(model, p, n), i
 
@@ -128,9 +132,9 @@ def test_long_contexts_are_compiled_at_start_and_match_the_eager_step():
     for position in (600, 20000):
         key = (*compiled._bucket(1, position + 1), (12, 12))
         step = compiled._new_step(*key)
-        step.tables[0] = torch.arange(step.tables.shape[1])
-        step.positions[0], step.ids[0] = position, 7
-        with torch.inference_mode():
+        with torch.inference_mode():  # as the engine's steps run
+            step.tables[0] = torch.arange(step.tables.shape[1])
+            step.positions[0], step.ids[0] = position, 7
             got = compiled._forward(step)
             want = DecodeGraphs._forward(compiled, step)
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
