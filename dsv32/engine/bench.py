@@ -20,8 +20,8 @@ weights (fp32, the threads torch has), as issue 5's "Benchmarks" acceptance asks
 
 Best of ``repeats`` rounds (HF and engine interleaved, so drift hits both; round 0 doubles as warm-up).
 With ``--compile`` each decode round also runs an engine with the compiled CPU decode step; with
-``--llama-cpp DIR`` llama.cpp's batch-1 decode and prefill run once in each round too (its aggregate decode
-in a part of its own).
+``--llama-cpp DIR`` llama.cpp runs once in each round too, right after the engine: ``llama-bench`` for batch-1
+decode and prefill, a ``llama-server`` (started once, idle in between) for aggregate decode.
 Results go to ``benchmarks/results/bench_engine.{json,md,png}`` (the PNG needs matplotlib: the ``bench``
 extra; without it the plot is skipped with a note).
 """
@@ -349,40 +349,50 @@ def _decode_and_prefill(
 # ---- part 3: aggregate decode at several concurrencies ----------------------------------------
 
 
-def _concurrency(ours, cfg, s: Settings, gen: torch.Generator, hf_dec: float | None) -> dict:
+def _concurrency(
+    ours, cfg, s: Settings, gen: torch.Generator, hf_dec: float | None, llama: _LlamaRun | None = None
+) -> dict:
     n = s.concurrent_decode_tokens
     cmax = max(s.concurrency)
     core = _engine(ours, cmax * (s.prompt_tokens + n + 8), cmax, s.max_num_batched_tokens, s.cuda_graphs)
     rows = []
     waits: list[float] = []
-    for c in s.concurrency:
-        _settle(s, waits)
-        best = None
-        for r in range(s.repeats):
-            ids = [f"c{c}-{r}-{i}" for i in range(c)]
-            for rid in ids:
-                core.add_request(rid, _prompt(gen, cfg.vocab_size, s.prompt_tokens), _greedy(n + 8))
-            started: set[str] = set()
-            while len(started) < c:  # prefill every prompt (each reports its first token)
-                started.update(o.request_id for o in core.step())
-            produced, steps = 0, []
-            for _ in range(n):
-                t0 = _now()
-                outs = core.step()
-                steps.append(_now() - t0)
-                produced += sum(len(o.new_token_ids) for o in outs)
-            for rid in ids:
-                core.abort(rid)
-            rate = produced / sum(steps)
-            if best is None or rate > best["engine_tok_s"]:
-                best = {"concurrency": c, "engine_tok_s": rate, "tokens": produced,
-                        "step_ms_median": 1000 * sorted(steps)[len(steps) // 2]}  # fmt: skip
-        if hf_dec:
-            best["ratio_to_hf_batch1"] = best["engine_tok_s"] / hf_dec
-            if c in LLAMA_CPP_RATIO["concurrency"]:
-                best["llama_cpp_ratio"] = LLAMA_CPP_RATIO["concurrency"][c]
-        print(f"  {c} concurrent: {best['engine_tok_s']:.1f} tok/s", flush=True)
-        rows.append(best)
+    with contextlib.ExitStack() as stack:
+        # llama.cpp's server idles between its rounds, each right after the engine's round at that concurrency
+        server = llama.start_server(stack, cmax, cmax * (s.prompt_tokens + n + 16)) if llama else None
+        for c in s.concurrency:
+            _settle(s, waits)
+            best = None
+            for r in range(s.repeats):
+                ids = [f"c{c}-{r}-{i}" for i in range(c)]
+                for rid in ids:
+                    core.add_request(rid, _prompt(gen, cfg.vocab_size, s.prompt_tokens), _greedy(n + 8))
+                started: set[str] = set()
+                while len(started) < c:  # prefill every prompt (each reports its first token)
+                    started.update(o.request_id for o in core.step())
+                produced, steps = 0, []
+                for _ in range(n):
+                    t0 = _now()
+                    outs = core.step()
+                    steps.append(_now() - t0)
+                    produced += sum(len(o.new_token_ids) for o in outs)
+                for rid in ids:
+                    core.abort(rid)
+                rate = produced / sum(steps)
+                if best is None or rate > best["engine_tok_s"]:
+                    best = {"concurrency": c, "engine_tok_s": rate, "tokens": produced,
+                            "step_ms_median": 1000 * sorted(steps)[len(steps) // 2]}  # fmt: skip
+                if llama is not None:
+                    prompts = [_prompt(gen, cfg.vocab_size, s.prompt_tokens) for _ in range(c)]
+                    llama.measure_aggregate(server, prompts, n)
+            if hf_dec:
+                best["ratio_to_hf_batch1"] = best["engine_tok_s"] / hf_dec
+                if c in LLAMA_CPP_RATIO["concurrency"]:
+                    best["llama_cpp_ratio"] = LLAMA_CPP_RATIO["concurrency"][c]
+            theirs = llama.aggregate.get(c) if llama is not None else None
+            print(f"  {c} concurrent: {best['engine_tok_s']:.1f} tok/s"
+                  + (f" (llama.cpp {max(x['tok_s'] for x in theirs):.1f})" if theirs else ""), flush=True)  # fmt: skip
+            rows.append(best)
     core.pool.assert_no_leaks()
     return {"prompt_tokens": s.prompt_tokens, "decode_steps_timed": n, "hf_batch1_tok_s": hf_dec,
             "waited_s_between_runs": sum(waits),
@@ -394,16 +404,22 @@ def _concurrency(ours, cfg, s: Settings, gen: torch.Generator, hf_dec: float | N
 
 @dataclass
 class _LlamaRun:
-    """llama.cpp with this run's checkpoint converted (``_llama_prepare``). Its batch-1 decode and prefill
-    run once in each of the engine's rounds (``rounds``: one ``llama-bench`` result per round), its aggregate
-    decode in a part of its own."""
+    """llama.cpp with this run's checkpoint converted (``_llama_prepare``), measured inside the engine's own
+    rounds: its batch-1 decode and prefill once per round of those parts (``rounds``: one ``llama-bench``
+    result each), its aggregate decode once per round of each concurrency (``aggregate``), each right after the
+    engine's own measurement, so both see the same moment of this machine's drifting memory bandwidth."""
 
     llama: Any  # bench_llama_cpp.LlamaCpp
     gguf: Path
     info: dict
     rounds: dict[str, list[dict]] = field(default_factory=lambda: {"decode": [], "prefill": []})
+    aggregate: dict[int, list[dict]] = field(default_factory=dict)  # concurrency -> one result per round
 
     error: str | None = None  # the first failure: llama.cpp is not run again, the engine's figures stand
+
+    def _fail(self, e: Exception) -> None:
+        print(f"  llama.cpp failed: {e}", flush=True)
+        self.error = str(e)
 
     def measure(self, what: str, prompt: int, gen: int, depth: int) -> None:
         """One ``llama-bench`` repetition into ``rounds[what]``: prefill of ``prompt`` tokens, or ``gen``
@@ -416,14 +432,43 @@ class _LlamaRun:
                     self.llama.bench(self.gguf, self.info["threads"], prompt, gen, depth, repeats=1)
                 )
             except LlamaCppError as e:
-                print(f"  llama.cpp failed: {e}", flush=True)
-                self.error = str(e)
+                self._fail(e)
 
-    def best(self, what: str) -> dict:
-        """The fastest round of ``what`` (as the engine's figures: best of the rounds), with every round's."""
-        rounds = self.rounds[what]
+    def start_server(self, stack: contextlib.ExitStack, slots: int, ctx: int) -> Any:
+        """A ``llama-server`` of ``slots`` slots kept running until ``stack`` closes (None if it failed)."""
+        from dsv32.engine.bench_llama_cpp import LlamaCppError
+
+        if self.error is not None:
+            return None
+        try:
+            return stack.enter_context(self.llama.server(self.gguf, self.info["threads"], slots, ctx))
+        except LlamaCppError as e:
+            self._fail(e)
+            return None
+
+    def measure_aggregate(self, server: Any, prompts: list[list[int]], decode: int) -> None:
+        """One round of aggregate decode of ``len(prompts)`` concurrent requests into ``aggregate``."""
+        from dsv32.engine.bench_llama_cpp import LlamaCppError
+
+        if self.error is None and server is not None:
+            try:
+                self.aggregate.setdefault(len(prompts), []).append(server.aggregate(prompts, decode))
+            except LlamaCppError as e:
+                self._fail(e)
+
+    @staticmethod
+    def _best(rounds: list[dict]) -> dict:
+        """The fastest round (as the engine's figures: best of the rounds), with every round's."""
         return {**max(rounds, key=lambda x: x["tok_s"]), "rounds_tok_s": [x["tok_s"] for x in rounds],
                 "interleaved": True}  # fmt: skip
+
+    def best(self, what: str) -> dict:
+        """The fastest round of ``what`` ("decode", "prefill")."""
+        return self._best(self.rounds[what])
+
+    def best_aggregate(self) -> list[dict]:
+        """The fastest round at each concurrency measured."""
+        return [{"concurrency": c, **self._best(rs)} for c, rs in sorted(self.aggregate.items())]
 
 
 def _llama_prepare(tmp: Path, s: Settings) -> _LlamaRun:
@@ -443,11 +488,10 @@ def _llama_prepare(tmp: Path, s: Settings) -> _LlamaRun:
     return _LlamaRun(llama, gguf, info)
 
 
-def _llama_cpp(run: _LlamaRun, cfg, s: Settings, gen: torch.Generator) -> dict:
-    """llama.cpp's prefill, batch-1 decode (both measured in the engine's rounds) and aggregate decode on
-    this run's checkpoint, sized as the engine's parts (see ``bench_llama_cpp``)."""
-    llama, gguf, out = run.llama, run.gguf, dict(run.info)
-    threads, parts = out["threads"], set(s.parts)
+def _llama_cpp(run: _LlamaRun, s: Settings) -> dict:
+    """llama.cpp's prefill, batch-1 decode and aggregate decode on this run's checkpoint, all measured in the
+    engine's rounds (sized as the engine's parts; see ``bench_llama_cpp``)."""
+    out, parts = dict(run.info), set(s.parts)
     if "prefill" in parts and run.rounds["prefill"]:
         out["prefill"] = {**run.best("prefill"), "prompt_tokens": s.prefill_tokens}
     if "decode" in parts and run.rounds["decode"]:
@@ -456,12 +500,8 @@ def _llama_cpp(run: _LlamaRun, cfg, s: Settings, gen: torch.Generator) -> dict:
             "decode_tokens": s.decode_tokens,
             "context_tokens": s.prompt_tokens,
         }
-    if "concurrency" in parts:
-        _wait_quiet(s.quiet_wait_step_s)
-        out["concurrency"] = llama.concurrency(
-            gguf, threads, s.concurrency, lambda: _prompt(gen, cfg.vocab_size, s.prompt_tokens),
-            s.concurrent_decode_tokens, s.repeats,
-        )  # fmt: skip
+    if "concurrency" in parts and run.aggregate:
+        out["concurrency"] = run.best_aggregate()
     return out
 
 
@@ -715,17 +755,11 @@ def bench_engine(config: dict, out_dir: Path, settings: Settings | None = None) 
                 print("aggregate decode at each concurrency ...", flush=True)
                 with _part(result, "concurrency", s):
                     hf_dec = result.get("hf_batch1_decode_tok_s")
-                    result["concurrency"] = _concurrency(ours, cfg, s, gen, hf_dec)
+                    result["concurrency"] = _concurrency(ours, cfg, s, gen, hf_dec, llama)
             if llama is not None and llama.error is not None:  # it failed in a round: not run again
                 result["llama_cpp"] = {"error": llama.error}
             elif llama is not None:
-                print("llama.cpp: aggregate decode (prefill, batch-1 decode: in the rounds) ...", flush=True)
-                with _part(result, "llama.cpp", s):
-                    try:
-                        result["llama_cpp"] = _llama_cpp(llama, cfg, s, gen)
-                    except LlamaCppError as e:
-                        print(f"  llama.cpp failed: {e}", flush=True)
-                        result["llama_cpp"] = {"error": str(e)}
+                result["llama_cpp"] = _llama_cpp(llama, s)
             if llama is not None:
                 llama.gguf.unlink(missing_ok=True)  # the size of the weights again: not kept
             if "prefix" in s.parts:
@@ -1029,11 +1063,12 @@ def _llama_cpp_lines(r: dict) -> list[str]:
         return ["", "## llama.cpp on the same weights, this run", "", f"Failed: {lc['error']}"]
     lines = ["", "## llama.cpp on the same weights, this run", "",
              f"{lc['version']}; GGUF {lc['gguf_outtype']} converted from this run's checkpoint by the tree's own "
-             f"converter ({lc['convert_s']:.0f} s); {lc['threads']} threads. Batch-1 decode and prefill: `llama-bench -r 1` "
-             "once in each of the engine's rounds, right after the engine's own (best of the rounds, as the "
-             "engine's); aggregate decode: `llama-server -np "
-             f"{max(r['settings']['concurrency'])}` with that many concurrent `/completion` requests of id prompts "
-             "(Σ predicted tokens / the longest decode time; best of the rounds). The issue's ratio targets stand for "
+             f"converter ({lc['convert_s']:.0f} s); {lc['threads']} threads. Each measurement runs once in each of the "
+             "engine's rounds, right after the engine's own, and the best round is shown, as the engine's. Batch-1 "
+             "decode and prefill: `llama-bench -r 1`; aggregate decode: one `llama-server -np "
+             f"{max(r['settings']['concurrency'])}` (idle between its rounds) with as many concurrent `/completion` "
+             "requests of id prompts as the engine serves in that round (Σ predicted tokens / the longest decode "
+             "time). The issue's ratio targets stand for "
              "llama.cpp parity (decode, prefill) and 1.5× llama.cpp (16 streams): measured here directly.", "",
              "| measurement | dsv32 engine | llama.cpp | engine / llama.cpp | the targets' intent |",
              "|---|---|---|---|---|"]  # fmt: skip

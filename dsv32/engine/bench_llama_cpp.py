@@ -20,12 +20,14 @@ it to ``AutoTokenizer.from_pretrained``. Tokenization does not affect any timing
 Measurements (threads = torch's):
 * ``llama-bench -p N -n 0`` — prefill of N tokens (its defaults otherwise: batch 2048, micro-batch 512);
 * ``llama-bench -p 0 -n M -d P`` — M decode tokens after P tokens of context;
-* ``llama-server -np C`` and C concurrent ``/completion`` requests of id prompts (greedy, ``ignore_eos``) —
-  aggregate decode = Σ predicted tokens / the longest request's decode time (they decode together).
+* ``llama-server -np C`` (``LlamaCpp.server``) and up to C concurrent ``/completion`` requests of id prompts
+  (greedy, ``ignore_eos``) — aggregate decode = Σ predicted tokens / the longest request's decode time (they
+  decode together).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -34,7 +36,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -122,21 +124,11 @@ class LlamaCpp:
 
     # ---- llama-server ----------------------------------------------------------------------------------
 
-    def concurrency(
-        self,
-        gguf: Path,
-        threads: int,
-        levels: tuple[int, ...],
-        prompt: Callable[[], list[int]],
-        decode: int,
-        repeats: int,
-    ) -> list[dict]:
-        """Aggregate decode tok/s of ``llama-server -np max(levels)`` at each number of concurrent requests
-        (each a fresh ``prompt()``, greedy, ``decode`` tokens, no prompt cache reuse); best of ``repeats``."""
+    @contextlib.contextmanager
+    def server(self, gguf: Path, threads: int, slots: int, ctx: int) -> Iterator[LlamaServer]:
+        """A ``llama-server -np slots -c ctx`` on ``gguf`` while inside; it idles between measurements."""
         import httpx
 
-        slots = max(levels)
-        ctx = slots * (len(prompt()) + decode + 16)
         port = _free_port()
         cmd = [str(self.llama_server), "-m", str(gguf), "-t", str(threads), "-np", str(slots), "-c", str(ctx),
                "--host", "127.0.0.1", "--port", str(port), "--no-webui"]  # fmt: skip
@@ -145,16 +137,8 @@ class LlamaCpp:
         try:
             base = f"http://127.0.0.1:{port}"
             _wait_ready(base, proc, Path(log.name))
-            rows = []
             with httpx.Client(timeout=600, limits=httpx.Limits(max_connections=slots)) as client:
-                for c in levels:
-                    best = None
-                    for _ in range(repeats):
-                        res = _concurrent_completions(client, base, [prompt() for _ in range(c)], decode)
-                        if best is None or res["tok_s"] > best["tok_s"]:
-                            best = res
-                    rows.append({"concurrency": c, **best})
-            return rows
+                yield LlamaServer(client, base, slots)
         finally:
             proc.terminate()
             try:
@@ -162,6 +146,20 @@ class LlamaCpp:
             except subprocess.TimeoutExpired:
                 proc.kill()
             log.close()
+
+
+class LlamaServer:
+    """A running ``llama-server`` (``LlamaCpp.server``)."""
+
+    def __init__(self, client: Any, base: str, slots: int):
+        self.client, self.base, self.slots = client, base, slots
+
+    def aggregate(self, prompts: list[list[int]], decode: int) -> dict:
+        """Aggregate decode of ``len(prompts)`` concurrent ``/completion`` requests (greedy, ``ignore_eos``,
+        ``decode`` tokens each, no prompt cache reuse): Σ predicted tokens / the longest decode time."""
+        if len(prompts) > self.slots:
+            raise ValueError(f"{len(prompts)} concurrent requests for a server of {self.slots} slots")
+        return _concurrent_completions(self.client, self.base, prompts, decode)
 
 
 def _concurrent_completions(client, base: str, prompts: list[list[int]], decode: int) -> dict:
