@@ -9,16 +9,17 @@ from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dsv32.api import anthropic_routes, openai_routes
 from dsv32.api.anthropic_routes import anthropic_error_body, is_anthropic_path
 from dsv32.api.errors import APIError
 from dsv32.api.service import ServingContext
+from dsv32.engine.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 
 log = logging.getLogger("dsv32.api")
-OPEN_PATHS = {"/health", "/openapi.json", "/docs", "/redoc", "/docs/oauth2-redirect"}
+OPEN_PATHS = {"/health", "/metrics", "/openapi.json", "/docs", "/redoc", "/docs/oauth2-redirect"}
 # pydantic error types that mean "the body is malformed" (400) rather than "a value is invalid" (422)
 _MALFORMED = {"json_invalid", "missing", "model_type", "dict_type", "model_attributes_type"}
 
@@ -147,6 +148,11 @@ def create_app(ctx: ServingContext) -> FastAPI:
     @app.get("/stats")
     async def stats() -> dict[str, Any]:
         return ctx.engine.stats()
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        # Prometheus scrapes without an API key, as from vLLM; nothing here names a request or its text
+        return Response(ctx.engine.metrics_text(), media_type=METRICS_CONTENT_TYPE)
 
     @app.get("/user/balance")
     async def balance() -> dict[str, Any]:

@@ -30,6 +30,10 @@ class EngineClient(Protocol):
 
     def stats(self) -> dict: ...
 
+    def metrics_text(self) -> bytes:
+        """Prometheus text exposition of the engine's metrics (``GET /metrics``)."""
+        ...
+
     def num_waiting(self) -> int: ...
 
 

@@ -16,6 +16,7 @@ import threading
 from collections.abc import AsyncIterator
 
 from dsv32.engine.core import EngineCore, EngineError
+from dsv32.engine.metrics import RequestMetrics
 from dsv32.engine.outputs import OutputProcessor, RequestOutput
 from dsv32.engine.sampling_params import SamplingParams
 
@@ -77,6 +78,7 @@ class AsyncEngine:
         self._commands: queue.Queue = queue.Queue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._processor = OutputProcessor(tokenizer)
+        self.metrics = RequestMetrics(core.stats)
         self._ids = itertools.count()
         self._stopped = False
         self._error: BaseException | None = None
@@ -138,6 +140,10 @@ class AsyncEngine:
     def num_waiting(self) -> int:
         return len(self.core.scheduler.waiting)
 
+    def metrics_text(self) -> bytes:
+        """The Prometheus exposition of this engine's metrics (``dsv32.engine.metrics``)."""
+        return self.metrics.render()
+
     def shutdown(self) -> None:
         self._stopped = True
         self._commands.put(("stop",))
@@ -153,12 +159,14 @@ class AsyncEngine:
                     raise QueueFullError(f"the waiting queue is full ({self.max_waiting} requests)")
                 self.core.add_request(rid, prompt_ids, params)
                 self._processor.add(rid, params)
+                self.metrics.added(rid)
             except Exception as e:  # noqa: BLE001 - handed to the caller
                 error = e
             loop.call_soon_threadsafe(_resolve, accepted, error)
         elif cmd[0] == "abort":
             if self.core.abort(cmd[1]):
                 self._processor.remove(cmd[1])
+                self.metrics.aborted(cmd[1])
 
     def _emit(self, out: RequestOutput) -> None:
         stream = self._streams.get(out.request_id)
@@ -184,6 +192,7 @@ class AsyncEngine:
                     pass
                 if self.core.has_work():
                     for out in self._processor.process(self.core, self.core.step()):
+                        self.metrics.output(out)
                         self._emit(out)
         except BaseException as e:  # noqa: BLE001 - a crashed engine must not hang its clients
             self._error = e

@@ -261,4 +261,5 @@ class EngineCore:
             "total_blocks": self.pool.num_blocks,
             "cached_blocks": self.pool.num_cached,
             "prefix_cache_hit_rate": self.pool.hit_rate(),
+            "preemptions": self.scheduler.num_preemptions,
         }

@@ -39,6 +39,7 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        self.num_preemptions = 0  # since start
 
     # ---- queue ----------------------------------------------------------------------------
     def add(self, req: Request) -> None:
@@ -144,4 +145,5 @@ class Scheduler:
         self._release(req)
         req.status = Status.WAITING
         req.num_preemptions += 1
+        self.num_preemptions += 1
         self.waiting.appendleft(req)

@@ -45,5 +45,8 @@ class ScriptedEngine:
     def stats(self) -> dict:
         return {}
 
+    def metrics_text(self) -> bytes:
+        return b""
+
     def num_waiting(self) -> int:
         return 0

@@ -74,6 +74,8 @@ def test_api_keys_and_per_key_limit(default_model_dir, tokenizer):
             assert "sk-bad!" not in r.json()["error"]["message"]  # the key is masked
             assert httpx.post(srv.url + "/chat/completions", json=body).status_code == 401
             assert httpx.get(srv.url + "/health").status_code == 200  # open
+            metrics = httpx.get(srv.url + "/metrics")  # open too: Prometheus scrapes without a key
+            assert metrics.status_code == 200 and "dsv32:num_requests_running" in metrics.text
             ok = httpx.post(srv.url + "/chat/completions", json={**body, "max_tokens": 2},
                             headers={"x-api-key": "sk-other"})  # fmt: skip
             assert ok.status_code == 200
