@@ -65,7 +65,9 @@ def test_async_engine_records_tokens_latencies_cache_hits_and_aborts(model):
     assert after[("dsv32:request_success_total", (("finished_reason", "length"),))] == 2
     assert after[("dsv32:request_success_total", (("finished_reason", "abort"),))] == 1
     assert after[("dsv32:time_to_first_token_seconds_count", ())] == 3
-    assert after[("dsv32:inter_token_latency_seconds_count", ())] == 4 + 2 + (k - 1)  # tokens after each first
+    assert after[("dsv32:inter_token_latency_seconds_count", ())] == 4 + 2 + (
+        k - 1
+    )  # tokens after each first
     assert after[("dsv32:e2e_request_latency_seconds_count", ())] == 2  # finished ones
     assert after[("dsv32:request_prompt_tokens_sum", ())] == 34
     assert after[("dsv32:request_generation_tokens_sum", ())] == 8
@@ -75,7 +77,9 @@ def test_async_engine_records_tokens_latencies_cache_hits_and_aborts(model):
 
 
 def test_preemptions_are_counted(model):
-    core = EngineCore(model, EngineConfig(block_size=4, num_blocks=12, max_num_batched_tokens=32), eos_id=None)
+    core = EngineCore(
+        model, EngineConfig(block_size=4, num_blocks=12, max_num_batched_tokens=32), eos_id=None
+    )
     g = torch.Generator().manual_seed(1)
     reqs = {}
     for i, n in enumerate((10, 14, 6, 9)):  # up to 24 tokens each in 48 slots: preemption is forced
