@@ -4,6 +4,8 @@
     outs = llm.generate(["Hello"], dsv32.SamplingParams(max_tokens=16))
     outs = llm.generate(prompt_token_ids=[[0, 123, 456]], sampling_params=params)
     outs[0].text, outs[0].token_ids
+    outs = llm.chat([{"role": "user", "content": "Hi"}], params, thinking=True)
+    outs[0].message["reasoning_content"], outs[0].message["content"], outs[0].message["tool_calls"]
 
 All prompts go through the same engine (continuous batching, prefix cache) in one call.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -28,6 +31,8 @@ class CompletionOutput:
     logprobs: list[dict] | None = None
     finish_reason: str | None = None
     num_cached_tokens: int = 0
+    # ``LLM.chat`` only: the reply parsed as the API parses it (role, reasoning_content, content, tool_calls)
+    message: dict[str, Any] | None = None
 
 
 class LLM:
@@ -38,12 +43,17 @@ class LLM:
         device: str = "cpu",
         keep_fp8: bool = False,
         engine_config: EngineConfig | None = None,
+        chat_format: str | None = None,
     ):
+        """``chat_format`` ("v3.2", "v3.1", "v3") overrides the format ``chat`` renders in (default: the one
+        the checkpoint's config and chat template name)."""
+        from dsv32.chat.family import family_for_model_dir
         from dsv32.chat.tokenizer import load_tokenizer
         from dsv32.weights.default_model import model_dir_or_default
         from dsv32.weights.loader import load_model
 
         model_dir = model_dir_or_default(model)
+        self.chat_format = family_for_model_dir(model_dir, override=chat_format)
         self.model = load_model(model_dir, dtype=dtype, device=device, keep_fp8=keep_fp8, progress=False)
         self.tokenizer = load_tokenizer(model_dir)
         self.engine = EngineCore(self.model, engine_config, eos_id=self.tokenizer.eos_id)
@@ -89,3 +99,37 @@ class LLM:
             for i in range(n):
                 self.engine.abort(f"llm-{id(results)}-{i}")
         return results
+
+    def chat(
+        self,
+        messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
+        sampling_params: SamplingParams | list[SamplingParams] | None = None,
+        *,
+        tools: list[dict[str, Any]] | None = None,
+        thinking: bool = False,
+        chat_template_kwargs: dict[str, Any] | None = None,
+    ) -> list[CompletionOutput]:
+        """vLLM's ``LLM.chat``: one conversation (OpenAI-style messages) or a list of them, each rendered in the
+        model's chat format as the server renders it, generated together through ``generate``. Each output's
+        ``message`` is its reply parsed as the API parses it: ``reasoning_content`` (thinking mode), ``content``
+        and ``tool_calls`` (DSML calls of ``tools``, OpenAI-style). ``thinking`` may also come as vLLM's
+        ``chat_template_kwargs={"thinking": True}``. Bad messages or tools raise ``ChatFormatError``."""
+        from dsv32.chat import encode_prompt, parse_completion
+
+        kwargs = dict(chat_template_kwargs or {})
+        thinking = bool(kwargs.pop("thinking", thinking))
+        if kwargs:
+            raise ValueError(f"chat_template_kwargs: only 'thinking' is known, got {sorted(kwargs)}")
+        conversations = [messages] if not messages or isinstance(messages[0], dict) else messages
+        ids = [
+            encode_prompt(
+                conv, tools=tools, thinking=thinking, family=self.chat_format, tokenizer=self.tokenizer
+            )
+            for conv in conversations
+        ]
+        outputs = self.generate(prompt_token_ids=ids, sampling_params=sampling_params)
+        for out in outputs:
+            parsed = parse_completion(out.text, tools=tools, thinking=thinking, family=self.chat_format)
+            parsed.pop("problems", None)  # for a server's logs, not a reply
+            out.message = parsed
+        return outputs

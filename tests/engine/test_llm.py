@@ -49,3 +49,37 @@ def test_bad_calls_are_errors_and_leave_no_blocks(llm):
     with pytest.raises(ValueError, match="outside the vocabulary"):
         llm.generate(prompt_token_ids=[[1, 2], [10**9]], sampling_params=_greedy(2))
     llm.engine.pool.assert_no_leaks()
+
+
+def test_chat_renders_like_the_server_and_parses_the_reply(llm):
+    from dsv32.chat import ChatFormatError, encode_prompt
+    from dsv32.chat.tokens import THINK_START
+
+    convs = [[{"role": "user", "content": "Hi"}], [{"role": "system", "content": "Be brief."},
+                                                   {"role": "user", "content": "Why?"}]]  # fmt: skip
+    outs = llm.chat(convs, _greedy(6))
+    ids = [encode_prompt(c, family="v3.2", tokenizer=llm.tokenizer) for c in convs]
+    assert llm.chat_format == "v3.2" and [o.prompt_token_ids for o in outs] == ids
+    assert [o.token_ids for o in outs] == [
+        o.token_ids for o in llm.generate(prompt_token_ids=ids, sampling_params=_greedy(6))
+    ]
+    for o in outs:  # no thinking: the reply is content
+        assert o.message == {
+            "role": "assistant",
+            "reasoning_content": None,
+            "content": o.text,
+            "tool_calls": [],
+        }
+
+    one = llm.chat(convs[0], _greedy(6), thinking=True)  # one conversation: one output
+    assert len(one) == 1 and llm.tokenizer.decode(one[0].prompt_token_ids).endswith(THINK_START)
+    # a reply that never closes its thinking is all reasoning
+    assert one[0].message["reasoning_content"] == one[0].text and not one[0].message["content"]
+    same = llm.chat(convs[0], _greedy(6), chat_template_kwargs={"thinking": True})  # vLLM's spelling
+    assert same[0].token_ids == one[0].token_ids
+
+    with pytest.raises(ValueError, match="only 'thinking'"):
+        llm.chat(convs[0], _greedy(2), chat_template_kwargs={"enable_thinking": True})
+    with pytest.raises(ChatFormatError):
+        llm.chat([{"role": "wizard", "content": "x"}], _greedy(2))
+    llm.engine.pool.assert_no_leaks()
