@@ -243,6 +243,40 @@ def _engine_decode(core, rid: str, prompt: list[int], n: int) -> tuple[float, li
     return _now() - t0, toks
 
 
+def _record_decode_matmuls(core, prompt: list[int]) -> list:
+    """The packed matmuls of one batch-1 decode step of ``core``, each with its input (CPU; empty where the
+    weights are not packed)."""
+    from dsv32.model.layers import recording_packed_matmuls
+
+    _first_token(core, "record", prompt, 4)
+    with recording_packed_matmuls() as recorded:
+        core.step()
+    core.abort("record")
+    return list(recorded)
+
+
+def _replay_s(recorded: list) -> float:
+    """Seconds to run the recorded matmuls alone, back to back."""
+    t0 = _now()
+    for pm, x in recorded:
+        pm(x)
+    return _now() - t0
+
+
+def _step_breakdown(recorded: list, step_s: float, compiled_step_s: float | None, replay_s: float) -> dict:
+    """Where a batch-1 decode step's time goes: its packed matmuls alone, and the rest (every other op, the
+    Python around them, sampling)."""
+    nbytes = sum(pm.weight_bytes for pm, _ in recorded)
+    out = {"step_ms": 1000 * step_s, "packed_matmuls": len(recorded), "matmul_weight_bytes": nbytes,
+           "matmuls_alone_ms": 1000 * replay_s, "matmul_GB_s": nbytes / replay_s / 1e9,
+           "rest_ms": 1000 * (step_s - replay_s)}  # fmt: skip
+    if compiled_step_s is not None:
+        out.update(
+            compiled_step_ms=1000 * compiled_step_s, compiled_rest_ms=1000 * (compiled_step_s - replay_s)
+        )
+    return out
+
+
 def _decode_and_prefill(
     ours, hf, cfg, s: Settings, gen: torch.Generator, llama: _LlamaRun | None = None
 ) -> dict:
@@ -251,7 +285,7 @@ def _decode_and_prefill(
     need = s.prompt_tokens + s.decode_tokens + 2 + s.prefill_tokens + 2
     core = _engine(ours, need, 1, s.max_num_batched_tokens, s.cuda_graphs)
     t: dict[str, list[float]] = {
-        k: [] for k in ("hf_1", "hf_n", "eng_dec", "eng_dec_compiled", "hf_pre", "eng_pre")
+        k: [] for k in ("hf_1", "hf_n", "eng_dec", "eng_dec_compiled", "replay", "hf_pre", "eng_pre")
     }
     toks: dict[str, list[int]] = {}
     compiled, compile_s = None, None
@@ -270,6 +304,9 @@ def _decode_and_prefill(
         _hf_generate(hf, long, 1)
         _first_token(core, "warmup-prefill", long, 1)
         _drain(core)
+    recorded = []  # one decode step's packed matmuls, replayed alone in each round
+    if "decode" in parts and torch.device(s.device).type == "cpu":
+        recorded = _record_decode_matmuls(core, prompt)
     waits: list[float] = []
     for r in range(s.repeats):
         _settle(s, waits)
@@ -284,6 +321,8 @@ def _decode_and_prefill(
             if compiled is not None:
                 dt, toks["compiled"] = _engine_decode(compiled, f"cdec{r}", prompt, s.decode_tokens)
                 t["eng_dec_compiled"].append(dt)
+            if recorded:
+                t["replay"].append(min(_replay_s(recorded) for _ in range(3)))
             if llama is not None:  # in the same window as the engine's (bandwidth drifts between parts)
                 llama.measure("decode", 0, s.decode_tokens, s.prompt_tokens)
         if "prefill" in parts:
@@ -332,6 +371,11 @@ def _decode_and_prefill(
                 "engine_start_s": compile_s, "same_greedy_tokens": toks.get("compiled") == toks.get("hf"),
             }  # fmt: skip
             compiled.pool.assert_no_leaks()
+        if recorded:
+            cstep = min(t["eng_dec_compiled"]) / n if compiled is not None else None
+            out["decode"]["step_breakdown"] = _step_breakdown(
+                recorded, min(t["eng_dec"]) / n, cstep, min(t["replay"])
+            )
     if "prefill" in parts:
         p = s.prefill_tokens
         out["prefill"] = {
@@ -902,7 +946,25 @@ def _reference_lines(r: dict) -> list[str]:
             out.append(
                 f"- The engine's batch-1 decode streams weights at {r['decode']['engine_weight_GB_s']:.1f} GB/s."
             )
+    if "step_breakdown" in r.get("decode", {}):
+        out.append(_breakdown_line(r))
     return out if len(out) > 2 else []
+
+
+def _breakdown_line(r: dict) -> str:
+    sb = r["decode"]["step_breakdown"]
+    line = (
+        f"- Where a batch-1 decode step's time goes: {sb['step_ms']:.1f} ms = its {sb['packed_matmuls']} packed "
+        f"matmuls replayed alone, {sb['matmuls_alone_ms']:.1f} ms ({sb['matmul_weight_bytes'] / 2**20:.0f} MiB at "
+        f"{sb['matmul_GB_s']:.1f} GB/s), + the rest of the step, {sb['rest_ms']:.1f} ms (the other ops, the Python "
+        "around them, sampling)"
+    )
+    if "compiled_step_ms" in sb:
+        line += f"; the compiled step: {sb['compiled_step_ms']:.1f} ms, of which the rest {sb['compiled_rest_ms']:.1f} ms"
+    lc = (r.get("llama_cpp") or {}).get("decode")
+    if lc:
+        line += f"; llama.cpp's whole step in this run: {1000 / lc['tok_s']:.1f} ms"
+    return line + "."
 
 
 def _timing_lines(r: dict) -> list[str]:

@@ -76,10 +76,29 @@ class PackedMatmul:
         return self.fresh()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if _RECORDED is not None:
+            _RECORDED.append((self, x.detach().clone()))
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, None, "none", [], "")
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(lin.weight.numel() * lin.weight.element_size() for lin, _, _ in self.sources)
 
 
 _FROZEN_WEIGHTS = False
+_RECORDED: list[tuple[PackedMatmul, torch.Tensor]] | None = None
+
+
+@contextlib.contextmanager
+def recording_packed_matmuls() -> Iterator[list[tuple[PackedMatmul, torch.Tensor]]]:
+    """Inside: each packed matmul that runs appends (itself, a copy of its input) to the yielded list, so a
+    benchmark can replay a step's matmuls alone (``pm(x)`` for each) and tell them from the rest of the step."""
+    global _RECORDED
+    before, _RECORDED = _RECORDED, []
+    try:
+        yield _RECORDED
+    finally:
+        _RECORDED = before
 
 
 @contextlib.contextmanager

@@ -26,6 +26,11 @@ def test_bench_engine_quick_writes_results(tmp_path):
     assert set(data["settings"]["parts"]) == set(PARTS)
     assert {"engine_tok_s", "hf_tok_s", "ratio", "same_greedy_tokens"} <= set(data["decode"])
     assert data["decode"]["same_greedy_tokens"] is True  # fp32 greedy: engine and HF agree
+    # the step's packed matmuls, replayed alone: lm_head and more, never more than the step's weights
+    sb, b = data["decode"]["step_breakdown"], data["bandwidth"]
+    assert b["lm_head_bytes"] < sb["matmul_weight_bytes"] <= b["batch1_weight_bytes"]
+    assert sb["packed_matmuls"] > 1 and sb["rest_ms"] == pytest.approx(sb["step_ms"] - sb["matmuls_alone_ms"])
+    assert "Where a batch-1 decode step's time goes" in md
     assert {"engine_ttft_s", "hf_ttft_s", "ratio"} <= set(data["prefill"])
     assert [x["concurrency"] for x in data["concurrency"]["rows"]] == [1, 4, 16]
     assert all("ratio_to_hf_batch1" in x for x in data["concurrency"]["rows"])

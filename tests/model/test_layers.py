@@ -120,3 +120,21 @@ def test_a_plain_torch_compile_of_a_packed_model_runs_the_plain_matmuls():
         want = model(ids)
         got = torch.compile(model)(ids)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_recorded_packed_matmuls_replay_to_the_same_outputs():
+    from dsv32.model.layers import recording_packed_matmuls
+
+    mlp = MLP(80, 48)
+    randomize_(mlp, seed=4)
+    x = torch.randn(2, 80, generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        assert mlp.prepack(None) and mlp.down_proj.prepack()
+        plain = mlp(x)
+        with recording_packed_matmuls() as rec:
+            assert torch.equal(mlp(x), plain)
+        mlp(x)  # outside: not recorded
+        assert len(rec) == 2  # gate+up (fused), down
+        assert torch.equal(rec[0][1], x) and rec[0][0].weight_bytes == 2 * 48 * 80 * 4
+        gate, up = rec[0][0](rec[0][1]).split([48, 48], dim=-1)
+        assert torch.equal(rec[1][0](torch.nn.functional.silu(gate) * up), plain)
