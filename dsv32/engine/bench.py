@@ -800,11 +800,8 @@ def bench_engine(config: dict, out_dir: Path, settings: Settings | None = None) 
                 with _part(result, "concurrency", s):
                     hf_dec = result.get("hf_batch1_decode_tok_s")
                     result["concurrency"] = _concurrency(ours, cfg, s, gen, hf_dec, llama)
-            if llama is not None and llama.error is not None:  # it failed in a round: not run again
-                result["llama_cpp"] = {"error": llama.error}
-            elif llama is not None:
-                result["llama_cpp"] = _llama_cpp(llama, s)
-            if llama is not None:
+            if llama is not None:  # a failure in a round stopped it there: its reason is the result
+                result["llama_cpp"] = {"error": llama.error} if llama.error else _llama_cpp(llama, s)
                 llama.gguf.unlink(missing_ok=True)  # the size of the weights again: not kept
             if "prefix" in s.parts:
                 print(f"TTFT of a {s.ttft_prompt_tokens}-token prompt, cold and cached ...", flush=True)
