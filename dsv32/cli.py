@@ -179,7 +179,20 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         help="CPU: compile the single-request decode step with torch.compile at start (up to ~2 min; "
         "needs a C++ compiler; ~10%% faster batch-1 decode)",
     )  # fmt: skip
+    p.add_argument(
+        "--speculative-config", metavar="JSON", type=_speculative_config,
+        help='speculative decoding with the MTP layer, as in vLLM: \'{"method": "mtp", "num_speculative_tokens": 1}\'',
+    )  # fmt: skip
     p.set_defaults(func=_serve)
+
+
+def _speculative_config(text: str) -> int:
+    from dsv32.engine.speculative import num_speculative_tokens
+
+    try:
+        return num_speculative_tokens(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -193,6 +206,7 @@ def _serve(args: argparse.Namespace) -> int:
             max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
             max_waiting=args.max_waiting, max_concurrent_per_key=args.max_concurrent_per_key,
             chat_format=args.chat_format, cuda_graphs=not args.enforce_eager, compile_cpu_decode=args.compile,
+            num_speculative_tokens=args.speculative_config or 0,
         )
     )  # fmt: skip
     return 0

@@ -33,6 +33,7 @@ class ServeOptions:
     chat_format: str | None = None  # override the family picked from config.json
     cuda_graphs: bool = True  # GPU: decode steps replayed from CUDA graphs (``--enforce-eager``: off)
     compile_cpu_decode: bool = False  # CPU: single-request decode steps compiled at start (``--compile``)
+    num_speculative_tokens: int = 0  # MTP drafts per step (``--speculative-config``)
     keepalive_s: float = 5.0
 
 
@@ -51,6 +52,7 @@ def build_context(opts: ServeOptions) -> ServingContext:
         cache_memory_gb=opts.cache_memory_gb, max_num_seqs=opts.max_num_seqs,
         max_num_batched_tokens=opts.max_num_batched_tokens, max_model_len=opts.max_model_len,
         cuda_graphs=opts.cuda_graphs, compile_cpu_decode=opts.compile_cpu_decode,
+        num_speculative_tokens=opts.num_speculative_tokens,
     )  # fmt: skip
     core = EngineCore(model, config, eos_id=tokenizer.eos_id)
     engine = AsyncEngine(core, tokenizer, max_waiting=opts.max_waiting)

@@ -3,6 +3,9 @@
 One ``step()``: the scheduler picks this step's chunks, the runner computes them against the paged
 cache, the sampler draws one token for every request whose known tokens are now all in the cache, and
 finished requests (EOS, stop token, stop string, max_tokens, context full, abort) release their blocks.
+With speculative decoding (``num_speculative_tokens``) a decode also computes the draft token that the
+model's MTP layer proposed last step; when the token sampled before it equals the draft, the draft's row is
+sampled too, so a step yields one or two tokens per request, the same tokens as without drafts.
 Constrained requests (``SamplingParams.guided``) get their grammar's token mask applied to their logits rows
 before the sampler and their matcher advanced after it; a step without one skips all of that.
 Knows nothing of threads or HTTP: ``AsyncEngine`` and ``LLM`` drive it.
@@ -14,6 +17,8 @@ import itertools
 import logging
 from dataclasses import dataclass, field
 
+import torch
+
 from dsv32.engine.block_pool import BlockPool
 from dsv32.engine.compiled_decode import CompiledDecode
 from dsv32.engine.cuda_graphs import DecodeGraphs, GraphCaptureError
@@ -23,7 +28,7 @@ from dsv32.engine.request import Request
 from dsv32.engine.runner import ModelRunner
 from dsv32.engine.sampler import Sampler, SamplingState
 from dsv32.engine.sampling_params import SamplingParams
-from dsv32.engine.scheduler import Scheduler
+from dsv32.engine.scheduler import ScheduledChunk, Scheduler
 from dsv32.model.moe import MoE, grouped_matmul_available
 from dsv32.model.transformer import DeepseekForCausalLM
 
@@ -49,6 +54,9 @@ class EngineConfig:
     # CPU: run single-request decode steps as one torch.compile'd step (``compiled_decode``), compiled when
     # the engine starts (~107 s on bench-small's 32K context; needs a C++ compiler)
     compile_cpu_decode: bool = False
+    # speculative decoding: draft tokens per step from the model's MTP layer (0: off; 1: the one MTP layer's
+    # draft). Drafted steps run eagerly (no CUDA graphs or compiled step).
+    num_speculative_tokens: int = 0
 
 
 @dataclass
@@ -88,7 +96,12 @@ class EngineCore:
             )
         self.max_model_len = cfg.max_model_len or mcfg.max_position_embeddings
         self.eos_id = eos_id if eos_id is not None else mcfg.eos_token_id
-        n_layers = mcfg.num_hidden_layers
+        self.num_speculative_tokens = k = cfg.num_speculative_tokens
+        if k not in (0, 1):
+            raise EngineError(f"num_speculative_tokens must be 0 or 1 (one MTP layer drafts), got {k}")
+        if k and not model.mtp_layers:
+            raise EngineError("speculative decoding needs the checkpoint's MTP layer; this model has none")
+        n_layers = mcfg.num_hidden_layers + (1 if k else 0)  # the MTP layer keeps a cache of its own
         num_blocks = cfg.num_blocks
         if num_blocks is None:
             per_token = PagedKVCache.bytes_per_token(mcfg, n_layers, model.dtype)
@@ -97,11 +110,15 @@ class EngineCore:
         self.cache = PagedKVCache(mcfg, num_blocks, cfg.block_size, n_layers, model.dtype, model.device)
         self.scheduler = Scheduler(self.pool, cfg.max_num_seqs, cfg.max_num_batched_tokens)
         self.runner = ModelRunner(model, self.cache)
+        self.runner.keep_hidden = bool(k)
+        self.num_draft_tokens = self.num_accepted_tokens = 0  # since start
         if cfg.prepack_weights:
             model.prepack_cpu_weights()
-        if cfg.cuda_graphs and model.device.type == "cuda":
+        if k and (cfg.compile_cpu_decode or cfg.cuda_graphs and model.device.type == "cuda"):
+            log.warning("speculative decoding: steps run eagerly (no CUDA graphs, no compiled decode step)")
+        elif cfg.cuda_graphs and model.device.type == "cuda":
             self.runner.graphs = self._decode_graphs()
-        if cfg.compile_cpu_decode:
+        if cfg.compile_cpu_decode and not k:
             compiled = self._compiled_decode()  # None off the CPU: CUDA graphs (or eager steps) stay
             if compiled is not None:
                 self.runner.graphs = compiled
@@ -213,20 +230,67 @@ class EngineCore:
             return []
         logits = self.runner.execute(chunks)
         sampling = [c for c in chunks if c.samples]
-        lives = [self.live[c.request.request_id] for c in sampling]
+        first_row = list(itertools.accumulate((1 + len(c.draft) for c in sampling), initial=0))
+        tokens: list[list[int]] = [[] for _ in sampling]
+        logprobs: list[list[dict]] = [[] for _ in sampling]
+        reasons: list[str | None] = [None] * len(sampling)
+        # Depth 0 samples every chunk's next token from the row of its last known token. A chunk whose
+        # sampled token equals its draft token at that depth goes on to the next row, whose logits saw
+        # the draft: the sampled tokens, and each request's draws from its generator, are exactly those
+        # of decoding one token at a time.
+        active, depth = list(range(len(sampling))), 0
+        while active:
+            lives = [self.live[sampling[k].request.request_id] for k in active]
+            rows = [first_row[k] + depth for k in active]
+            sampled = self._sample(logits if len(rows) == len(logits) else logits[rows], lives)
+            going = []
+            for k, lv, (tok, lp) in zip(active, lives, sampled, strict=True):
+                c, req = sampling[k], lv.request
+                req.output_ids.append(tok)
+                lv.state.output_ids.append(tok)
+                tokens[k].append(tok)
+                if lp is not None:
+                    logprobs[k].append(lp)
+                if tok in lv.stop_ids or (lv.guided is not None and lv.guided.advance(tok)):
+                    reasons[k] = "stop"  # EOS / a stop token, or the constrained output is complete
+                elif len(req.output_ids) >= req.max_tokens:
+                    reasons[k] = "length"
+                elif depth < len(c.draft) and tok == c.draft[depth]:
+                    c.num_accepted += 1
+                    going.append(k)
+            active, depth = going, depth + 1
+        self.num_draft_tokens += sum(len(c.draft) for c in sampling)
+        self.num_accepted_tokens += sum(c.num_accepted for c in sampling)
+        self.scheduler.after_step(chunks)
+        if self.num_speculative_tokens:
+            self._propose(chunks, [c for c, r in zip(sampling, reasons, strict=True) if r is None])
+        results = []
+        for c, toks, lps, reason in zip(sampling, tokens, logprobs, reasons, strict=True):
+            req = c.request
+            results.append(
+                TokenOutput(
+                    req.request_id, toks, lps if self.live[req.request_id].params.logprobs else None,
+                    reason is not None, reason, len(req.prompt_ids), len(req.output_ids),
+                    req.num_cached_prompt or 0,
+                )
+            )  # fmt: skip
+        for r in results:
+            if r.finished:
+                self.finish(r.request_id, r.finish_reason)
+        return results
+
+    def _sample(self, logits: torch.Tensor, lives: list[_Live]) -> list[tuple[int, dict | None]]:
+        """One token per row of ``logits`` [len(lives), V] (grammar masks applied first), with its logprobs
+        entry where the request asked for logprobs."""
         guided = [
             (i, lv.guided) for i, lv in enumerate(lives) if lv.guided is not None and lv.guided.needs_mask
         ]
         if guided:
             self._masker.apply(logits, [i for i, _ in guided], [g for _, g in guided])
-        out = self.sampler(logits, [lv.state for lv in lives]) if lives else None
-        results: list[TokenOutput] = []
-        token_ids = out.token_ids.tolist() if lives else []  # one copy from the device, not one per row
+        out = self.sampler(logits, [lv.state for lv in lives])
+        token_ids = out.token_ids.tolist()  # one copy from the device, not one per row
+        result = []
         for i, lv in enumerate(lives):
-            tok = token_ids[i]
-            req = lv.request
-            req.output_ids.append(tok)
-            lv.state.output_ids.append(tok)
             lp = None
             if lv.params.logprobs and out.logprobs is not None:
                 k = lv.params.top_logprobs
@@ -235,23 +299,21 @@ class EngineCore:
                     top = list(
                         zip(out.top_ids[i, :k].tolist(), out.top_logprobs[i, :k].tolist(), strict=True)
                     )
-                lp = [{"logprob": float(out.logprobs[i]), "top": top}]
-            reason = None
-            if tok in lv.stop_ids or (lv.guided is not None and lv.guided.advance(tok)):
-                reason = "stop"  # EOS / a stop token, or the constrained output is complete
-            elif len(req.output_ids) >= req.max_tokens:
-                reason = "length"
-            results.append(
-                TokenOutput(
-                    req.request_id, [tok], lp, reason is not None, reason, len(req.prompt_ids),
-                    len(req.output_ids), req.num_cached_prompt or 0,
-                )
-            )  # fmt: skip
-        self.scheduler.after_step(chunks)
-        for r in results:
-            if r.finished:
-                self.finish(r.request_id, r.finish_reason)
-        return results
+                lp = {"logprob": float(out.logprobs[i]), "top": top}
+            result.append((token_ids[i], lp))
+        return result
+
+    def _propose(self, chunks: list[ScheduledChunk], going_on: list[ScheduledChunk]) -> None:
+        """Speculative decoding: the MTP pass over this step, and the next step's draft for each request in
+        ``going_on`` that has room for two more tokens (a draft and the token after it)."""
+        drafting = []
+        for c in going_on:
+            req = c.request
+            req.draft_ids = []
+            if len(req.output_ids) + 2 <= req.max_tokens:
+                drafting.append(c)
+        for c, tok in zip(drafting, self.runner.draft(chunks, drafting), strict=True):
+            c.request.draft_ids = [tok]
 
     def stats(self) -> dict:
         return {
@@ -262,4 +324,6 @@ class EngineCore:
             "cached_blocks": self.pool.num_cached,
             "prefix_cache_hit_rate": self.pool.hit_rate(),
             "preemptions": self.scheduler.num_preemptions,
+            "spec_draft_tokens": self.num_draft_tokens,
+            "spec_accepted_tokens": self.num_accepted_tokens,
         }

@@ -71,7 +71,7 @@ class DecodeGraphs:
     def fits(self, chunks: list[ScheduledChunk]) -> bool:
         return (
             0 < len(chunks) <= self.row_buckets[-1]
-            and all(c.num_tokens == 1 for c in chunks)
+            and all(c.num_rows == 1 for c in chunks)  # no prefill chunks, no drafts
             and max(c.start for c in chunks) < self.max_slots
         )
 

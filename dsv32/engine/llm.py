@@ -12,7 +12,7 @@ All prompts go through the same engine (continuous batching, prefix cache) in on
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ import torch
 from dsv32.engine.core import EngineConfig, EngineCore
 from dsv32.engine.outputs import OutputProcessor
 from dsv32.engine.sampling_params import SamplingParams
+from dsv32.engine.speculative import num_speculative_tokens
 
 
 @dataclass
@@ -44,14 +45,21 @@ class LLM:
         keep_fp8: bool = False,
         engine_config: EngineConfig | None = None,
         chat_format: str | None = None,
+        speculative_config: dict | str | None = None,
     ):
         """``chat_format`` ("v3.2", "v3.1", "v3") overrides the format ``chat`` renders in (default: the one
-        the checkpoint's config and chat template name)."""
+        the checkpoint's config and chat template name). ``speculative_config`` (vLLM's spelling,
+        ``{"method": "mtp", "num_speculative_tokens": 1}``) turns on speculative decoding with the MTP layer."""
         from dsv32.chat.family import family_for_model_dir
         from dsv32.chat.tokenizer import load_tokenizer
         from dsv32.weights.default_model import model_dir_or_default
         from dsv32.weights.loader import load_model
 
+        if speculative_config is not None:  # checked before the weights load
+            engine_config = replace(
+                engine_config or EngineConfig(),
+                num_speculative_tokens=num_speculative_tokens(speculative_config),
+            )
         model_dir = model_dir_or_default(model)
         self.chat_format = family_for_model_dir(model_dir, override=chat_format)
         self.model = load_model(model_dir, dtype=dtype, device=device, keep_fp8=keep_fp8, progress=False)

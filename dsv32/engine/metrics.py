@@ -2,7 +2,7 @@
 
 Two sources:
 * the engine's state, read when scraped (``EngineCore.stats()``): requests running and waiting, KV cache
-  usage, preemptions;
+  usage, preemptions, speculative draft tokens verified and accepted;
 * each request's life, recorded by ``AsyncEngine``'s thread (``RequestMetrics``): arrival, every output,
   the end. From them: prompt / generated / prefix-cached token counters, finished requests by reason, and
   histograms of time to first token, time between tokens, end-to-end latency and request sizes.
@@ -53,6 +53,13 @@ class _EngineState(Collector):
         yield CounterMetricFamily(
             "dsv32:num_preemptions", "Requests preempted (blocks freed, recomputed later).", s["preemptions"]
         )
+        yield CounterMetricFamily(
+            "dsv32:spec_decode_num_draft_tokens", "Speculative draft tokens verified.", s["spec_draft_tokens"]
+        )
+        yield CounterMetricFamily(
+            "dsv32:spec_decode_num_accepted_tokens", "Speculative draft tokens accepted.",
+            s["spec_accepted_tokens"],
+        )  # fmt: skip
 
 
 @dataclass

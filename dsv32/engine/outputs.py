@@ -61,24 +61,33 @@ class OutputProcessor:
             st = self.states.get(o.request_id)
             if st is None:
                 continue
-            delta = st.detok.add(o.new_token_ids)
             finished, reason = o.finished, o.finish_reason
-            if finished:
-                delta += st.detok.flush()
-            if st.stop is not None:
-                delta, matched = st.stop.feed(delta)
-                if matched:
-                    if not finished:
-                        core.finish(o.request_id, "stop")
-                    finished, reason = True, "stop"
-                elif finished:
-                    delta += st.stop.flush()
-            usage = Usage(o.prompt_tokens, o.completion_tokens, o.cached_tokens)
+            ids, logprobs, completion = o.new_token_ids, o.logprobs, o.completion_tokens
+            if st.stop is None:
+                delta = st.detok.add(ids) + (st.detok.flush() if finished else "")
+            else:
+                # token by token: a step may bring two tokens (speculative decoding), and a stop string the
+                # first one completes ends the output there, as it would without the second
+                delta = ""
+                for j in range(len(ids)):
+                    last = j == len(ids) - 1
+                    text, matched = st.stop.feed(
+                        st.detok.add(ids[j : j + 1]) + (st.detok.flush() if finished and last else "")
+                    )
+                    delta += text
+                    if matched:
+                        if not (finished and last):
+                            core.finish(o.request_id, "stop")
+                        finished, reason = True, "stop"
+                        completion -= len(ids) - j - 1
+                        ids, logprobs = ids[: j + 1], None if logprobs is None else logprobs[: j + 1]
+                        break
+                    if finished and last:
+                        delta += st.stop.flush()
+            usage = Usage(o.prompt_tokens, completion, o.cached_tokens)
             stop_str = st.stop.matched if st.stop is not None else None
             results.append(
-                RequestOutput(
-                    o.request_id, o.new_token_ids, delta, o.logprobs, finished, reason, usage, stop_str
-                )
+                RequestOutput(o.request_id, ids, delta, logprobs, finished, reason, usage, stop_str)
             )
             if finished:
                 del self.states[o.request_id]

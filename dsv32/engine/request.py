@@ -33,6 +33,7 @@ class Request:
     num_computed: int = 0  # tokens whose latent entries are in the cache
     num_cached_prompt: int | None = None  # prompt tokens served by the prefix cache (first schedule)
     num_preemptions: int = 0
+    draft_ids: list[int] = field(default_factory=list)  # speculative tokens proposed for the next step
     finish_reason: str | None = None
 
     @property

@@ -1,13 +1,16 @@
 """Runs one scheduled step — decodes and prefill chunks of many requests — through the model.
 
 All tokens of the step are flattened into one row [1, N] for the per-token work (projections, MoE,
-norms); the single-token chunks (decodes) come first, then the prefill chunks. Attention runs against
-the paged cache after the step's new latent entries are written to their slots:
-* the single-token chunks (decodes) together, in the absorbed form, in groups of similar context length
-  (so padding stays small): each row's visible slots padded to the group's longest, the DSA indexer's
-  top-k per row once a context exceeds ``index_topk``, and only the selected latent entries gathered;
+norms); the decode rows come first (each single-token chunk's token and, with speculative decoding, its
+draft tokens: one row per position), then the prefill chunks. Attention runs against the paged cache after
+the step's new latent entries are written to their slots:
+* the decode rows together, in the absorbed form, in groups of similar context length (so padding stays
+  small): each row's visible slots (those up to its own position) padded to the group's longest, the DSA
+  indexer's top-k per row once a context exceeds ``index_topk``, and only the selected latent entries
+  gathered;
 * each prefill chunk on its own through the model's MLA core (``MLA.attend``: the cheaper form, DSA
   selection inside) over the entries it can see, gathered through its block table.
+``draft`` then runs the MTP layer over the same rows (speculative decoding).
 """
 
 from __future__ import annotations
@@ -34,6 +37,15 @@ class _Segment:
     q_pos: torch.Tensor  # [n] absolute positions
     first_pos: int  # q_pos[0] (the positions are consecutive)
     slots: torch.Tensor  # [S] cache slots of every visible token (0 .. start + n - 1)
+
+
+@dataclass
+class _Row:
+    """One position of a decode chunk (its known token, or a draft token after it)."""
+
+    chunk: ScheduledChunk
+    pos: int
+    token: int
 
 
 @dataclass
@@ -103,6 +115,8 @@ class ModelRunner:
         self.block_size = cache.block_size
         self.device = model.device
         self.graphs: DecodeGraphs | None = None  # decode-only steps as fixed-shape (CUDA-graph) steps
+        self.keep_hidden = False  # speculative decoding: keep the step's hidden states for ``draft``
+        self._last: tuple[PagedContext, torch.Tensor, dict[int, list[int]]] | None = None
 
     def _slots(self, block_table: list[int], start: int, end: int) -> torch.Tensor:
         pos = torch.arange(start, end)
@@ -110,58 +124,70 @@ class ModelRunner:
         return (table[pos // self.block_size] * self.block_size + pos % self.block_size).to(self.device)
 
     @staticmethod
-    def _decode_groups(singles: list[ScheduledChunk]) -> list[list[ScheduledChunk]]:
-        """Single-token chunks by ascending context, cut into groups of similar length (``DECODE_GROUP_SLOTS``)."""
-        groups: list[list[ScheduledChunk]] = []
-        for c in sorted(singles, key=lambda c: c.start):
-            n = c.start + 1
+    def _decode_groups(rows: list[_Row]) -> list[list[_Row]]:
+        """Decode rows by ascending context, cut into groups of similar length (``DECODE_GROUP_SLOTS``)."""
+        groups: list[list[_Row]] = []
+        for r in sorted(rows, key=lambda r: r.pos):
+            n = r.pos + 1
             g = groups[-1] if groups else None
-            if g and n <= max(2 * (g[0].start + 1), SHORT_CONTEXT) and n * (len(g) + 1) <= DECODE_GROUP_SLOTS:
-                g.append(c)
+            if g and n <= max(2 * (g[0].pos + 1), SHORT_CONTEXT) and n * (len(g) + 1) <= DECODE_GROUP_SLOTS:
+                g.append(r)
             else:
-                groups.append([c])
+                groups.append([r])
         return groups
 
-    def _decodes(self, chunks: list[ScheduledChunk], first_row: int) -> tuple[_Decodes, torch.Tensor]:
-        """Padded slot matrix of one group of single-token chunks, and the slots their new entries go to."""
+    def _decodes(self, rows: list[_Row], first_row: int) -> tuple[_Decodes, torch.Tensor]:
+        """Padded slot matrix of one group of decode rows, and the slots their new entries go to."""
         bs = self.block_size
-        lens = [c.start + 1 for c in chunks]
+        lens = [r.pos + 1 for r in rows]
         n_blocks = -(-max(lens) // bs)
-        tables = [c.request.block_table[:n_blocks] for c in chunks]
+        tables = [r.chunk.request.block_table[:n_blocks] for r in rows]
         table = torch.tensor([t + [0] * (n_blocks - len(t)) for t in tables], dtype=torch.long)
         pos = torch.arange(n_blocks * bs)
         slots = (table[:, pos // bs] * bs + pos % bs)[:, : max(lens)]  # [R, S]
         lens_t = torch.tensor(lens)
         visible = pos[None, : max(lens)] < lens_t[:, None]
-        new = slots[torch.arange(len(chunks)), lens_t - 1]
-        rows = slice(first_row, first_row + len(chunks))
-        return _Decodes(rows, slots.to(self.device), visible.to(self.device)), new.to(self.device)
+        new = slots[torch.arange(len(rows)), lens_t - 1]
+        span = slice(first_row, first_row + len(rows))
+        return _Decodes(span, slots.to(self.device), visible.to(self.device)), new.to(self.device)
 
     @torch.inference_mode()
     def execute(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
-        """Run the step; returns fp32 logits [n_sampling_chunks, vocab], one row per chunk that samples
-        (in the order of ``chunks``)."""
+        """Run the step; returns fp32 logits [n_sampling_rows, vocab]: for each chunk that samples (in the
+        order of ``chunks``) the row of its last known token, then one row per draft token.
+
+        With ``keep_hidden`` the step's final hidden states stay for ``draft`` (the MTP pass)."""
         if self.graphs is not None and self.graphs.fits(chunks):
             try:
                 return self.graphs.execute(chunks)
             except GraphCaptureError as e:
                 log.warning("%s; decode steps stay eager", e)
                 self.graphs = None
-        multi = [c for c in chunks if c.num_tokens > 1]
         ids, positions, new_slots, segments, decodes = [], [], [], [], []
-        row_of: dict[int, int] = {}  # id(chunk) -> its last row in the flattened step
+        rows_of: dict[int, list[int]] = {
+            id(c): [0] * c.num_rows for c in chunks
+        }  # flattened row per position
         offset = 0
-        for group in self._decode_groups([c for c in chunks if c.num_tokens == 1]):
+        # decodes: one known token, maybe drafts after it; each position is a row of its own
+        singles = [
+            _Row(c, c.start + j, c.request.token_at(c.start) if j == 0 else c.draft[j - 1])
+            for c in chunks
+            if c.num_tokens == 1
+            for j in range(c.num_rows)
+        ]
+        for group in self._decode_groups(singles):
             dec, new = self._decodes(group, offset)
             decodes.append(dec)
             new_slots.append(new)
-            for c in group:
-                ids.append(c.request.token_at(c.start))
-                row_of[id(c)] = offset
+            for r in group:
+                ids.append(r.token)
+                rows_of[id(r.chunk)][r.pos - r.chunk.start] = offset
                 offset += 1
-            positions.append(torch.tensor([c.start for c in group], device=self.device))
-        for c in multi:
-            req, end = c.request, c.start + c.num_tokens
+            positions.append(torch.tensor([r.pos for r in group], device=self.device))
+        for c in chunks:
+            if c.num_tokens == 1:
+                continue
+            req, end = c.request, c.start + c.num_tokens  # prefill chunks carry no drafts
             ids.extend(req.token_ids(c.start, end))
             positions.append(torch.arange(c.start, end, device=self.device))
             new_slots.append(self._slots(req.block_table, c.start, end))
@@ -173,14 +199,42 @@ class ModelRunner:
                     self._slots(req.block_table, 0, end),
                 )  # fmt: skip
             )
+            rows_of[id(c)] = list(range(offset, offset + c.num_tokens))
             offset += c.num_tokens
-            row_of[id(c)] = offset - 1
         q_pos = torch.cat(positions)
         cos, sin = self.model.rotary(q_pos, self.model.dtype)
         ctx = PagedContext(self.cache, decodes, segments, torch.cat(new_slots), cos, sin)
         input_ids = torch.tensor([ids], device=self.device)
         hidden = self.model.forward_layers(self.model.model.embed_tokens(input_ids), ctx)
+        if self.keep_hidden:
+            self._last = (ctx, hidden, rows_of)
         rows = torch.tensor(
-            [row_of[id(c)] for c in chunks if c.samples], device=self.device, dtype=torch.long
+            [r for c in chunks if c.samples for r in rows_of[id(c)][c.num_tokens - 1 :]],
+            device=self.device,
+            dtype=torch.long,
         )
         return self.model.lm_head(hidden[0, rows]).float()
+
+    @torch.inference_mode()
+    def draft(self, chunks: list[ScheduledChunk], drafting: list[ScheduledChunk]) -> list[int]:
+        """The MTP pass over the step ``execute`` just ran (``keep_hidden``), after its tokens were sampled.
+
+        The MTP layer reads each row's hidden state h_i with the token at i+1 (a placeholder where that is
+        not known: a rejected draft's row, rewritten next step) and writes its own cache entry at every
+        row, so later drafts attend over the whole context. Returns the greedy draft of the token after
+        next for each of ``drafting``, from the row of its request's last computed position."""
+        ctx, hidden, rows_of = self._last
+        self._last = None
+        next_ids = [0] * hidden.shape[1]
+        for c in chunks:
+            req = c.request
+            for j, row in enumerate(rows_of[id(c)]):
+                if c.start + j + 1 < req.num_tokens:
+                    next_ids[row] = req.token_at(c.start + j + 1)
+        mtp = self.model.mtp_layers[0]
+        h = mtp.draft_hidden(hidden, torch.tensor([next_ids], device=self.device), ctx)
+        if not drafting:
+            return []
+        rows = [rows_of[id(c)][c.request.num_computed - 1 - c.start] for c in drafting]
+        logits = mtp.shared_head.head(h[0, torch.tensor(rows, device=self.device)])
+        return logits.argmax(-1).tolist()

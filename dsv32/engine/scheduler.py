@@ -11,7 +11,7 @@ A waiting request that does not fit blocks the ones behind it, so none starves.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from dsv32.engine.block_pool import BlockPool
 from dsv32.engine.request import Request, Status
@@ -21,12 +21,21 @@ from dsv32.engine.request import Request, Status
 class ScheduledChunk:
     request: Request
     start: int  # first position computed this step (== request.num_computed)
-    num_tokens: int
+    num_tokens: int  # known tokens computed this step
+    # speculative decoding: draft tokens after the known ones, computed in the same step and verified by
+    # sampling (the engine sets ``num_accepted`` before ``after_step``)
+    draft: list[int] = field(default_factory=list)
+    num_accepted: int = 0
 
     @property
     def samples(self) -> bool:
         """Whether this chunk reaches the end of the known tokens, so the step samples a token."""
         return self.start + self.num_tokens == self.request.num_tokens
+
+    @property
+    def num_rows(self) -> int:
+        """Positions computed this step: the known tokens and the drafts."""
+        return self.num_tokens + len(self.draft)
 
 
 class Scheduler:
@@ -72,14 +81,19 @@ class Scheduler:
             if n <= 0:  # nothing to compute (should not happen: every running request has a token)
                 i += 1
                 continue
+            # a draft rides along with the one sampled token if budget and free blocks allow; it never
+            # preempts anyone
+            draft = req.draft_ids if n == 1 and 1 + len(req.draft_ids) <= budget else []
+            if draft and not self._ensure_blocks(req, req.num_computed + 1 + len(draft)):
+                draft = []
             if not self._ensure_blocks(req, req.num_computed + n):
                 # preempt the newest running request that is not already in this step, then retry
                 victim = max((r for r in self.running if id(r) not in scheduled), key=lambda r: r.arrival)
                 self._preempt(victim)
                 continue  # self.running shrank; re-check index i (it may have been the victim)
-            chunks.append(ScheduledChunk(req, req.num_computed, n))
+            chunks.append(ScheduledChunk(req, req.num_computed, n, list(draft)))
             scheduled.add(id(req))
-            budget -= n
+            budget -= n + len(draft)
             i += 1
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
@@ -104,12 +118,13 @@ class Scheduler:
     def after_step(self, chunks: list[ScheduledChunk]) -> None:
         """Advance each chunk's request and publish its newly completed full blocks to the prefix cache.
 
-        Call after the sampled tokens have been appended to ``output_ids``."""
+        Call after the sampled tokens (accepted drafts among them) have been appended to ``output_ids``."""
         for c in chunks:
             req = c.request
             if req.status != Status.RUNNING:
                 continue
-            req.num_computed = c.start + c.num_tokens
+            # a rejected draft's entries are not counted: the next step rewrites them
+            req.num_computed = c.start + c.num_tokens + c.num_accepted
             hashes = req.full_block_hashes(self.block_size, req.num_computed)
             for b in range(len(req.block_hashes), len(hashes)):
                 self.pool.mark_full(req.block_table[b], hashes[b])
@@ -139,6 +154,7 @@ class Scheduler:
         req.block_table = []
         req.block_hashes = []
         req.num_computed = 0
+        req.draft_ids = []
 
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)

@@ -61,10 +61,15 @@ class MTPLayer(Block):
         next_ids: torch.Tensor,  # [B, T] tokens at positions i+1
         ctx: AttentionContext,
     ) -> torch.Tensor:
+        return self.shared_head.head(self.draft_hidden(hidden, next_ids, ctx))
+
+    def draft_hidden(
+        self, hidden: torch.Tensor, next_ids: torch.Tensor, ctx: AttentionContext
+    ) -> torch.Tensor:
+        """``norm(v)`` [B, T, D]: what the shared head reads (a speculative decoder takes it for a few rows)."""
         e = self.enorm(self.embed_tokens(next_ids))
         u = self.eh_proj(torch.cat((e, self.hnorm(hidden)), dim=-1))
-        v = super().forward(u, ctx)
-        return self.shared_head.head(self.shared_head.norm(v))
+        return self.shared_head.norm(super().forward(u, ctx))
 
 
 class DeepseekModel(nn.Module):

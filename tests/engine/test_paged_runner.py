@@ -186,12 +186,14 @@ def test_decodes_of_very_different_lengths_run_in_groups(model, monkeypatch):
 
 def test_decode_groups_bound_the_padding():
     from dsv32.engine.request import Request
-    from dsv32.engine.runner import ModelRunner
+    from dsv32.engine.runner import ModelRunner, _Row
     from dsv32.engine.scheduler import ScheduledChunk
 
-    def chunk(context: int) -> ScheduledChunk:
-        return ScheduledChunk(Request(f"c{context}", [0] * context, 1, 0), context - 1, 1)
+    def row(context: int) -> _Row:
+        return _Row(
+            ScheduledChunk(Request(f"c{context}", [0] * context, 1, 0), context - 1, 1), context - 1, 0
+        )
 
     lens = [100000, 10, 3000, 20, 2000, 5000]
-    groups = ModelRunner._decode_groups([chunk(n) for n in lens])
-    assert [[c.start + 1 for c in g] for g in groups] == [[10, 20], [2000, 3000], [5000], [100000]]
+    groups = ModelRunner._decode_groups([row(n) for n in lens])
+    assert [[r.pos + 1 for r in g] for g in groups] == [[10, 20], [2000, 3000], [5000], [100000]]

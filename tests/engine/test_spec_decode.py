@@ -1,0 +1,171 @@
+"""Speculative decoding with the MTP layer: the same tokens as decoding one at a time, fewer steps when the
+drafts are good, and drafts that equal the full-sequence MTP forward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dsv32.engine.core import EngineConfig, EngineCore, EngineError
+from dsv32.engine.sampling_params import SamplingParams
+from dsv32.model.transformer import DeepseekForCausalLM
+from tests.engine.test_paged_runner import alone
+from tests.model.oracle import randomize_
+from tests.model.test_forms import tiny_config
+
+
+def oracle_mtp_model(vocab_size: int = 300) -> DeepseekForCausalLM:
+    """A one-layer model whose next token depends only on the current one (attention outputs zeroed), with
+    an MTP layer that repeats the main layer on the next token: its draft is the main model's next
+    prediction, so greedy drafts are (all but rounding) always right."""
+    torch.manual_seed(0)
+    cfg = tiny_config(num_hidden_layers=1, first_k_dense_replace=0, vocab_size=vocab_size)
+    m = DeepseekForCausalLM(cfg).eval()
+    randomize_(m, seed=4)
+    main, mtp = m.model.layers[0], m.mtp_layers[0]
+    d = m.config.hidden_size
+    with torch.no_grad():
+        emb = m.model.embed_tokens.weight
+        emb /= emb.pow(2).mean(-1, keepdim=True).sqrt()  # rms 1 rows: enorm(E(t)) == E(t)
+        for layer in (main, mtp):
+            layer.self_attn.o_proj.weight.zero_()
+        mtp.enorm.weight.fill_(1.0)
+        mtp.eh_proj.weight.copy_(torch.cat((torch.eye(d), torch.zeros(d, d)), dim=1))  # u = enorm(E(t_{i+1}))
+        for name in ("input_layernorm", "post_attention_layernorm", "mlp"):
+            getattr(mtp, name).load_state_dict(getattr(main, name).state_dict())
+        mtp.shared_head.norm.load_state_dict(m.model.norm.state_dict())
+    return m
+
+
+@pytest.fixture(scope="module")
+def oracle():
+    return oracle_mtp_model()
+
+
+def run(core: EngineCore, prompts: dict[str, list[int]], params) -> tuple[dict, dict, int]:
+    """Submit all, step to the end: (tokens per request, logprobs per request, steps)."""
+    for rid, p in prompts.items():
+        core.add_request(rid, p, params(rid) if callable(params) else params)
+    toks: dict[str, list[int]] = {rid: [] for rid in prompts}
+    lps: dict[str, list] = {rid: [] for rid in prompts}
+    steps = 0
+    while core.has_work():
+        steps += 1
+        assert steps < 500, "the engine stopped making progress"
+        for o in core.step():
+            toks[o.request_id] += o.new_token_ids
+            lps[o.request_id] += o.logprobs or []
+    core.pool.assert_no_leaks()
+    return toks, lps, steps
+
+
+def engine(model, spec: int, **kw) -> EngineCore:
+    cfg = dict(block_size=4, num_blocks=80, max_num_batched_tokens=16, num_speculative_tokens=spec)
+    return EngineCore(model, EngineConfig(**(cfg | kw)), eos_id=None)
+
+
+def prompts(n: int, seed: int) -> dict[str, list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    prefix = torch.randint(2, 300, (12,), generator=g).tolist()
+    out = {}
+    for i in range(n):
+        tail = torch.randint(2, 300, (int(torch.randint(1, 20, (1,), generator=g)),), generator=g).tolist()
+        out[f"r{i}"] = (prefix if i % 2 else []) + tail  # every other one shares a prefix (cache hits)
+    return out
+
+
+@pytest.mark.parametrize("which", ["random", "oracle"])
+@pytest.mark.parametrize("num_blocks", [80, 14])  # 14 blocks of 4: preemption
+def test_greedy_with_drafts_equals_each_request_alone(model, oracle, which, num_blocks):
+    m = model if which == "random" else oracle
+    ps = prompts(6, seed=num_blocks)
+    core = engine(m, 1, num_blocks=num_blocks)
+    got, _, _ = run(core, ps, SamplingParams(temperature=0.0, max_tokens=9))
+    for rid, p in ps.items():
+        assert got[rid] == alone(m, p, 9), rid
+    stats = core.stats()
+    assert stats["spec_draft_tokens"] > 0
+    if which == "oracle":  # the drafts are the model's own next predictions
+        assert stats["spec_accepted_tokens"] >= 0.9 * stats["spec_draft_tokens"]
+    if num_blocks == 14:
+        assert stats["preemptions"] > 0
+
+
+def test_good_drafts_halve_the_steps(oracle):
+    p = {"a": [5, 6, 7]}
+    plain, _, plain_steps = run(engine(oracle, 0), p, SamplingParams(temperature=0.0, max_tokens=21))
+    core = engine(oracle, 1)
+    spec, _, spec_steps = run(core, p, SamplingParams(temperature=0.0, max_tokens=21))
+    assert spec == plain and len(spec["a"]) == 21
+    # prefill + first token, then two tokens a step: 1 + 10 steps instead of 21
+    assert plain_steps == 21 and spec_steps == 11
+    assert core.stats()["spec_accepted_tokens"] == core.stats()["spec_draft_tokens"] == 10
+
+
+def test_seeded_sampling_and_logprobs_are_those_of_plain_decoding(oracle):
+    ps = prompts(4, seed=3)
+
+    def params(rid: str) -> SamplingParams:
+        return SamplingParams(
+            temperature=0.7, top_p=0.95, top_k=40, repetition_penalty=1.1, frequency_penalty=0.2,
+            seed=int(rid[1:]), max_tokens=12, logprobs=True, top_logprobs=2,
+        )  # fmt: skip
+
+    plain, plain_lp, _ = run(engine(oracle, 0), ps, params)
+    core = engine(oracle, 1)
+    spec, spec_lp, _ = run(core, ps, params)
+    assert spec == plain
+    assert core.stats()["spec_accepted_tokens"] > 0  # some steps verified two tokens
+    for rid in ps:
+        assert len(spec_lp[rid]) == 12
+        for a, b in zip(spec_lp[rid], plain_lp[rid], strict=True):
+            assert a["logprob"] == pytest.approx(b["logprob"], abs=1e-4)
+            assert [t for t, _ in a["top"]] == [t for t, _ in b["top"]]
+
+
+def test_max_tokens_and_stop_tokens_end_a_step_that_had_a_draft(oracle):
+    prompt = [9, 8, 7]
+    greedy = alone(oracle, prompt, 7)
+    toks, _, _ = run(engine(oracle, 1), {"m": prompt}, SamplingParams(temperature=0.0, max_tokens=7))
+    assert toks["m"] == greedy  # odd: the last step has no room for a draft and a token after it
+    stop = SamplingParams(temperature=0.0, max_tokens=20, stop_token_ids=[greedy[3]])
+    core = engine(oracle, 1)
+    core.add_request("s", prompt, stop)
+    outs = []
+    while core.has_work():
+        outs += core.step()
+    assert sum((o.new_token_ids for o in outs), []) == greedy[: greedy.index(greedy[3]) + 1]
+    assert outs[-1].finished and outs[-1].finish_reason == "stop"
+    core.pool.assert_no_leaks()
+
+
+def test_each_draft_equals_the_full_sequence_mtp_forward(model):
+    """The MTP layer's paged cache holds every position (chunked prefill, prefix hits, rejected drafts
+    rewritten): each draft is the argmax of ``mtp_logits`` over the whole sequence."""
+    core = engine(model, 1, max_num_batched_tokens=5)
+    g = torch.Generator().manual_seed(11)
+    shared = torch.randint(2, 300, (16,), generator=g).tolist()
+    checked = 0
+    for rid, prompt in (("a", shared + [3, 4]), ("b", shared + [7, 8, 9])):  # b hits a's cached blocks
+        core.add_request(rid, prompt, SamplingParams(temperature=0.0, max_tokens=12))
+        while core.has_work():
+            core.step()
+            live = core.live.get(rid)
+            if live is None or not live.request.draft_ids:
+                continue
+            ids = torch.tensor([live.request.all_ids])
+            with torch.no_grad():
+                h = model.hidden_states(ids)
+                ref = model.mtp_logits(h[:, :-1], ids[:, 1:])[0, -1].argmax().item()
+            assert live.request.draft_ids == [ref]
+            checked += 1
+    assert checked >= 18
+    core.pool.assert_no_leaks()
+
+
+def test_speculative_decoding_needs_an_mtp_layer(model):
+    no_mtp = DeepseekForCausalLM(tiny_config(num_nextn_predict_layers=0))
+    with pytest.raises(EngineError, match="MTP layer"):
+        EngineCore(no_mtp, EngineConfig(num_blocks=8, num_speculative_tokens=1))
+    with pytest.raises(EngineError, match="0 or 1"):
+        EngineCore(model, EngineConfig(num_blocks=8, num_speculative_tokens=2))
