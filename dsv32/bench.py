@@ -170,6 +170,10 @@ def main_bench(args: argparse.Namespace) -> int:
         from dsv32.engine.bench_grammar import main_bench_grammar
 
         return main_bench_grammar(args)
+    if args.what == "spec":
+        from dsv32.engine.bench_spec import main_bench_spec
+
+        return main_bench_spec(args)
     if args.what == "server":
         from dsv32.api.bench import bench_server
 
@@ -178,7 +182,7 @@ def main_bench(args: argparse.Namespace) -> int:
         return 0
     if args.what != "model":
         raise SystemExit(
-            f"error: unknown benchmark {args.what!r} (available: model, chat, engine, server, grammar)"
+            f"error: unknown benchmark {args.what!r} (available: model, chat, engine, server, grammar, spec)"
         )
     config = resolve_preset(args.config or "bench-small")
     r = bench_model(config, args.prefill, args.decode, Path(args.out))

@@ -302,6 +302,18 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--repeats", type=int, default=3, metavar="N", help="alternating rounds (default 3)")
     g.add_argument("--out", type=Path, default=Path("benchmarks/results"), metavar="DIR")
     g.set_defaults(func=_bench)
+    sp = bsub.add_parser(
+        "spec",
+        help="speculative decoding with the MTP layer: step cost vs plain decoding, break-even acceptance",
+    )
+    sp.add_argument(
+        "--config", default=None, help="a preset or an HF config.json path (default: bench-small)"
+    )
+    sp.add_argument("--tokens", type=int, default=32, metavar="N", help="decode tokens per request")
+    sp.add_argument("--batches", default="1,16", metavar="LIST", help="batch sizes (default 1,16)")
+    sp.add_argument("--repeats", type=int, default=3, metavar="N", help="alternating rounds (default 3)")
+    sp.add_argument("--out", type=Path, default=Path("benchmarks/results"), metavar="DIR")
+    sp.set_defaults(func=_bench)
 
 
 def _bench(args: argparse.Namespace) -> int:

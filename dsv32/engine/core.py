@@ -5,7 +5,8 @@ cache, the sampler draws one token for every request whose known tokens are now 
 finished requests (EOS, stop token, stop string, max_tokens, context full, abort) release their blocks.
 With speculative decoding (``num_speculative_tokens``) a decode also computes the draft token that the
 model's MTP layer proposed last step; when the token sampled before it equals the draft, the draft's row is
-sampled too, so a step yields one or two tokens per request, the same tokens as without drafts.
+sampled too, so a step yields one or two tokens per request, the same tokens as without drafts (up to the
+float rounding that a batch's shape brings).
 Constrained requests (``SamplingParams.guided``) get their grammar's token mask applied to their logits rows
 before the sampler and their matcher advanced after it; a step without one skips all of that.
 Knows nothing of threads or HTTP: ``AsyncEngine`` and ``LLM`` drive it.
@@ -236,8 +237,8 @@ class EngineCore:
         reasons: list[str | None] = [None] * len(sampling)
         # Depth 0 samples every chunk's next token from the row of its last known token. A chunk whose
         # sampled token equals its draft token at that depth goes on to the next row, whose logits saw
-        # the draft: the sampled tokens, and each request's draws from its generator, are exactly those
-        # of decoding one token at a time.
+        # the draft: the sampled tokens, and each request's draws from its generator, are those of
+        # decoding one token at a time.
         active, depth = list(range(len(sampling))), 0
         while active:
             lives = [self.live[sampling[k].request.request_id] for k in active]

@@ -48,3 +48,18 @@ def test_bench_engine_quick_writes_results(tmp_path):
         assert (tmp_path / "bench_engine.png").stat().st_size > 0
     else:
         assert "PNG skipped" in r["plot"]
+
+
+def test_bench_spec_writes_results(tmp_path):
+    from dsv32.engine.bench_spec import bench_spec
+    from dsv32.presets import resolve_preset
+
+    r = bench_spec(resolve_preset("tiny"), tmp_path, batches=(1, 4), tokens=4, repeats=1)
+    data = json.loads((tmp_path / "bench_spec.json").read_text())
+    assert data["benchmark"] == "spec" and [x["batch"] for x in data["rows"]] == [1, 4]
+    for x in data["rows"]:
+        assert x["same_greedy_tokens"] is True  # the drafts never change the greedy tokens
+        assert 0 < x["mtp_pass_ms_per_step"] < x["spec_ms_per_step"]
+        assert x["break_even_acceptance"] == pytest.approx(x["step_cost_ratio"] - 1)
+        assert [p["acceptance"] for p in x["projected"]] == [0.85, 0.9]
+    assert "break-even acceptance" in (tmp_path / "bench_spec.md").read_text() and r["rows"] == data["rows"]

@@ -83,3 +83,18 @@ def test_chat_renders_like_the_server_and_parses_the_reply(llm):
     with pytest.raises(ChatFormatError):
         llm.chat([{"role": "wizard", "content": "x"}], _greedy(2))
     llm.engine.pool.assert_no_leaks()
+
+
+def test_speculative_config_gives_the_same_outputs(llm):
+    spec = dsv32.LLM(speculative_config={"method": "mtp", "num_speculative_tokens": 1})
+    prompts = ["Hello", "The capital of France is"]
+    # top_k keeps the draw off float noise: over this random model's near-flat 129K-token distribution the
+    # inverse CDF can move with the last bits of the logits, which the batch's shape (two rows a request) sets
+    params = SamplingParams(temperature=0.8, top_k=20, seed=7, max_tokens=8, ignore_eos=True)
+    assert [o.token_ids for o in spec.generate(prompts, params)] == [
+        o.token_ids for o in llm.generate(prompts, params)
+    ]
+    assert spec.engine.num_speculative_tokens == 1 and spec.engine.stats()["spec_draft_tokens"] > 0
+    spec.engine.pool.assert_no_leaks()
+    with pytest.raises(ValueError, match="num_speculative_tokens must be 1"):
+        dsv32.LLM(speculative_config='{"method": "mtp", "num_speculative_tokens": 3}')
