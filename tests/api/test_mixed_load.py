@@ -19,6 +19,7 @@ from dsv32.engine.core import EngineConfig, EngineCore
 from dsv32.weights.loader import load_model
 from tests.api.server_harness import RunningServer
 from tests.engine.test_metrics import samples
+from tests.engine.test_spec_decode import oracle_mtp_model
 
 WORDS = "the cache block token model stream abort json tool think 你好 😀 <｜end▁of▁sentence｜> </think> \n".split(
     " "
@@ -110,12 +111,17 @@ async def _one(
 
 
 @pytest.mark.slow
-def test_random_mixed_traffic_under_a_tiny_cache(default_model_dir, tokenizer):
-    model = load_model(default_model_dir, dtype=torch.float32, progress=False)
+@pytest.mark.parametrize("speculative", [False, True], ids=["plain", "speculative"])
+def test_random_mixed_traffic_under_a_tiny_cache(default_model_dir, tokenizer, speculative):
+    if speculative:  # a model whose MTP drafts are mostly right: two-token steps, under the same traffic
+        model = oracle_mtp_model(vocab_size=tokenizer.vocab_size)
+    else:
+        model = load_model(default_model_dir, dtype=torch.float32, progress=False)
     # 32 blocks of 16 = 512 token slots for 6 requests of up to ~450 tokens each: preemption is forced
-    core = EngineCore(
-        model, EngineConfig(block_size=16, num_blocks=32, max_num_seqs=6), eos_id=tokenizer.eos_id
+    config = EngineConfig(
+        block_size=16, num_blocks=32, max_num_seqs=6, num_speculative_tokens=int(speculative)
     )
+    core = EngineCore(model, config, eos_id=tokenizer.eos_id)
     engine = AsyncEngine(core, tokenizer, max_waiting=64)
     ctx = ServingContext(engine=engine, tokenizer=tokenizer, family="v3.2", max_model_len=4096, keepalive_s=0.5,
                          eos_id=tokenizer.eos_id)  # fmt: skip
@@ -166,3 +172,5 @@ def test_random_mixed_traffic_under_a_tiny_cache(default_model_dir, tokenizer):
     assert sum(finished.values()) == status.count(200)
     assert 1 <= finished.get((("finished_reason", "abort"),), 0) <= seen["hung_up"]
     assert metrics[("dsv32:num_preemptions_total", ())] == stats["preemptions"]
+    if speculative:
+        assert metrics[("dsv32:spec_decode_num_accepted_tokens_total", ())] > 0
