@@ -27,7 +27,7 @@ from dsv32.engine.grammar import GrammarCompiler, GrammarMasker, GuidedState
 from dsv32.engine.paged_cache import PagedKVCache
 from dsv32.engine.request import Request
 from dsv32.engine.runner import ModelRunner
-from dsv32.engine.sampler import Sampler, SamplingState
+from dsv32.engine.sampler import Sampler, SamplingState, adjusts_logits, apply_bias_and_penalties
 from dsv32.engine.sampling_params import SamplingParams
 from dsv32.engine.scheduler import ScheduledChunk, Scheduler
 from dsv32.model.moe import MoE, grouped_matmul_available
@@ -306,14 +306,31 @@ class EngineCore:
 
     def _propose(self, chunks: list[ScheduledChunk], going_on: list[ScheduledChunk]) -> None:
         """Speculative decoding: the MTP pass over this step, and the next step's draft for each request in
-        ``going_on`` that has room for two more tokens (a draft and the token after it)."""
+        ``going_on`` that has room for two more tokens (a draft and the token after it). The draft is the
+        MTP layer's most likely token after the request's own logit bias and penalties, among those its
+        grammar allows next (the sampling and grammar states have taken this step's tokens): what the
+        sampler will do to the verifying row, so those settings do not waste drafts."""
         drafting = []
         for c in going_on:
             req = c.request
             req.draft_ids = []
             if len(req.output_ids) + 2 <= req.max_tokens:
                 drafting.append(c)
-        for c, tok in zip(drafting, self.runner.draft(chunks, drafting), strict=True):
+        logits = self.runner.draft(chunks, drafting)
+        if not drafting:
+            return
+        lives = [self.live[c.request.request_id] for c in drafting]
+        guided = [
+            (i, lv.guided) for i, lv in enumerate(lives) if lv.guided is not None and lv.guided.needs_mask
+        ]
+        if guided or any(adjusts_logits(lv.params) for lv in lives):
+            # a normal tensor (the runner's is an inference tensor) changed in place outside inference
+            # mode, where the sampling states' cached tensors must stay normal ones
+            logits = logits.clone()
+            apply_bias_and_penalties(logits, [lv.state for lv in lives])
+            if guided:
+                self._masker.apply(logits, [i for i, _ in guided], [g for _, g in guided])
+        for c, tok in zip(drafting, logits.argmax(-1).tolist(), strict=True):
             c.request.draft_ids = [tok]
 
     def stats(self) -> dict:

@@ -216,13 +216,13 @@ class ModelRunner:
         return self.model.lm_head(hidden[0, rows]).float()
 
     @torch.inference_mode()
-    def draft(self, chunks: list[ScheduledChunk], drafting: list[ScheduledChunk]) -> list[int]:
+    def draft(self, chunks: list[ScheduledChunk], drafting: list[ScheduledChunk]) -> torch.Tensor:
         """The MTP pass over the step ``execute`` just ran (``keep_hidden``), after its tokens were sampled.
 
         The MTP layer reads each row's hidden state h_i with the token at i+1 (a placeholder where that is
         not known: a rejected draft's row, rewritten next step) and writes its own cache entry at every
-        row, so later drafts attend over the whole context. Returns the greedy draft of the token after
-        next for each of ``drafting``, from the row of its request's last computed position."""
+        row, so later drafts attend over the whole context. Returns fp32 logits [len(drafting), vocab] of
+        the token after next for each of ``drafting``, from the row of its request's last computed position."""
         ctx, hidden, rows_of = self._last
         self._last = None
         next_ids = [0] * hidden.shape[1]
@@ -233,8 +233,5 @@ class ModelRunner:
                     next_ids[row] = req.token_at(c.start + j + 1)
         mtp = self.model.mtp_layers[0]
         h = mtp.draft_hidden(hidden, torch.tensor([next_ids], device=self.device), ctx)
-        if not drafting:
-            return []
         rows = [rows_of[id(c)][c.request.num_computed - 1 - c.start] for c in drafting]
-        logits = mtp.shared_head.head(h[0, torch.tensor(rows, device=self.device)])
-        return logits.argmax(-1).tolist()
+        return mtp.shared_head.head(h[0, torch.tensor(rows, device=self.device, dtype=torch.long)]).float()

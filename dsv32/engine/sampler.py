@@ -156,10 +156,9 @@ class Sampler:
         device = logits.device
         params = [s.params for s in states]
 
-        if any(p.logit_bias for p in params) or any(_has_penalty(p) for p in params):
+        if any(adjusts_logits(p) for p in params):
             x = self._buffer("x", n, vocab, device).copy_(logits)  # written below; the caller's stay intact
-            _apply_logit_bias(x, states)
-            _apply_penalties(x, states)
+            apply_bias_and_penalties(x, states)
         else:
             x = logits.float().contiguous()
         tmp = self._buffer("tmp", n, vocab, device)
@@ -203,6 +202,18 @@ class Sampler:
             else:
                 head = None
         return _logprobs(x, token_ids, params, tmp, head)
+
+
+def apply_bias_and_penalties(x: Tensor, states: list[SamplingState]) -> None:
+    """Steps 1-3 of the module docstring on logits ``x`` [N, V], in place: logit bias, then the repetition,
+    frequency and presence penalties of each row's request (rows that ask for none are untouched)."""
+    _apply_logit_bias(x, states)
+    _apply_penalties(x, states)
+
+
+def adjusts_logits(p: SamplingParams) -> bool:
+    """Whether ``apply_bias_and_penalties`` changes a row of a request with these params."""
+    return bool(p.logit_bias) or _has_penalty(p)
 
 
 def _has_penalty(p: SamplingParams) -> bool:

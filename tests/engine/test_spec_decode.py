@@ -169,3 +169,37 @@ def test_speculative_decoding_needs_an_mtp_layer(model):
         EngineCore(no_mtp, EngineConfig(num_blocks=8, num_speculative_tokens=1))
     with pytest.raises(EngineError, match="0 or 1"):
         EngineCore(model, EngineConfig(num_blocks=8, num_speculative_tokens=2))
+
+
+def test_constrained_requests_draft_within_their_grammar():
+    from dsv32.chat.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer()
+    m = oracle_mtp_model(vocab_size=tokenizer.vocab_size)
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 40},
+              "n": {"type": "integer"}}, "required": ["name", "n"]}  # fmt: skip
+    params = SamplingParams(temperature=0.0, max_tokens=24, guided={"json_schema": schema})
+    outs = []
+    for spec in (0, 1):
+        core = engine(m, spec, num_blocks=64)
+        core.attach_tokenizer(tokenizer)
+        toks, _, _ = run(core, {"j": [11, 12, 13]}, params)
+        outs.append(toks["j"])
+    assert outs[1] == outs[0]
+    # the grammar masks the MTP layer's logits as it masks the model's: the oracle's drafts stay right
+    stats = core.stats()
+    assert stats["spec_accepted_tokens"] >= 0.8 * stats["spec_draft_tokens"] > 0
+
+
+def test_drafts_see_the_requests_penalties_and_logit_bias(oracle):
+    params = SamplingParams(
+        temperature=0.0, max_tokens=30, repetition_penalty=1.3, frequency_penalty=0.4, presence_penalty=0.2,
+        logit_bias={7: 2.0, 8: -100.0},
+    )  # fmt: skip
+    ps = prompts(3, seed=5)
+    plain, _, _ = run(engine(oracle, 0), ps, params)
+    core = engine(oracle, 1)
+    spec, _, _ = run(core, ps, params)
+    assert spec == plain
+    stats = core.stats()
+    assert stats["spec_accepted_tokens"] >= 0.95 * stats["spec_draft_tokens"] > 0  # 74 % with raw drafts
