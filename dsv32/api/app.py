@@ -1,15 +1,17 @@
-"""The FastAPI application: routes, DeepSeek-style errors, API keys and per-key concurrency limits."""
+"""The FastAPI application: routes, DeepSeek-style errors, API keys and per-key concurrency limits, and the
+web playground (``/playground``: one static page calling the chat route)."""
 
 from __future__ import annotations
 
 import hmac
 import json
 import logging
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dsv32.api import anthropic_routes, openai_routes
@@ -19,7 +21,9 @@ from dsv32.api.service import ServingContext
 from dsv32.engine.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 
 log = logging.getLogger("dsv32.api")
-OPEN_PATHS = {"/health", "/metrics", "/openapi.json", "/docs", "/redoc", "/docs/oauth2-redirect"}
+OPEN_PATHS = {"/health", "/metrics", "/openapi.json", "/docs", "/redoc", "/docs/oauth2-redirect", "/",
+              "/playground", "/playground/playground.js"}  # fmt: skip
+PLAYGROUND = Path(__file__).parent / "playground"  # the web playground's page and script
 # pydantic error types that mean "the body is malformed" (400) rather than "a value is invalid" (422)
 _MALFORMED = {"json_invalid", "missing", "model_type", "dict_type", "model_attributes_type"}
 
@@ -153,6 +157,19 @@ def create_app(ctx: ServingContext) -> FastAPI:
     async def metrics() -> Response:
         # Prometheus scrapes without an API key, as from vLLM; nothing here names a request or its text
         return Response(ctx.engine.metrics_text(), media_type=METRICS_CONTENT_TYPE)
+
+    @app.get("/", include_in_schema=False)
+    async def root() -> RedirectResponse:
+        return RedirectResponse("/playground")
+
+    @app.get("/playground", include_in_schema=False)
+    async def playground() -> FileResponse:
+        # the page holds no data: it calls the API routes below with the key its user types in
+        return FileResponse(PLAYGROUND / "index.html", media_type="text/html")
+
+    @app.get("/playground/playground.js", include_in_schema=False)
+    async def playground_js() -> FileResponse:
+        return FileResponse(PLAYGROUND / "playground.js", media_type="text/javascript")
 
     @app.get("/user/balance")
     async def balance() -> dict[str, Any]:
