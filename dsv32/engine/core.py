@@ -56,7 +56,8 @@ class EngineConfig:
     # the engine starts (~107 s on bench-small's 32K context; needs a C++ compiler)
     compile_cpu_decode: bool = False
     # speculative decoding: draft tokens per step from the model's MTP layer (0: off; 1: the one MTP layer's
-    # draft). Drafted steps run eagerly (no CUDA graphs or compiled step).
+    # draft). On a GPU the drafted decode steps and the MTP pass replay from CUDA graphs; the compiled CPU
+    # step is not used with drafts.
     num_speculative_tokens: int = 0
 
 
@@ -115,9 +116,9 @@ class EngineCore:
         self.num_draft_tokens = self.num_accepted_tokens = 0  # since start
         if cfg.prepack_weights:
             model.prepack_cpu_weights()
-        if k and (cfg.compile_cpu_decode or cfg.cuda_graphs and model.device.type == "cuda"):
-            log.warning("speculative decoding: steps run eagerly (no CUDA graphs, no compiled decode step)")
-        elif cfg.cuda_graphs and model.device.type == "cuda":
+        if k and cfg.compile_cpu_decode:
+            log.warning("speculative decoding: CPU steps run eagerly (no compiled decode step)")
+        if cfg.cuda_graphs and model.device.type == "cuda":
             self.runner.graphs = self._decode_graphs()
         if cfg.compile_cpu_decode and not k:
             compiled = self._compiled_decode()  # None off the CPU: CUDA graphs (or eager steps) stay
@@ -143,7 +144,10 @@ class EngineCore:
         except ValueError as e:
             log.info("no CUDA graphs: %s", e)
             return None
-        return DecodeGraphs(model, self.cache, self.config.max_num_seqs, self.max_model_len)
+        k = self.num_speculative_tokens  # each request's drafts are rows too, and the MTP pass a second graph
+        return DecodeGraphs(
+            model, self.cache, self.config.max_num_seqs * (1 + k), self.max_model_len, draft=bool(k)
+        )
 
     def _compiled_decode(self) -> CompiledDecode | None:
         """The compiled CPU decode step, compiled now; None where it cannot be (logged: why)."""

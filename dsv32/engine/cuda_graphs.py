@@ -14,6 +14,10 @@ with one call. The recorded step has fixed shapes and no host syncs:
 A graph is captured the first time its (rows, slots) bucket is used; all share one memory pool. The
 logits a replay returns live in that pool: they are valid until the next replay. With ``capture=False``
 the same padded step runs eagerly (any device): what the CPU tests check against the plain runner.
+
+With speculative decoding (``draft=True``) a request's draft tokens are rows of their own (its positions
+after the known token, the same block table), and each bucket has a second graph: the MTP pass, which
+reads the first graph's hidden states and the tokens sampled from its logits (``draft``).
 """
 
 from __future__ import annotations
@@ -46,10 +50,17 @@ class _Step:
     tables: torch.Tensor  # [R, S / block_size] block ids (padding: the scratch block)
     graph: torch.cuda.CUDAGraph | None = None
     logits: torch.Tensor | None = None  # [R, vocab] fp32: the graph's output
+    # speculative decoding: the final hidden states [R, D] (an output of the step), the token after each
+    # row [R] (an input of the MTP pass), and the MTP pass's graph and output [R, vocab]
+    hidden: torch.Tensor | None = None
+    next_ids: torch.Tensor | None = None
+    draft_graph: torch.cuda.CUDAGraph | None = None
+    draft_logits: torch.Tensor | None = None
 
 
 class DecodeGraphs:
-    """Runs steps made only of single-token chunks (decodes) as fixed-shape, graph-captured steps."""
+    """Runs steps made only of single-token chunks (decodes, with their drafts when ``draft``) as
+    fixed-shape, graph-captured steps."""
 
     def __init__(
         self,
@@ -58,21 +69,25 @@ class DecodeGraphs:
         max_rows: int,
         max_context: int,
         capture: bool = True,
+        draft: bool = False,
     ):
         self.model, self.cache, self.capture = model, cache, capture
         self.block_size = cache.block_size
         self.row_buckets = [b for b in ROW_BUCKETS if b < max_rows] + [max_rows]
         self.max_slots = -(-max_context // self.block_size) * self.block_size
         self.steps: dict[tuple, _Step] = {}  # (rows, slots, every indexer's topk) -> its step
-        layers = model.model.layers[: model.n_main_layers]
+        self.mtp = model.mtp_layers[0] if draft else None  # speculative decoding: the MTP pass too
+        layers = model.model.layers[: model.n_main_layers + (1 if draft else 0)]
         self._indexers = [b.self_attn.indexer for b in layers if b.self_attn.indexer is not None]
         self.pool = torch.cuda.graph_pool_handle() if capture else None
+        self._last: tuple[_Step, dict[int, list[int]]] | None = None  # for ``draft``
 
     def fits(self, chunks: list[ScheduledChunk]) -> bool:
         return (
-            0 < len(chunks) <= self.row_buckets[-1]
-            and all(c.num_rows == 1 for c in chunks)  # no prefill chunks, no drafts
-            and max(c.start for c in chunks) < self.max_slots
+            0 < sum(c.num_rows for c in chunks) <= self.row_buckets[-1]
+            and all(c.num_tokens == 1 for c in chunks)  # no prefill chunks
+            and (self.mtp is not None or not any(c.draft for c in chunks))
+            and max(c.start + c.num_rows - 1 for c in chunks) < self.max_slots
         )
 
     def _bucket(self, rows: int, longest: int) -> tuple[int, int]:
@@ -82,29 +97,55 @@ class DecodeGraphs:
         return r, min(s, self.max_slots)
 
     def execute(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
-        """fp32 logits [n_sampling_chunks, vocab] of a decode-only step (``fits``), like ``ModelRunner.execute``."""
-        rows = len(chunks)
-        step = self._step(rows, max(c.start for c in chunks) + 1)
+        """fp32 logits of a decode-only step (``fits``), like ``ModelRunner.execute``: for each chunk that
+        samples, its row and its draft rows."""
+        rows = sum(c.num_rows for c in chunks)
+        step = self._step(rows, max(c.start + c.num_rows for c in chunks))
         r, nb = step.tables.shape
         scratch = self.cache.scratch_block
-        ids = [c.request.token_at(c.start) for c in chunks] + [0] * (r - rows)
-        positions = [c.start for c in chunks] + [0] * (r - rows)
-        tables = [(t := c.request.block_table[:nb]) + [scratch] * (nb - len(t)) for c in chunks]
-        tables += [[scratch] * nb] * (r - rows)
-        step.ids.copy_(torch.tensor(ids))
-        step.positions.copy_(torch.tensor(positions))
-        step.tables.copy_(torch.tensor(tables))
+        ids, positions, tables, rows_of = [], [], [], {}
+        for c in chunks:
+            table = (t := c.request.block_table[:nb]) + [scratch] * (nb - len(t))
+            rows_of[id(c)] = list(range(len(ids), len(ids) + c.num_rows))
+            ids += [c.request.token_at(c.start), *c.draft]
+            positions += range(c.start, c.start + c.num_rows)
+            tables += [table] * c.num_rows
+        step.ids.copy_(torch.tensor(ids + [0] * (r - rows)))
+        step.positions.copy_(torch.tensor(positions + [0] * (r - rows)))
+        step.tables.copy_(torch.tensor(tables + [[scratch] * nb] * (r - rows)))
         if step.graph is not None:
             step.graph.replay()
             logits = step.logits
         else:
             logits = self._forward(step)
-        sampling = [i for i, c in enumerate(chunks) if c.samples]
+        if self.mtp is not None:
+            self._last = (step, rows_of)
+        sampling = [i for c in chunks if c.samples for i in rows_of[id(c)]]
         if len(sampling) == r:
             return logits
         if sampling == list(range(len(sampling))):
             return logits[: len(sampling)]
         return logits.index_select(0, torch.tensor(sampling, device=logits.device))
+
+    def draft(self, chunks: list[ScheduledChunk], drafting: list[ScheduledChunk]) -> torch.Tensor:
+        """The MTP pass over the step ``execute`` just ran, as ``ModelRunner.draft`` (whose contract this
+        follows): fp32 logits [len(drafting), vocab]."""
+        step, rows_of = self._last
+        self._last = None
+        next_ids = [0] * step.ids.shape[0]  # padding rows and rejected drafts: a placeholder
+        for c in chunks:
+            req = c.request
+            for j, row in enumerate(rows_of[id(c)]):
+                if c.start + j + 1 < req.num_tokens:
+                    next_ids[row] = req.token_at(c.start + j + 1)
+        step.next_ids.copy_(torch.tensor(next_ids))
+        if step.draft_graph is not None:
+            step.draft_graph.replay()
+            logits = step.draft_logits
+        else:
+            logits = self._draft_forward(step)
+        rows = [rows_of[id(c)][c.request.num_computed - 1 - c.start] for c in drafting]
+        return logits.index_select(0, torch.tensor(rows, device=logits.device, dtype=torch.long))
 
     def _step(self, rows: int, longest: int) -> _Step:
         """The step of the bucket of ``rows`` rows whose longest context is ``longest`` (made on first use)."""
@@ -120,26 +161,33 @@ class DecodeGraphs:
             tables=torch.full(
                 (rows, slots // self.block_size), self.cache.scratch_block, dtype=torch.long, device=dev
             ),
+            next_ids=torch.zeros(rows, dtype=torch.long, device=dev) if self.mtp is not None else None,
         )
         if self.capture:  # all rows are padding now: the warm-up and capture touch only the scratch block
             try:
-                side = torch.cuda.Stream()
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):  # first calls set up cuBLAS and the allocator outside the graph
-                    for _ in range(2):
-                        self._forward(step)
-                torch.cuda.current_stream().wait_stream(side)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self.pool):
-                    step.logits = self._forward(step)
+                step.graph, step.logits = self._capture(lambda: self._forward(step))
+                if self.mtp is not None:  # reads the hidden states the step's graph leaves in the pool
+                    step.draft_graph, step.draft_logits = self._capture(lambda: self._draft_forward(step))
             except RuntimeError as e:
                 raise GraphCaptureError(f"capturing a {rows} x {slots} decode step failed: {e}") from e
-            step.graph = graph
             log.info("captured a CUDA graph for %d decode rows x %d slots", rows, slots)
         self.steps[(rows, slots, topks)] = step
         return step
 
-    def _forward(self, step: _Step) -> torch.Tensor:
+    def _capture(self, forward) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # first calls set up cuBLAS and the allocator outside the graph
+            for _ in range(2):
+                forward()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = forward()
+        return graph, out
+
+    def _context(self, step: _Step):
+        """The paged attention context of the step's rows (one decode group)."""
         from dsv32.engine.runner import PagedContext, _Decodes
 
         model, bs = self.model, self.block_size
@@ -149,6 +197,16 @@ class DecodeGraphs:
         new_slots = slots.gather(1, step.positions[:, None])[:, 0]
         cos, sin = model.rotary(step.positions, model.dtype)
         # every row is one group (``slice(None)``: no Python int of the row count, which torch.compile keeps dynamic)
-        ctx = PagedContext(self.cache, [_Decodes(slice(None), slots, visible)], [], new_slots, cos, sin)
-        hidden = model.forward_layers(model.model.embed_tokens(step.ids[None]), ctx)
+        return PagedContext(self.cache, [_Decodes(slice(None), slots, visible)], [], new_slots, cos, sin)
+
+    def _forward(self, step: _Step) -> torch.Tensor:
+        model = self.model
+        hidden = model.forward_layers(model.model.embed_tokens(step.ids[None]), self._context(step))
+        if self.mtp is not None:
+            step.hidden = hidden  # the MTP pass reads it (in a captured step: the graph's output buffer)
         return model.lm_head(hidden[0]).float()
+
+    def _draft_forward(self, step: _Step) -> torch.Tensor:
+        """The MTP layer over the step's rows: its cache entries, and its logits [R, vocab] (fp32)."""
+        h = self.mtp.draft_hidden(step.hidden, step.next_ids[None], self._context(step))
+        return self.mtp.shared_head.head(h[0]).float()

@@ -157,6 +157,7 @@ class ModelRunner:
         order of ``chunks``) the row of its last known token, then one row per draft token.
 
         With ``keep_hidden`` the step's final hidden states stay for ``draft`` (the MTP pass)."""
+        self._last = None
         if self.graphs is not None and self.graphs.fits(chunks):
             try:
                 return self.graphs.execute(chunks)
@@ -223,6 +224,8 @@ class ModelRunner:
         not known: a rejected draft's row, rewritten next step) and writes its own cache entry at every
         row, so later drafts attend over the whole context. Returns fp32 logits [len(drafting), vocab] of
         the token after next for each of ``drafting``, from the row of its request's last computed position."""
+        if self._last is None:  # the step ran as a fixed-shape step
+            return self.graphs.draft(chunks, drafting)
         ctx, hidden, rows_of = self._last
         self._last = None
         next_ids = [0] * hidden.shape[1]

@@ -164,6 +164,34 @@ def test_cuda_graph_decode_matches_eager_on_gpu(model):
             assert abs(lp1 - lp2) < 0.1, (rid, lp1, lp2)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_speculative_decoding_with_cuda_graphs_on_gpu():
+    """Speculative decoding on a GPU (bf16): drafted steps and the MTP pass replay from captured graphs and
+    give the tokens of the same engine kept eager; a model whose drafts are right keeps accepting them."""
+    from dsv32.engine.core import EngineConfig, EngineCore
+    from dsv32.engine.sampling_params import SamplingParams
+    from tests.engine.test_spec_decode import oracle_mtp_model
+
+    gpu = oracle_mtp_model().to("cuda", torch.bfloat16)
+    g = torch.Generator().manual_seed(8)
+    prompts = [torch.randint(2, 300, (n,), generator=g).tolist() for n in (20, 7, 3)]
+    outs = {}
+    for graphs in (False, True):
+        core = EngineCore(gpu, EngineConfig(block_size=4, num_blocks=100, max_num_seqs=4, cuda_graphs=graphs,
+                                            num_speculative_tokens=1), eos_id=None)  # fmt: skip
+        for i, p in enumerate(prompts):
+            core.add_request(f"r{i}", p, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
+        outs[graphs] = run_all(core)
+        core.pool.assert_no_leaks()
+        stats = core.stats()
+        assert stats["spec_accepted_tokens"] >= 0.5 * stats["spec_draft_tokens"] > 0
+        if graphs:
+            steps = core.runner.graphs.steps.values()
+            assert any(s.graph is not None and s.draft_graph is not None for s in steps)
+    for rid, eager in outs[False].items():
+        assert outs[True][rid][:4] == eager[:4], rid  # bf16: the first tokens agree
+
+
 def test_engine_with_padded_decode_steps_matches_running_alone(model):
     """The whole engine with fixed-shape decode steps (eager here): mixed lengths past index_topk, a shared
     prefix, preemption forced by a tiny cache, seeded sampling beside greedy; greedy outputs equal running
@@ -249,3 +277,65 @@ def test_random_workloads_with_padded_decode_steps_match_running_alone(seed, mon
     assert core.runner.graphs.steps
     for i, p in enumerate(prompts):
         assert got[f"r{i}"] == alone(model, p, n_new), (seed, i)
+
+
+@pytest.mark.parametrize("which", ["random", "oracle"])
+def test_speculative_decoding_through_padded_steps(model, which):
+    """Drafts as rows of the fixed-shape step and the MTP pass as a second one (eager here): greedy outputs
+    equal running alone, every draft equals the full-sequence MTP forward, and the steps after the prefill
+    all took the fixed-shape path with their drafts."""
+    from dsv32.engine.core import EngineConfig, EngineCore
+    from dsv32.engine.sampling_params import SamplingParams
+    from tests.engine.test_spec_decode import oracle_mtp_model
+
+    m = stacked(model if which == "random" else oracle_mtp_model())
+    core = EngineCore(
+        m, EngineConfig(block_size=4, num_blocks=60, max_num_batched_tokens=10, num_speculative_tokens=1),
+        eos_id=None,
+    )  # fmt: skip
+    graphs = DecodeGraphs(m, core.cache, 2 * core.config.max_num_seqs, 256, capture=False, draft=True)
+    core.runner.graphs = graphs
+    fixed_rows = []
+    real = graphs.execute
+    graphs.execute = lambda chunks: fixed_rows.append(sum(c.num_rows for c in chunks)) or real(chunks)
+    g = torch.Generator().manual_seed(4)
+    prompts = {f"r{i}": torch.randint(2, 300, (n,), generator=g).tolist() for i, n in enumerate((3, 17, 9))}
+    for rid, p in prompts.items():
+        core.add_request(rid, p, SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True))
+    got: dict[str, list[int]] = {rid: [] for rid in prompts}
+    checked = 0
+    while core.has_work():
+        for o in core.step():
+            got[o.request_id] += o.new_token_ids
+        for live in core.live.values():
+            if live.request.draft_ids:
+                ids = torch.tensor([live.request.all_ids])
+                with torch.no_grad():
+                    ref = m.mtp_logits(m.hidden_states(ids)[:, :-1], ids[:, 1:])[0, -1].argmax().item()
+                assert live.request.draft_ids == [ref]
+                checked += 1
+    for rid, p in prompts.items():
+        assert got[rid] == alone(m, p, 10), rid
+    assert checked > 10 and fixed_rows and max(fixed_rows) == 6  # three requests, each with its draft
+    stats = core.stats()
+    if which == "oracle":
+        assert stats["spec_accepted_tokens"] >= 0.9 * stats["spec_draft_tokens"] > 0
+    core.pool.assert_no_leaks()
+
+
+def test_the_fixed_shape_mtp_pass_needs_no_host_sync(model, monkeypatch):
+    import dsv32.model.indexer as indexer
+
+    monkeypatch.setattr(indexer, "select_topk_visible", indexer.select_topk_visible_sorted)
+    m = stacked(model)
+    cache = PagedKVCache(m.config, 40, 4, m.config.num_hidden_layers + 1)
+    graphs = DecodeGraphs(m, cache, 8, 256, capture=False, draft=True)
+    step = graphs._new_step(4, 256, (12, 12))
+    step.positions.copy_(torch.tensor([30, 31, 3, 0]))
+    step.tables[0, :8] = torch.arange(8)
+    step.tables[1, :8] = torch.arange(8)
+    step.tables[2, :1] = 8
+    with torch.inference_mode(), NoHostSync():
+        graphs._forward(step)
+        logits = graphs._draft_forward(step)
+    assert logits.shape == (4, model.config.vocab_size) and torch.isfinite(logits).all()
