@@ -45,3 +45,5 @@ timeout 150 python3 -m dsv32.cli bench engine --device cuda --dtype bfloat16 --q
     --parts decode,prefill,concurrency --repeats 2 --out "$OUT/eager" | grep -A12 "^## Targets"
 echo "== profile"
 timeout 120 python3 benchmarks/gpu_profile.py cuda 2>&1 | grep -v -e USDT -e '^Loading'
+echo "== bench spec (speculative decoding with the MTP layer: drafted steps and the MTP pass as CUDA graphs)"
+timeout 90 python3 -m dsv32.cli bench spec --device cuda --dtype bfloat16 --repeats 2 --out "$OUT"

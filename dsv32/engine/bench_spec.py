@@ -70,6 +70,8 @@ def _time_drafts(core) -> dict:
     def timed(*a, **k):
         t = time.perf_counter()
         res = orig(*a, **k)
+        if res.is_cuda:  # the pass is queued work until the device is done with it
+            torch.cuda.synchronize(res.device)
         spent["s"] += time.perf_counter() - t
         return res
 
@@ -79,8 +81,16 @@ def _time_drafts(core) -> dict:
 
 
 def bench_spec(
-    config: dict, out_dir: Path, batches=(1, 16), tokens: int = 32, repeats: int = 3, prompt_tokens: int = 32
+    config: dict,
+    out_dir: Path,
+    batches=(1, 16),
+    tokens: int = 32,
+    repeats: int = 3,
+    prompt_tokens: int = 32,
+    device: str = "cpu",
+    dtype: str = "float32",
 ) -> dict:
+    """Plain and speculative rounds on ``config`` + one MTP layer (on a GPU: both through CUDA graphs)."""
     import dsv32
     from dsv32.config import ModelConfig
     from dsv32.engine.core import EngineConfig, EngineCore
@@ -92,7 +102,7 @@ def bench_spec(
         print(f"writing a synthetic checkpoint ({cfg.model_type}, hidden {cfg.hidden_size}, "
               f"{cfg.num_hidden_layers} layers + 1 MTP layer) ...", flush=True)  # fmt: skip
         write_synthetic_checkpoint(cfg, Path(tmp), seed=0, dtype=torch.bfloat16)
-        model = dsv32.load_model(Path(tmp), dtype=torch.float32, progress=False)
+        model = dsv32.load_model(Path(tmp), dtype=getattr(torch, dtype), device=device, progress=False)
     blocks = max(batches) * (-(-(prompt_tokens + tokens + 2) // 16) + 1) + 4
     cores = {
         k: EngineCore(
@@ -143,6 +153,8 @@ def bench_spec(
         "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                     "torch": torch.__version__},
+        "device": device if device == "cpu" else f"{device} ({torch.cuda.get_device_name(device)}, CUDA graphs)",
+        "dtype": dtype,
         "config": {"model_type": cfg.model_type, "hidden_size": cfg.hidden_size, "layers": cfg.num_hidden_layers,
                    "mtp_layers": 1, "vocab_size": cfg.vocab_size, "routed_experts": cfg.n_routed_experts,
                    "experts_per_token": cfg.num_experts_per_tok},
@@ -166,8 +178,8 @@ def _markdown(r: dict) -> str:
         f"Speculative decoding with the MTP layer vs plain decoding, same weights, same run: {c['model_type']}, "
         f"hidden {c['hidden_size']}, {c['layers']} layers + {c['mtp_layers']} MTP layer, {c['routed_experts']} "
         f"routed experts ({c['experts_per_token']} per token), vocabulary {c['vocab_size']} (lm_head "
-        f"{r['lm_head_mib']:.0f} MiB, read again by the MTP layer's shared head), random weights, fp32, "
-        f"{r['machine']['threads']} threads, torch {r['machine']['torch']}. Decode {r['decode_tokens']} tokens per "
+        f"{r['lm_head_mib']:.0f} MiB, read again by the MTP layer's shared head), random weights, {r['dtype']}, "
+        f"{r['device']}, {r['machine']['threads']} threads, torch {r['machine']['torch']}. Decode {r['decode_tokens']} tokens per "
         f"request after a {r['prompt_tokens']}-token prompt; best of {r['repeats']} alternating rounds; load "
         f"average at the end {', '.join(f'{x:.1f}' for x in r['load_average'])}.",
         "",
@@ -197,8 +209,11 @@ def main_bench_spec(args: argparse.Namespace) -> int:
     from dsv32.presets import resolve_preset
 
     config = resolve_preset(args.config or "bench-small")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: this machine has no CUDA device")
     bench_spec(
-        config, Path(args.out), batches=positive_ints(args.batches), tokens=args.tokens, repeats=args.repeats
-    )
+        config, Path(args.out), batches=positive_ints(args.batches), tokens=args.tokens, repeats=args.repeats,
+        device=args.device, dtype=args.dtype,
+    )  # fmt: skip
     print((Path(args.out) / "bench_spec.md").read_text())
     return 0
