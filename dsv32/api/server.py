@@ -120,6 +120,11 @@ def serve(opts: ServeOptions) -> None:
             f"compiled CPU decode step: {'yes' if compiled else 'no (see the warning above)'}",
             file=sys.stderr,
         )
+    if opts.num_speculative_tokens:
+        print(
+            f"speculative decoding: the MTP layer drafts {opts.num_speculative_tokens} token per step",
+            file=sys.stderr,
+        )
     app = create_app(ctx)
     print(
         f"dsv32 serving {ctx.served_model_name} on http://{opts.host}:{opts.port}",
