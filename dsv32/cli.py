@@ -312,6 +312,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     sp.add_argument("--tokens", type=int, default=32, metavar="N", help="decode tokens per request")
     sp.add_argument("--batches", default="1,16", metavar="LIST", help="batch sizes (default 1,16)")
     sp.add_argument("--repeats", type=int, default=3, metavar="N", help="alternating rounds (default 3)")
+    sp.add_argument(
+        "--num-speculative-tokens", type=int, default=1, metavar="K", help="drafts per step (1-4)"
+    )
     sp.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     sp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="default float32")
     sp.add_argument("--out", type=Path, default=Path("benchmarks/results"), metavar="DIR")

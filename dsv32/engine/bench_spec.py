@@ -4,9 +4,10 @@ step measured in the same run on the same weights, and the acceptance rate at wh
 The model is the benchmark config with one MTP layer added (``num_nextn_predict_layers`` 1), random
 weights, so the drafts are noise and nearly all rejected: a step's cost does not depend on whether its draft
 is accepted (the verified positions are computed either way), so what is measured is the cost, and the
-tokens per second at an acceptance rate ``a`` follow exactly as ``batch * (1 + a) / step time``. The
-benchmark prints that at the acceptance DeepSeek reports for its MTP module (85-90 %), and the break-even
-rate (spec step time / plain step time - 1). Plain and speculative rounds alternate (so drift hits both);
+tokens per second at an acceptance rate ``a`` follow as ``batch * (1 + a + ... + a^k) / step time`` for k
+drafts a step (exactly for k = 1). The benchmark prints that at the acceptance DeepSeek reports for its MTP
+module (85-90 %), and the break-even rate (where those tokens pay for the step's cost against a plain
+step). Plain and speculative rounds alternate (so drift hits both);
 each round admits the batch, runs the prefill, then times the decode steps only; both engines must produce
 the same greedy tokens. Results go to ``benchmarks/results/bench_spec.{json,md}``.
 """
@@ -63,20 +64,26 @@ def _round(core, batch: int, tokens: int, prompts: list[list[int]], tag: str) ->
 
 
 def _time_drafts(core) -> dict:
-    """Time the runner's MTP pass (``ModelRunner.draft``) while a round runs; ``restore`` undoes it."""
+    """Time the runner's MTP passes (``ModelRunner.draft`` and ``draft_chain``) while a round runs;
+    ``restore`` undoes it."""
     runner, spent = core.runner, {"s": 0.0}
-    orig = runner.draft
 
-    def timed(*a, **k):
-        t = time.perf_counter()
-        res = orig(*a, **k)
-        if res.is_cuda:  # the pass is queued work until the device is done with it
-            torch.cuda.synchronize(res.device)
-        spent["s"] += time.perf_counter() - t
-        return res
+    def wrap(name: str) -> None:
+        orig = getattr(runner, name)
 
-    runner.draft = timed
-    spent["restore"] = lambda: vars(runner).pop("draft", None)
+        def timed(*a, **k):
+            t = time.perf_counter()
+            res = orig(*a, **k)
+            if res[1].is_cuda:  # the pass is queued work until the device is done with it
+                torch.cuda.synchronize(res[1].device)
+            spent["s"] += time.perf_counter() - t
+            return res
+
+        setattr(runner, name, timed)
+
+    wrap("draft")
+    wrap("draft_chain")
+    spent["restore"] = lambda: [vars(runner).pop(n, None) for n in ("draft", "draft_chain")]
     return spent
 
 
@@ -89,6 +96,7 @@ def bench_spec(
     prompt_tokens: int = 32,
     device: str = "cpu",
     dtype: str = "float32",
+    num_speculative_tokens: int = 1,
 ) -> dict:
     """Plain and speculative rounds on ``config`` + one MTP layer (on a GPU: both through CUDA graphs)."""
     import dsv32
@@ -112,7 +120,7 @@ def bench_spec(
             ),
             eos_id=None,
         )  # fmt: skip
-        for k in (0, 1)
+        for k in (0, num_speculative_tokens)
     }
     gen = torch.Generator().manual_seed(0)
     prompts = [
@@ -132,17 +140,21 @@ def bench_spec(
     rows = []
     for batch in batches:
         plain = max(rounds[f"{batch}/0"], key=lambda x: x["tok_s"])
-        spec = max(rounds[f"{batch}/1"], key=lambda x: x["tok_s"])
+        spec = max(rounds[f"{batch}/{num_speculative_tokens}"], key=lambda x: x["tok_s"])
         ratio = spec["ms_per_step"] / plain["ms_per_step"]
         rows.append({
             "batch": batch, "plain_tok_s": plain["tok_s"], "plain_ms_per_step": plain["ms_per_step"],
             "spec_tok_s": spec["tok_s"], "spec_ms_per_step": spec["ms_per_step"],
             "mtp_pass_ms_per_step": spec["mtp_pass_ms"], "step_cost_ratio": ratio,
-            "acceptance": spec["accepted"] / max(1, spec["drafted"]), "break_even_acceptance": ratio - 1,
-            "projected": [{"acceptance": a, "tok_s": batch * (1 + a) / (spec["ms_per_step"] / 1000),
-                           "speedup": (1 + a) / ratio} for a in REPORTED_ACCEPTANCE],
+            "acceptance": spec["accepted"] / max(1, spec["drafted"]),
+            "break_even_acceptance": _break_even(ratio, num_speculative_tokens),
+            "projected": [{"acceptance": a, "tok_s": batch * _tokens_per_step(a, num_speculative_tokens)
+                           / (spec["ms_per_step"] / 1000),
+                           "speedup": _tokens_per_step(a, num_speculative_tokens) / ratio}
+                          for a in REPORTED_ACCEPTANCE],
             "same_greedy_tokens": all(
-                x["outputs"] == y["outputs"] for x, y in zip(rounds[f"{batch}/0"], rounds[f"{batch}/1"], strict=True)
+                x["outputs"] == y["outputs"]
+                for x, y in zip(rounds[f"{batch}/0"], rounds[f"{batch}/{num_speculative_tokens}"], strict=True)
             ),
         })  # fmt: skip
     for core in cores.values():
@@ -159,6 +171,7 @@ def bench_spec(
                    "mtp_layers": 1, "vocab_size": cfg.vocab_size, "routed_experts": cfg.n_routed_experts,
                    "experts_per_token": cfg.num_experts_per_tok},
         "lm_head_mib": head.numel() * head.element_size() / 2**20,
+        "num_speculative_tokens": num_speculative_tokens,
         "decode_tokens": tokens, "prompt_tokens": prompt_tokens, "repeats": repeats,
         "load_average": list(os.getloadavg()),
         "rows": rows,
@@ -167,6 +180,23 @@ def bench_spec(
     (out_dir / "bench_spec.json").write_text(json.dumps(result, indent=1))
     (out_dir / "bench_spec.md").write_text(_markdown(result))
     return result
+
+
+def _tokens_per_step(a: float, k: int) -> float:
+    """Expected tokens a request gets from a step with k drafts when each is accepted with probability a
+    (given the ones before it): 1 + a + ... + a^k."""
+    return sum(a**j for j in range(k + 1))
+
+
+def _break_even(cost_ratio: float, k: int) -> float | None:
+    """The acceptance at which a speculative step's tokens pay for its cost (None: not even at 100 %)."""
+    if _tokens_per_step(1.0, k) < cost_ratio:
+        return None
+    lo, hi = 0.0, 1.0
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if _tokens_per_step(mid, k) < cost_ratio else (lo, mid)
+    return hi
 
 
 def _markdown(r: dict) -> str:
@@ -183,10 +213,11 @@ def _markdown(r: dict) -> str:
         f"request after a {r['prompt_tokens']}-token prompt; best of {r['repeats']} alternating rounds; load "
         f"average at the end {', '.join(f'{x:.1f}' for x in r['load_average'])}.",
         "",
-        "Random weights make random drafts, so the measured acceptance is ~0 and the measured speculative "
-        "tok/s is a floor. A step costs the same whether its draft is accepted or not, so the tok/s at "
-        f"acceptance a is batch x (1 + a) / step time: shown at {a_lo:.0%} and {a_hi:.0%}, the acceptance "
-        "DeepSeek reports for its MTP module on the real weights.",
+        f"{r['num_speculative_tokens']} draft token(s) per step. Random weights make random drafts, so the "
+        "measured acceptance is ~0 and the measured speculative tok/s is a floor. A step costs the same whether "
+        "its drafts are accepted or not, so the tok/s at acceptance a is batch x (1 + a + ... + a^k) / step "
+        f"time: shown at {a_lo:.0%} and {a_hi:.0%}, the acceptance DeepSeek reports for its MTP module on the real "
+        "weights (for the first draft; chained drafts are assumed to keep it).",
         "",
         "| batch | plain tok/s (ms/step) | spec tok/s measured (ms/step, of which MTP pass) | step cost | "
         f"acceptance measured | break-even acceptance | projected at {a_lo:.0%} / {a_hi:.0%} | same tokens |",
@@ -197,11 +228,15 @@ def _markdown(r: dict) -> str:
         lines.append(
             f"| {x['batch']} | {x['plain_tok_s']:.1f} ({x['plain_ms_per_step']:.1f}) | {x['spec_tok_s']:.1f} "
             f"({x['spec_ms_per_step']:.1f}, {x['mtp_pass_ms_per_step']:.1f}) | {x['step_cost_ratio']:.2f}x | "
-            f"{x['acceptance']:.1%} | {x['break_even_acceptance']:.0%} | {p[0]['tok_s']:.1f} / {p[1]['tok_s']:.1f} "
+            f"{x['acceptance']:.1%} | {_pct(x['break_even_acceptance'])} | {p[0]['tok_s']:.1f} / {p[1]['tok_s']:.1f} "
             f"tok/s ({p[0]['speedup']:.2f}x / {p[1]['speedup']:.2f}x) | {'yes' if x['same_greedy_tokens'] else 'NO'} |"
         )
     lines.append("")
     return "\n".join(lines)
+
+
+def _pct(x: float | None) -> str:
+    return "never" if x is None else f"{x:.0%}"
 
 
 def main_bench_spec(args: argparse.Namespace) -> int:
@@ -213,7 +248,7 @@ def main_bench_spec(args: argparse.Namespace) -> int:
         raise ValueError(f"--device {args.device}: this machine has no CUDA device")
     bench_spec(
         config, Path(args.out), batches=positive_ints(args.batches), tokens=args.tokens, repeats=args.repeats,
-        device=args.device, dtype=args.dtype,
+        device=args.device, dtype=args.dtype, num_speculative_tokens=args.num_speculative_tokens,
     )  # fmt: skip
     print((Path(args.out) / "bench_spec.md").read_text())
     return 0

@@ -3,10 +3,10 @@
 One ``step()``: the scheduler picks this step's chunks, the runner computes them against the paged
 cache, the sampler draws one token for every request whose known tokens are now all in the cache, and
 finished requests (EOS, stop token, stop string, max_tokens, context full, abort) release their blocks.
-With speculative decoding (``num_speculative_tokens``) a decode also computes the draft token that the
-model's MTP layer proposed last step; when the token sampled before it equals the draft, the draft's row is
-sampled too, so a step yields one or two tokens per request, the same tokens as without drafts (up to the
-float rounding that a batch's shape brings).
+With speculative decoding (``num_speculative_tokens``) a decode also computes the draft tokens that the
+model's MTP layer proposed last step; while the token sampled before a draft equals it, the draft's row is
+sampled too, so a step yields one to 1 + num_speculative_tokens tokens per request, the same tokens as
+without drafts (up to the float rounding that a batch's shape brings).
 Constrained requests (``SamplingParams.guided``) get their grammar's token mask applied to their logits rows
 before the sampler and their matcher advanced after it; a step without one skips all of that.
 Knows nothing of threads or HTTP: ``AsyncEngine`` and ``LLM`` drive it.
@@ -36,6 +36,9 @@ from dsv32.model.transformer import DeepseekForCausalLM
 log = logging.getLogger(__name__)
 
 
+MAX_SPECULATIVE_TOKENS = 4  # drafts per step: the MTP layer once, then chained on its own output
+
+
 class EngineError(ValueError):
     """A request the engine cannot take (too long, bad ids, duplicate id); the message says why."""
 
@@ -55,8 +58,8 @@ class EngineConfig:
     # CPU: run single-request decode steps as one torch.compile'd step (``compiled_decode``), compiled when
     # the engine starts (~107 s on bench-small's 32K context; needs a C++ compiler)
     compile_cpu_decode: bool = False
-    # speculative decoding: draft tokens per step from the model's MTP layer (0: off; 1: the one MTP layer's
-    # draft). On a GPU the drafted decode steps and the MTP pass replay from CUDA graphs; the compiled CPU
+    # speculative decoding: draft tokens per step from the model's MTP layer (0: off; 1: the MTP layer's
+    # draft; up to 4: chained on its own output, as vLLM does). On a GPU the drafted decode steps and the MTP pass replay from CUDA graphs; the compiled CPU
     # step is not used with drafts.
     num_speculative_tokens: int = 0
 
@@ -99,8 +102,8 @@ class EngineCore:
         self.max_model_len = cfg.max_model_len or mcfg.max_position_embeddings
         self.eos_id = eos_id if eos_id is not None else mcfg.eos_token_id
         self.num_speculative_tokens = k = cfg.num_speculative_tokens
-        if k not in (0, 1):
-            raise EngineError(f"num_speculative_tokens must be 0 or 1 (one MTP layer drafts), got {k}")
+        if not 0 <= k <= MAX_SPECULATIVE_TOKENS:
+            raise EngineError(f"num_speculative_tokens must be in [0, {MAX_SPECULATIVE_TOKENS}], got {k}")
         if k and not model.mtp_layers:
             raise EngineError("speculative decoding needs the checkpoint's MTP layer; this model has none")
         n_layers = mcfg.num_hidden_layers + (1 if k else 0)  # the MTP layer keeps a cache of its own
@@ -309,24 +312,67 @@ class EngineCore:
         return result
 
     def _propose(self, chunks: list[ScheduledChunk], going_on: list[ScheduledChunk]) -> None:
-        """Speculative decoding: the MTP pass over this step, and the next step's draft for each request in
-        ``going_on`` that has room for two more tokens (a draft and the token after it). The draft is the
-        MTP layer's most likely token after the request's own logit bias and penalties, among those its
-        grammar allows next (the sampling and grammar states have taken this step's tokens): what the
-        sampler will do to the verifying row, so those settings do not waste drafts."""
+        """Speculative decoding: the MTP pass over this step, and the next step's drafts for each request in
+        ``going_on`` with room for a draft and the token after it.
+
+        The first draft is the MTP layer's most likely token after the request's own logit bias and
+        penalties, among those its grammar allows next (the sampling and grammar states have taken this
+        step's tokens): what the sampler will do to the verifying row, so those settings do not waste
+        drafts. Further drafts (``num_speculative_tokens`` > 1) chain the MTP layer on its own output, one
+        position further each (``ModelRunner.draft_chain``), with the logit bias and the penalties of the
+        tokens known so far; a constrained request drafts one token, and a request drafts no further than
+        its max_tokens, the free blocks or a stop token allow."""
         drafting = []
         for c in going_on:
             req = c.request
             req.draft_ids = []
             if len(req.output_ids) + 2 <= req.max_tokens:
                 drafting.append(c)
-        logits = self.runner.draft(chunks, drafting)
+        v, logits = self.runner.draft(chunks, drafting)
         if not drafting:
             return
         lives = [self.live[c.request.request_id] for c in drafting]
-        guided = [
-            (i, lv.guided) for i, lv in enumerate(lives) if lv.guided is not None and lv.guided.needs_mask
-        ]
+        tokens = self._draft_tokens(logits, lives, grammar=True)
+        for c, tok in zip(drafting, tokens, strict=True):
+            c.request.draft_ids = [tok]
+        # chained drafts: the j-th sits at position q + j - 1 (q: the last computed position), on the slot
+        # of the token the next step computes there; v's rows follow ``active``
+        active = list(range(len(drafting)))
+        for j in range(2, self.num_speculative_tokens + 1):
+            keep = [n for n, i in enumerate(active) if self._chains(drafting[i].request, lives[i], j)]
+            if not keep:
+                break
+            if len(keep) < len(active):
+                v = v[torch.tensor(keep, device=v.device)]
+            active = [active[n] for n in keep]
+            reqs = [drafting[i].request for i in active]
+            v, logits = self.runner.draft_chain(
+                [drafting[i] for i in active],
+                [r.num_computed + j - 2 for r in reqs],
+                v,
+                [r.draft_ids[-1] for r in reqs],
+            )
+            for r, tok in zip(reqs, self._draft_tokens(logits, [lives[i] for i in active]), strict=True):
+                r.draft_ids.append(tok)
+
+    def _chains(self, req: Request, lv: _Live, j: int) -> bool:
+        """Whether ``req`` drafts a j-th token: not constrained, room for it and the token after it, its
+        last draft no stop token, and a block for the slot the chain writes (reserved now if free)."""
+        return (
+            lv.guided is None
+            and len(req.output_ids) + j + 1 <= req.max_tokens
+            and req.draft_ids[-1] not in lv.stop_ids
+            and self.scheduler.reserve(req, req.num_computed + j - 1)
+        )
+
+    def _draft_tokens(self, logits: torch.Tensor, lives: list[_Live], grammar: bool = False) -> list[int]:
+        """The most likely token of each row after the request's logit bias and penalties (and, with
+        ``grammar``, among those its grammar allows next)."""
+        guided = []
+        if grammar:
+            guided = [
+                (i, lv.guided) for i, lv in enumerate(lives) if lv.guided is not None and lv.guided.needs_mask
+            ]
         if guided or any(adjusts_logits(lv.params) for lv in lives):
             # a normal tensor (the runner's is an inference tensor) changed in place outside inference
             # mode, where the sampling states' cached tensors must stay normal ones
@@ -334,8 +380,7 @@ class EngineCore:
             apply_bias_and_penalties(logits, [lv.state for lv in lives])
             if guided:
                 self._masker.apply(logits, [i for i, _ in guided], [g for _, g in guided])
-        for c, tok in zip(drafting, logits.argmax(-1).tolist(), strict=True):
-            c.request.draft_ids = [tok]
+        return logits.argmax(-1).tolist()
 
     def stats(self) -> dict:
         return {

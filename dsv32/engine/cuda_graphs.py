@@ -56,6 +56,7 @@ class _Step:
     next_ids: torch.Tensor | None = None
     draft_graph: torch.cuda.CUDAGraph | None = None
     draft_logits: torch.Tensor | None = None
+    draft_v: torch.Tensor | None = None  # [1, R, D] the MTP layer's output (chained drafts read it)
 
 
 class DecodeGraphs:
@@ -127,9 +128,11 @@ class DecodeGraphs:
             return logits[: len(sampling)]
         return logits.index_select(0, torch.tensor(sampling, device=logits.device))
 
-    def draft(self, chunks: list[ScheduledChunk], drafting: list[ScheduledChunk]) -> torch.Tensor:
+    def draft(
+        self, chunks: list[ScheduledChunk], drafting: list[ScheduledChunk]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The MTP pass over the step ``execute`` just ran, as ``ModelRunner.draft`` (whose contract this
-        follows): fp32 logits [len(drafting), vocab]."""
+        follows): (v [len(drafting), D], fp32 logits [len(drafting), vocab])."""
         step, rows_of = self._last
         self._last = None
         next_ids = [0] * step.ids.shape[0]  # padding rows and rejected drafts: a placeholder
@@ -144,8 +147,12 @@ class DecodeGraphs:
             logits = step.draft_logits
         else:
             logits = self._draft_forward(step)
-        rows = [rows_of[id(c)][c.request.num_computed - 1 - c.start] for c in drafting]
-        return logits.index_select(0, torch.tensor(rows, device=logits.device, dtype=torch.long))
+        rows = torch.tensor(
+            [rows_of[id(c)][c.request.num_computed - 1 - c.start] for c in drafting],
+            device=logits.device,
+            dtype=torch.long,
+        )
+        return step.draft_v[0].index_select(0, rows), logits.index_select(0, rows)
 
     def _step(self, rows: int, longest: int) -> _Step:
         """The step of the bucket of ``rows`` rows whose longest context is ``longest`` (made on first use)."""
@@ -208,5 +215,5 @@ class DecodeGraphs:
 
     def _draft_forward(self, step: _Step) -> torch.Tensor:
         """The MTP layer over the step's rows: its cache entries, and its logits [R, vocab] (fp32)."""
-        h = self.mtp.draft_hidden(step.hidden, step.next_ids[None], self._context(step))
-        return self.mtp.shared_head.head(h[0]).float()
+        step.draft_v = self.mtp.draft_hidden(step.hidden, step.next_ids[None], self._context(step))
+        return self.mtp.draft_logits(step.draft_v[0]).float()

@@ -217,13 +217,16 @@ class ModelRunner:
         return self.model.lm_head(hidden[0, rows]).float()
 
     @torch.inference_mode()
-    def draft(self, chunks: list[ScheduledChunk], drafting: list[ScheduledChunk]) -> torch.Tensor:
+    def draft(
+        self, chunks: list[ScheduledChunk], drafting: list[ScheduledChunk]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The MTP pass over the step ``execute`` just ran (``keep_hidden``), after its tokens were sampled.
 
         The MTP layer reads each row's hidden state h_i with the token at i+1 (a placeholder where that is
         not known: a rejected draft's row, rewritten next step) and writes its own cache entry at every
-        row, so later drafts attend over the whole context. Returns fp32 logits [len(drafting), vocab] of
-        the token after next for each of ``drafting``, from the row of its request's last computed position."""
+        row, so later drafts attend over the whole context. Returns, for each of ``drafting``, from the row
+        of its request's last computed position: the MTP layer's output v [len(drafting), D] (for
+        ``draft_chain``) and the fp32 logits [len(drafting), vocab] of the token after next."""
         if self._last is None:  # the step ran as a fixed-shape step
             return self.graphs.draft(chunks, drafting)
         ctx, hidden, rows_of = self._last
@@ -237,4 +240,22 @@ class ModelRunner:
         mtp = self.model.mtp_layers[0]
         h = mtp.draft_hidden(hidden, torch.tensor([next_ids], device=self.device), ctx)
         rows = [rows_of[id(c)][c.request.num_computed - 1 - c.start] for c in drafting]
-        return mtp.shared_head.head(h[0, torch.tensor(rows, device=self.device, dtype=torch.long)]).float()
+        v = h[0, torch.tensor(rows, device=self.device, dtype=torch.long)]
+        return v, mtp.draft_logits(v).float()
+
+    @torch.inference_mode()
+    def draft_chain(
+        self, chunks: list[ScheduledChunk], positions: list[int], v: torch.Tensor, tokens: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One more draft per chunk's request: the MTP layer at ``positions`` (one row each, after the
+        request's computed tokens) reads the previous draft's output ``v`` [n, D] and that draft's token,
+        writes its cache entry there (rewritten when the position is computed) and returns (v, logits) as
+        ``draft`` does."""
+        rows = [_Row(c, pos, tok) for c, pos, tok in zip(chunks, positions, tokens, strict=True)]
+        dec, new = self._decodes(rows, 0)
+        q_pos = torch.tensor(positions, device=self.device)
+        cos, sin = self.model.rotary(q_pos, self.model.dtype)
+        ctx = PagedContext(self.cache, [dec], [], new, cos, sin)
+        mtp = self.model.mtp_layers[0]
+        h = mtp.draft_hidden(v[None], torch.tensor([tokens], device=self.device), ctx)[0]
+        return h, mtp.draft_logits(h).float()

@@ -130,6 +130,11 @@ class Scheduler:
                 self.pool.mark_full(req.block_table[b], hashes[b])
             req.block_hashes = hashes
 
+    def reserve(self, req: Request, n_tokens: int) -> bool:
+        """Give a running request blocks for its first ``n_tokens`` positions if they are free (chained
+        drafts write the MTP layer's entries ahead); False, taking nothing more, if not."""
+        return self._ensure_blocks(req, n_tokens)
+
     # ---- helpers ----------------------------------------------------------------------------
     def _take_prefix_hits(self, req: Request) -> int:
         """Take the cached blocks of the request's leading full blocks; returns how many blocks were looked up."""

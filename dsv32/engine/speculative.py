@@ -2,8 +2,8 @@
 
 ``{"method": "mtp", "num_speculative_tokens": 1}`` (``"deepseek_mtp"`` is accepted too, as vLLM names it).
 The engine side is ``EngineConfig.num_speculative_tokens``: the MTP layer drafts the token after next from
-each step's last hidden state, the next step computes it beside the sampled token, and sampling verifies it
-(``EngineCore.step``).
+each step's last hidden state (and, for more than one draft, again from its own output), the next step
+computes the drafts beside the sampled token, and sampling verifies them (``EngineCore.step``).
 """
 
 from __future__ import annotations
@@ -11,13 +11,15 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from dsv32.engine.core import MAX_SPECULATIVE_TOKENS
+
 METHODS = ("mtp", "deepseek_mtp")
 
 
 def num_speculative_tokens(config: dict[str, Any] | str | None) -> int:
     """Draft tokens per step asked for by a ``speculative_config`` (a dict or its JSON text; None: 0).
 
-    Raises ValueError, saying why, for anything but the MTP method with one draft token."""
+    Raises ValueError, saying why, for anything but the MTP method with 1 to 4 draft tokens."""
     if config is None:
         return 0
     if isinstance(config, str):
@@ -34,8 +36,9 @@ def num_speculative_tokens(config: dict[str, Any] | str | None) -> int:
     if method not in METHODS:
         raise ValueError(f"speculative_config: method {method!r} is not supported; use one of {METHODS}")
     k = config.get("num_speculative_tokens", 1)
-    if k != 1 or isinstance(k, bool):
+    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= MAX_SPECULATIVE_TOKENS:
         raise ValueError(
-            f"speculative_config: num_speculative_tokens must be 1 (the checkpoints have one MTP layer), got {k!r}"
+            f"speculative_config: num_speculative_tokens must be an integer in [1, {MAX_SPECULATIVE_TOKENS}] "
+            f"(past the first, drafts chain the one MTP layer on its own output), got {k!r}"
         )
-    return 1
+    return k

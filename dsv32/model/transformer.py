@@ -61,15 +61,21 @@ class MTPLayer(Block):
         next_ids: torch.Tensor,  # [B, T] tokens at positions i+1
         ctx: AttentionContext,
     ) -> torch.Tensor:
-        return self.shared_head.head(self.draft_hidden(hidden, next_ids, ctx))
+        return self.draft_logits(self.draft_hidden(hidden, next_ids, ctx))
 
     def draft_hidden(
         self, hidden: torch.Tensor, next_ids: torch.Tensor, ctx: AttentionContext
     ) -> torch.Tensor:
-        """``norm(v)`` [B, T, D]: what the shared head reads (a speculative decoder takes it for a few rows)."""
+        """The block's output v [B, T, D]. A speculative decoder takes logits for a few rows of it
+        (``draft_logits``) and, drafting further, feeds v back as the next position's ``hidden`` (as vLLM
+        chains its MTP drafts)."""
         e = self.enorm(self.embed_tokens(next_ids))
         u = self.eh_proj(torch.cat((e, self.hnorm(hidden)), dim=-1))
-        return self.shared_head.norm(super().forward(u, ctx))
+        return super().forward(u, ctx)
+
+    def draft_logits(self, v: torch.Tensor) -> torch.Tensor:
+        """head(norm(v)): the logits of the token after next."""
+        return self.shared_head.head(self.shared_head.norm(v))
 
 
 class DeepseekModel(nn.Module):

@@ -96,5 +96,5 @@ def test_speculative_config_gives_the_same_outputs(llm):
     ]
     assert spec.engine.num_speculative_tokens == 1 and spec.engine.stats()["spec_draft_tokens"] > 0
     spec.engine.pool.assert_no_leaks()
-    with pytest.raises(ValueError, match="num_speculative_tokens must be 1"):
-        dsv32.LLM(speculative_config='{"method": "mtp", "num_speculative_tokens": 3}')
+    with pytest.raises(ValueError, match="num_speculative_tokens must be"):
+        dsv32.LLM(speculative_config='{"method": "mtp", "num_speculative_tokens": 9}')

@@ -74,12 +74,13 @@ def prompts(n: int, seed: int) -> dict[str, list[int]]:
     return out
 
 
+@pytest.mark.parametrize("k", [1, 3])
 @pytest.mark.parametrize("which", ["random", "oracle"])
 @pytest.mark.parametrize("num_blocks", [80, 14])  # 14 blocks of 4: preemption
-def test_greedy_with_drafts_equals_each_request_alone(model, oracle, which, num_blocks):
+def test_greedy_with_drafts_equals_each_request_alone(model, oracle, which, num_blocks, k):
     m = model if which == "random" else oracle
     ps = prompts(6, seed=num_blocks)
-    core = engine(m, 1, num_blocks=num_blocks)
+    core = engine(m, k, num_blocks=num_blocks)
     got, _, _ = run(core, ps, SamplingParams(temperature=0.0, max_tokens=9))
     for rid, p in ps.items():
         assert got[rid] == alone(m, p, 9), rid
@@ -91,15 +92,16 @@ def test_greedy_with_drafts_equals_each_request_alone(model, oracle, which, num_
         assert stats["preemptions"] > 0
 
 
-def test_good_drafts_halve_the_steps(oracle):
+@pytest.mark.parametrize(("k", "steps"), [(1, 11), (3, 6)])
+def test_good_drafts_divide_the_steps(oracle, k, steps):
     p = {"a": [5, 6, 7]}
     plain, _, plain_steps = run(engine(oracle, 0), p, SamplingParams(temperature=0.0, max_tokens=21))
-    core = engine(oracle, 1)
+    core = engine(oracle, k)
     spec, _, spec_steps = run(core, p, SamplingParams(temperature=0.0, max_tokens=21))
     assert spec == plain and len(spec["a"]) == 21
-    # prefill + first token, then two tokens a step: 1 + 10 steps instead of 21
-    assert plain_steps == 21 and spec_steps == 11
-    assert core.stats()["spec_accepted_tokens"] == core.stats()["spec_draft_tokens"] == 10
+    # prefill + first token, then 1 + k tokens a step: 1 + 20 / (1 + k) steps instead of 21
+    assert plain_steps == 21 and spec_steps == steps
+    assert core.stats()["spec_accepted_tokens"] == core.stats()["spec_draft_tokens"] == 20 - (steps - 1)
 
 
 def test_seeded_sampling_and_logprobs_are_those_of_plain_decoding(oracle):
@@ -146,7 +148,9 @@ def test_each_draft_equals_the_full_sequence_mtp_forward(model):
     g = torch.Generator().manual_seed(11)
     shared = torch.randint(2, 300, (16,), generator=g).tolist()
     checked = 0
-    for rid, prompt in (("a", shared + [3, 4]), ("b", shared + [7, 8, 9])):  # b hits a's cached blocks
+    # b hits a's cached blocks; its token after them is a's too, for the MTP entry at a block's last position
+    # is computed with the token after it (README: a prefix hit can change a draft, never the output)
+    for rid, prompt in (("a", shared + [3, 4]), ("b", shared + [3, 8, 9])):
         core.add_request(rid, prompt, SamplingParams(temperature=0.0, max_tokens=12))
         while core.has_work():
             core.step()
@@ -159,7 +163,7 @@ def test_each_draft_equals_the_full_sequence_mtp_forward(model):
                 ref = model.mtp_logits(h[:, :-1], ids[:, 1:])[0, -1].argmax().item()
             assert live.request.draft_ids == [ref]
             checked += 1
-    assert checked >= 18
+    assert checked >= 18 and core.stats()["prefix_cache_hit_rate"] > 0
     core.pool.assert_no_leaks()
 
 
@@ -167,8 +171,8 @@ def test_speculative_decoding_needs_an_mtp_layer(model):
     no_mtp = DeepseekForCausalLM(tiny_config(num_nextn_predict_layers=0))
     with pytest.raises(EngineError, match="MTP layer"):
         EngineCore(no_mtp, EngineConfig(num_blocks=8, num_speculative_tokens=1))
-    with pytest.raises(EngineError, match="0 or 1"):
-        EngineCore(model, EngineConfig(num_blocks=8, num_speculative_tokens=2))
+    with pytest.raises(EngineError, match=r"in \[0, 4\]"):
+        EngineCore(model, EngineConfig(num_blocks=8, num_speculative_tokens=5))
 
 
 def test_constrained_requests_draft_within_their_grammar():
@@ -203,3 +207,42 @@ def test_drafts_see_the_requests_penalties_and_logit_bias(oracle):
     assert spec == plain
     stats = core.stats()
     assert stats["spec_accepted_tokens"] >= 0.95 * stats["spec_draft_tokens"] > 0  # 74 % with raw drafts
+
+
+def chained_reference(model, ids: list[int], k: int) -> list[int]:
+    """k drafts after ``ids`` from full-sequence forwards: the MTP layer over every position with the main
+    model's hidden state and the next token, then fed its own output and its draft, one position further
+    each time."""
+    mtp = model.mtp_layers[0]
+    t = torch.tensor([ids])
+    drafts = []
+    with torch.no_grad():
+        hidden, nxt = model.hidden_states(t[:, :-1]), t[:, 1:]
+        for _ in range(k):
+            v = mtp.draft_hidden(hidden, nxt, model.contiguous_context(hidden.shape[1]))
+            drafts.append(int(mtp.draft_logits(v[:, -1]).argmax()))
+            hidden = torch.cat((hidden, v[:, -1:]), dim=1)
+            nxt = torch.cat((nxt, torch.tensor([[drafts[-1]]])), dim=1)
+    return drafts
+
+
+def test_chained_drafts_equal_the_full_sequence_chain(model):
+    """With 3 drafts a step, the second and third come from the MTP layer on its own output, with its cache
+    entries written ahead (and rewritten when those positions are computed): each equals the chain computed
+    over the whole sequence."""
+    core = engine(model, 3, max_num_batched_tokens=7)
+    g = torch.Generator().manual_seed(12)
+    shared = torch.randint(2, 300, (16,), generator=g).tolist()
+    checked = 0
+    for rid, prompt in (("a", shared + [3, 4]), ("b", shared + [3, 8, 9])):  # as above: b hits a's blocks
+        core.add_request(rid, prompt, SamplingParams(temperature=0.0, max_tokens=14))
+        while core.has_work():
+            core.step()
+            live = core.live.get(rid)
+            if live is None or not live.request.draft_ids:
+                continue
+            drafts = live.request.draft_ids
+            assert drafts == chained_reference(model, live.request.all_ids, len(drafts))
+            checked += len(drafts) == 3
+    assert checked >= 10 and core.stats()["prefix_cache_hit_rate"] > 0
+    core.pool.assert_no_leaks()

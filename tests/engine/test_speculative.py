@@ -12,6 +12,7 @@ def test_accepted_spellings():
     assert num_speculative_tokens(None) == 0
     assert num_speculative_tokens({"method": "mtp", "num_speculative_tokens": 1}) == 1
     assert num_speculative_tokens('{"method": "deepseek_mtp"}') == 1  # one draft token unless told
+    assert num_speculative_tokens({"method": "mtp", "num_speculative_tokens": 3}) == 3
 
 
 @pytest.mark.parametrize(
@@ -20,8 +21,9 @@ def test_accepted_spellings():
         ("{not json", "not valid JSON"),
         ("[1]", "JSON object"),
         ({"method": "eagle"}, "method 'eagle' is not supported"),
-        ({"method": "mtp", "num_speculative_tokens": 2}, "must be 1"),
-        ({"method": "mtp", "num_speculative_tokens": True}, "must be 1"),
+        ({"method": "mtp", "num_speculative_tokens": 5}, r"integer in \[1, 4\]"),
+        ({"method": "mtp", "num_speculative_tokens": True}, r"integer in \[1, 4\]"),
+        ({"method": "mtp", "num_speculative_tokens": 0}, r"integer in \[1, 4\]"),
         ({"method": "mtp", "model": "x"}, "unsupported keys"),
     ],
 )
