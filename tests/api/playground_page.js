@@ -1,13 +1,14 @@
 // Runs the playground page's own script (dsv32/api/playground/playground.js) in Node against a running
 // server: a minimal stand-in for the browser's DOM (the elements index.html declares, by id), the real
 // fetch pointed at the server. Types a message, presses Send, waits for the reply, prints what the page shows.
-// usage: node playground_page.js SERVER_URL API_KEY MESSAGE
+// usage: node playground_page.js SERVER_URL API_KEY MESSAGE [MAX_TOKENS [stop]]
+// ("stop": press Stop once the reply has started)
 "use strict";
 const fs = require("fs");
 const path = require("path");
 const vm = require("vm");
 
-const [base, apiKey, message] = process.argv.slice(2);
+const [base, apiKey, message, maxTokens = "12", action = ""] = process.argv.slice(2);
 const dir = path.join(__dirname, "..", "..", "dsv32", "api", "playground");
 const html = fs.readFileSync(path.join(dir, "index.html"), "utf8");
 
@@ -56,11 +57,14 @@ vm.runInContext(fs.readFileSync(path.join(dir, "playground.js"), "utf8"), contex
   const $ = (id) => elements[id];
   $("api_key").value = apiKey;
   $("temperature").value = "0";
-  $("max_tokens").value = "12";
+  $("max_tokens").value = maxTokens;
   $("input").value = message;
   $("send").fire("click"); // send() disables the button before its first await, and enables it at the end
   if (!$("send").disabled) throw new Error("Send did not start a request");
   for (let i = 0; i < 1200 && $("send").disabled; i++) {
+    if (action === "stop" && $("log").children[1].textContent.length > 0 && $("stop").disabled === false) {
+      $("stop").fire("click");
+    }
     await new Promise((r) => setTimeout(r, 50));
   }
   await new Promise((r) => setTimeout(r, 200)); // the /health call that names the model

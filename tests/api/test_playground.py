@@ -7,6 +7,7 @@ import json
 import re
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import httpx
@@ -19,6 +20,7 @@ from dsv32.engine.async_engine import AsyncEngine
 from dsv32.engine.core import EngineConfig, EngineCore
 from dsv32.weights.loader import load_model
 from tests.api.server_harness import RunningServer
+from tests.engine.test_metrics import samples
 
 PAGE_DRIVER = Path(__file__).with_name("playground_page.js")
 KEY = "sk-playground"
@@ -80,6 +82,23 @@ def test_the_page_shows_the_api_error(keyed_server):
     assert run.returncode == 0, run.stderr
     shown = json.loads(run.stdout)
     assert "Authentication Fails" in shown["log"][1]["text"] and not shown["sendDisabled"]
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="needs Node.js to run the page's script")
+def test_stop_aborts_the_request_on_the_server(keyed_server):
+    run = subprocess.run(["node", str(PAGE_DRIVER), keyed_server.url, KEY, "Write a long story", "2000", "stop"],
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    shown = json.loads(run.stdout)
+    assert "stopped" in shown["log"][1]["text"] and not shown["sendDisabled"]
+    for _ in range(100):  # the server notices the closed stream and aborts the request
+        stats = httpx.get(keyed_server.url + "/stats", headers={"Authorization": f"Bearer {KEY}"}).json()
+        if stats["running"] == 0 and stats["waiting"] == 0:
+            break
+        time.sleep(0.05)
+    assert stats["running"] == 0 and stats["free_blocks"] == stats["total_blocks"]
+    aborted = samples(httpx.get(keyed_server.url + "/metrics").content)
+    assert aborted[("dsv32:request_success_total", (("finished_reason", "abort"),))] >= 1
 
 
 @pytest.mark.skipif(shutil.which("node") is None, reason="needs Node.js to run the page's script")
