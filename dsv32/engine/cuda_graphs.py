@@ -204,7 +204,8 @@ class DecodeGraphs:
         new_slots = slots.gather(1, step.positions[:, None])[:, 0]
         cos, sin = model.rotary(step.positions, model.dtype)
         # every row is one group (``slice(None)``: no Python int of the row count, which torch.compile keeps dynamic)
-        return PagedContext(self.cache, [_Decodes(slice(None), slots, visible)], [], new_slots, cos, sin)
+        decodes = [_Decodes(slice(None), slots, visible)]
+        return PagedContext(self.cache, decodes, [], new_slots, step.positions, cos, sin)
 
     def _forward(self, step: _Step) -> torch.Tensor:
         model = self.model

@@ -73,11 +73,12 @@ class PagedContext:
         decodes: list[_Decodes],
         segments: list[_Segment],
         new_slots: torch.Tensor,
+        q_pos: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
     ):
         self.cache, self.decodes, self.segments, self.new_slots = cache, decodes, segments, new_slots
-        self.cos, self.sin = cos, sin
+        self.q_pos, self.cos, self.sin = q_pos, cos, sin
 
     def attend(self, layer_idx: int, mla: MLA, inp: MLAInputs) -> torch.Tensor:
         k_index = inp.k_index[0] if inp.k_index is not None else None
@@ -204,7 +205,7 @@ class ModelRunner:
             offset += c.num_tokens
         q_pos = torch.cat(positions)
         cos, sin = self.model.rotary(q_pos, self.model.dtype)
-        ctx = PagedContext(self.cache, decodes, segments, torch.cat(new_slots), cos, sin)
+        ctx = PagedContext(self.cache, decodes, segments, torch.cat(new_slots), q_pos, cos, sin)
         input_ids = torch.tensor([ids], device=self.device)
         hidden = self.model.forward_layers(self.model.model.embed_tokens(input_ids), ctx)
         if self.keep_hidden:
@@ -255,7 +256,7 @@ class ModelRunner:
         dec, new = self._decodes(rows, 0)
         q_pos = torch.tensor(positions, device=self.device)
         cos, sin = self.model.rotary(q_pos, self.model.dtype)
-        ctx = PagedContext(self.cache, [dec], [], new, cos, sin)
+        ctx = PagedContext(self.cache, [dec], [], new, q_pos, cos, sin)
         mtp = self.model.mtp_layers[0]
         h = mtp.draft_hidden(v[None], torch.tensor([tokens], device=self.device), ctx)[0]
         return h, mtp.draft_logits(h).float()

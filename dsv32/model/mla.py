@@ -226,8 +226,10 @@ class MLA(nn.Module):
 
 class AttentionContext(Protocol):
     """Where a forward's tokens sit and where their latent entries go: the model's contiguous cache
-    (``ContiguousContext``) or the engine's paged cache. cos/sin [T, d_r/2] for every token."""
+    (``ContiguousContext``) or the engine's paged cache. q_pos [T] the position and cos/sin [T, d_r/2] of
+    every token."""
 
+    q_pos: torch.Tensor
     cos: torch.Tensor
     sin: torch.Tensor
 

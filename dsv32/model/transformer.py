@@ -44,7 +44,9 @@ class MTPLayer(Block):
     """Multi-token prediction: from the main model's hidden h_i and token t_{i+1}, predict t_{i+2}.
 
         u = eh_proj([enorm(Embed(t_{i+1})) ‖ hnorm(h_i)]);  v = Block(u);  logits = head(norm(v))
-    (embedding half first). h_i is the main model's final hidden state (after ``model.norm``).
+    (embedding half first). h_i is the main model's final hidden state (after ``model.norm``). The
+    embedding at position 0 is zeroed, as vLLM's DeepSeek MTP does ("not needed by MTP"); the
+    released code of DeepSeek does not run the MTP layer, so this follows the serving engines.
     """
 
     def __init__(self, cfg: ModelConfig, layer_idx: int):
@@ -69,7 +71,8 @@ class MTPLayer(Block):
         """The block's output v [B, T, D]. A speculative decoder takes logits for a few rows of it
         (``draft_logits``) and, drafting further, feeds v back as the next position's ``hidden`` (as vLLM
         chains its MTP drafts)."""
-        e = self.enorm(self.embed_tokens(next_ids))
+        e = self.embed_tokens(next_ids)
+        e = self.enorm(torch.where((ctx.q_pos == 0)[:, None], 0.0, e))  # position 0: no token (as vLLM)
         u = self.eh_proj(torch.cat((e, self.hnorm(hidden)), dim=-1))
         return super().forward(u, ctx)
 

@@ -71,6 +71,7 @@ def test_mtp_head_follows_its_formula(model):
         h = model.hidden_states(ids[:, :-1])
         got = model.mtp_logits(h, ids[:, 1:])
         e = mtp.enorm(mtp.embed_tokens(ids[:, 1:]))
+        e[:, 0] = 0  # position 0 takes no token (vLLM's convention)
         u = mtp.eh_proj(torch.cat([e, mtp.hnorm(h)], -1))
         ctx = model.contiguous_context(9)
         v = u + mtp.self_attn(mtp.input_layernorm(u), ctx, mtp.layer_idx)
@@ -80,6 +81,13 @@ def test_mtp_head_follows_its_formula(model):
     torch.testing.assert_close(got, want)
     with pytest.raises(ValueError, match="MTP layers"):
         model.mtp_logits(h, ids[:, 1:], depth=1)
+    # so position 0's prediction reads no token: another token after it changes nothing (at any position,
+    # as later ones see position 0 only through its cache entry); another token at position 1 does
+    for pos, changes in ((0, False), (1, True)):
+        other = ids[:, 1:].clone()
+        other[0, pos] = (other[0, pos] + 1) % 300
+        with torch.no_grad():
+            assert torch.equal(model.mtp_logits(h, other), got) is not changes
 
 
 def test_gate_bias_selects_but_does_not_weight():
