@@ -22,6 +22,7 @@ def run_chat(
     max_tokens: int = 512,
     temperature: float = 0.7,
     cache_memory_gb: float = 1.0,
+    num_speculative_tokens: int = 0,
     stdin: TextIO = sys.stdin,
     stdout: TextIO = sys.stdout,
 ) -> int:
@@ -38,7 +39,8 @@ def run_chat(
     model = load_model(model_dir, dtype=torch.float32, progress=False)
     tokenizer = load_tokenizer(model_dir)
     family = family_for_model_dir(model_dir)
-    engine = EngineCore(model, EngineConfig(cache_memory_gb=cache_memory_gb), eos_id=tokenizer.eos_id)
+    config = EngineConfig(cache_memory_gb=cache_memory_gb, num_speculative_tokens=num_speculative_tokens)
+    engine = EngineCore(model, config, eos_id=tokenizer.eos_id)
     limit = min(engine.max_model_len, engine.capacity_tokens)  # prompt + reply, in tokens
     color = stdout.isatty()
 

@@ -224,6 +224,10 @@ def _add_chat(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-tokens", type=int, default=512)
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--cache-memory-gb", type=float, default=1.0, help="memory for the paged latent cache")
+    p.add_argument(
+        "--speculative-config", metavar="JSON", type=_speculative_config,
+        help='speculative decoding with the MTP layer, as for serve: \'{"method": "mtp", "num_speculative_tokens": 1}\'',
+    )  # fmt: skip
     p.set_defaults(func=_chat)
 
 
@@ -232,7 +236,7 @@ def _chat(args: argparse.Namespace) -> int:
 
     return run_chat(
         args.model, thinking=args.think, max_tokens=args.max_tokens, temperature=args.temperature,
-        cache_memory_gb=args.cache_memory_gb,
+        cache_memory_gb=args.cache_memory_gb, num_speculative_tokens=args.speculative_config or 0,
     )  # fmt: skip
 
 

@@ -31,3 +31,18 @@ def test_a_conversation_past_the_cache_is_refused_not_crashed():
     out = stdout.getvalue()
     assert out.count("at most 16 fit") == 1, out
     assert "new conversation" in out and out.count("> ") == 5
+
+
+def test_chat_with_speculative_decoding_says_what_plain_chat_says():
+    def session(k: int) -> str:
+        stdout = io.StringIO()
+        stdin = io.StringIO("hello\nand then?\n/exit\n")
+        assert (
+            run_chat(
+                None, max_tokens=6, temperature=0.0, num_speculative_tokens=k, stdin=stdin, stdout=stdout
+            )
+            == 0
+        )
+        return stdout.getvalue()
+
+    assert session(2) == session(0)
