@@ -224,3 +224,37 @@ def test_each_draft_equals_the_full_sequence_chain(model, k, budget):
             checked += len(drafts) == k
     assert checked >= 10 and core.stats()["prefix_cache_hit_rate"] > 0
     core.pool.assert_no_leaks()
+
+
+def test_drafted_rows_logits_equal_the_full_forward(model):
+    """Every verified row's logits (the known token's and each draft's) equal the plain full-sequence forward
+    over the tokens up to that row, drafts included, past index_topk too (the DSA path)."""
+    core = engine(model, 2, max_num_batched_tokens=64)
+    real = core.runner.execute
+    seen = []
+
+    def execute(chunks):
+        logits = real(chunks)
+        # rows of the chunks that sample: the last known token's, then one per draft
+        ctx = [(c.request.token_ids(0, c.start + c.num_tokens), list(c.draft)) for c in chunks if c.samples]
+        seen.append((ctx, logits.clone()))
+        return logits
+
+    core.runner.execute = execute
+    g = torch.Generator().manual_seed(21)
+    ps = {f"r{i}": torch.randint(2, 300, (n,), generator=g).tolist() for i, n in enumerate((5, 14, 20))}
+    run(core, ps, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))
+    drafted = 0
+    worst = 0.0
+    for ctx, logits in seen:
+        row = 0
+        for known, draft in ctx:
+            for j in range(len(draft) + 1):
+                ids = torch.tensor([known + draft[:j]])
+                with torch.no_grad():
+                    want = model(ids)[0, -1].float()
+                worst = max(worst, (logits[row] - want).abs().max().item())
+                row += 1
+            drafted += len(draft)
+    assert drafted > 20 and worst < 1e-4, (drafted, worst)
+    assert max(len(k) for ctx, _ in seen for k, _ in ctx) > 12  # contexts past index_topk
