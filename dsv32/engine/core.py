@@ -27,16 +27,14 @@ from dsv32.engine.grammar import GrammarCompiler, GrammarMasker, GuidedState
 from dsv32.engine.paged_cache import PagedKVCache
 from dsv32.engine.request import Request
 from dsv32.engine.runner import ModelRunner
-from dsv32.engine.sampler import Sampler, SamplingState, adjusts_logits, apply_bias_and_penalties
+from dsv32.engine.sampler import Sampler, SamplingState
 from dsv32.engine.sampling_params import SamplingParams
-from dsv32.engine.scheduler import ScheduledChunk, Scheduler
+from dsv32.engine.scheduler import Scheduler
+from dsv32.engine.speculative import MAX_SPECULATIVE_TOKENS, Drafter
 from dsv32.model.moe import MoE, grouped_matmul_available
 from dsv32.model.transformer import DeepseekForCausalLM
 
 log = logging.getLogger(__name__)
-
-
-MAX_SPECULATIVE_TOKENS = 4  # drafts per step: the MTP layer once, then chained on its own output
 
 
 class EngineError(ValueError):
@@ -116,6 +114,7 @@ class EngineCore:
         self.scheduler = Scheduler(self.pool, cfg.max_num_seqs, cfg.max_num_batched_tokens)
         self.runner = ModelRunner(model, self.cache)
         self.runner.keep_hidden = bool(k)
+        self.drafter = Drafter(self.runner, self.scheduler, k) if k else None
         self.num_draft_tokens = self.num_accepted_tokens = 0  # since start
         if cfg.prepack_weights:
             model.prepack_cpu_weights()
@@ -270,8 +269,11 @@ class EngineCore:
         self.num_draft_tokens += sum(len(c.draft) for c in sampling)
         self.num_accepted_tokens += sum(c.num_accepted for c in sampling)
         self.scheduler.after_step(chunks)
-        if self.num_speculative_tokens:
-            self._propose(chunks, [c for c, r in zip(sampling, reasons, strict=True) if r is None])
+        if self.drafter is not None:
+            going_on = [
+                (c, self.live[c.request.request_id]) for c, r in zip(sampling, reasons, strict=True) if not r
+            ]
+            self.drafter.propose(chunks, going_on, self._masker)
         results = []
         for c, toks, lps, reason in zip(sampling, tokens, logprobs, reasons, strict=True):
             req = c.request
@@ -310,77 +312,6 @@ class EngineCore:
                 lp = {"logprob": float(out.logprobs[i]), "top": top}
             result.append((token_ids[i], lp))
         return result
-
-    def _propose(self, chunks: list[ScheduledChunk], going_on: list[ScheduledChunk]) -> None:
-        """Speculative decoding: the MTP pass over this step, and the next step's drafts for each request in
-        ``going_on`` with room for a draft and the token after it.
-
-        The first draft is the MTP layer's most likely token after the request's own logit bias and
-        penalties, among those its grammar allows next (the sampling and grammar states have taken this
-        step's tokens): what the sampler will do to the verifying row, so those settings do not waste
-        drafts. Further drafts (``num_speculative_tokens`` > 1) chain the MTP layer on its own output, one
-        position further each (``ModelRunner.draft_chain``), with the logit bias and the penalties of the
-        tokens known so far; a constrained request drafts one token, and a request drafts no further than
-        its max_tokens, the free blocks or a stop token allow."""
-        drafting = []
-        for c in going_on:
-            req = c.request
-            req.draft_ids = []
-            if len(req.output_ids) + 2 <= req.max_tokens:
-                drafting.append(c)
-        v, logits = self.runner.draft(chunks, drafting)
-        if not drafting:
-            return
-        lives = [self.live[c.request.request_id] for c in drafting]
-        tokens = self._draft_tokens(logits, lives, grammar=True)
-        for c, tok in zip(drafting, tokens, strict=True):
-            c.request.draft_ids = [tok]
-        # chained drafts: the j-th sits at position q + j - 1 (q: the last computed position), on the slot
-        # of the token the next step computes there; v's rows follow ``active``
-        active = list(range(len(drafting)))
-        for j in range(2, self.num_speculative_tokens + 1):
-            keep = [n for n, i in enumerate(active) if self._chains(drafting[i].request, lives[i], j)]
-            if not keep:
-                break
-            if len(keep) < len(active):
-                v = v[torch.tensor(keep, device=v.device)]
-            active = [active[n] for n in keep]
-            reqs = [drafting[i].request for i in active]
-            v, logits = self.runner.draft_chain(
-                [drafting[i] for i in active],
-                [r.num_computed + j - 2 for r in reqs],
-                v,
-                [r.draft_ids[-1] for r in reqs],
-            )
-            for r, tok in zip(reqs, self._draft_tokens(logits, [lives[i] for i in active]), strict=True):
-                r.draft_ids.append(tok)
-
-    def _chains(self, req: Request, lv: _Live, j: int) -> bool:
-        """Whether ``req`` drafts a j-th token: not constrained, room for it and the token after it, its
-        last draft no stop token, and a block for the slot the chain writes (reserved now if free)."""
-        return (
-            lv.guided is None
-            and len(req.output_ids) + j + 1 <= req.max_tokens
-            and req.draft_ids[-1] not in lv.stop_ids
-            and self.scheduler.reserve(req, req.num_computed + j - 1)
-        )
-
-    def _draft_tokens(self, logits: torch.Tensor, lives: list[_Live], grammar: bool = False) -> list[int]:
-        """The most likely token of each row after the request's logit bias and penalties (and, with
-        ``grammar``, among those its grammar allows next)."""
-        guided = []
-        if grammar:
-            guided = [
-                (i, lv.guided) for i, lv in enumerate(lives) if lv.guided is not None and lv.guided.needs_mask
-            ]
-        if guided or any(adjusts_logits(lv.params) for lv in lives):
-            # a normal tensor (the runner's is an inference tensor) changed in place outside inference
-            # mode, where the sampling states' cached tensors must stay normal ones
-            logits = logits.clone()
-            apply_bias_and_penalties(logits, [lv.state for lv in lives])
-            if guided:
-                self._masker.apply(logits, [i for i, _ in guided], [g for _, g in guided])
-        return logits.argmax(-1).tolist()
 
     def stats(self) -> dict:
         return {
