@@ -116,6 +116,8 @@ class EngineCore:
         self.runner.keep_hidden = bool(k)
         self.drafter = Drafter(self.runner, self.scheduler, k) if k else None
         self.num_draft_tokens = self.num_accepted_tokens = 0  # since start
+        self.num_drafts = 0  # steps in which a request had drafts verified, since start
+        self.accepted_per_pos = [0] * k  # [j]: times the (j+1)-th draft was accepted
         if cfg.prepack_weights:
             model.prepack_cpu_weights()
         if k and cfg.compile_cpu_decode:
@@ -266,8 +268,13 @@ class EngineCore:
                     c.num_accepted += 1
                     going.append(k)
             active, depth = going, depth + 1
-        self.num_draft_tokens += sum(len(c.draft) for c in sampling)
-        self.num_accepted_tokens += sum(c.num_accepted for c in sampling)
+        for c in sampling:
+            if c.draft:
+                self.num_drafts += 1
+                self.num_draft_tokens += len(c.draft)
+                self.num_accepted_tokens += c.num_accepted
+                for j in range(c.num_accepted):
+                    self.accepted_per_pos[j] += 1
         self.scheduler.after_step(chunks)
         if self.drafter is not None:
             going_on = [
@@ -322,6 +329,8 @@ class EngineCore:
             "cached_blocks": self.pool.num_cached,
             "prefix_cache_hit_rate": self.pool.hit_rate(),
             "preemptions": self.scheduler.num_preemptions,
+            "spec_drafts": self.num_drafts,
             "spec_draft_tokens": self.num_draft_tokens,
             "spec_accepted_tokens": self.num_accepted_tokens,
+            "spec_accepted_per_pos": list(self.accepted_per_pos),
         }

@@ -54,12 +54,23 @@ class _EngineState(Collector):
             "dsv32:num_preemptions", "Requests preempted (blocks freed, recomputed later).", s["preemptions"]
         )
         yield CounterMetricFamily(
+            "dsv32:spec_decode_num_drafts", "Requests' drafted steps verified (each with 1..k draft tokens).",
+            s["spec_drafts"],
+        )  # fmt: skip
+        yield CounterMetricFamily(
             "dsv32:spec_decode_num_draft_tokens", "Speculative draft tokens verified.", s["spec_draft_tokens"]
         )
         yield CounterMetricFamily(
             "dsv32:spec_decode_num_accepted_tokens", "Speculative draft tokens accepted.",
             s["spec_accepted_tokens"],
         )  # fmt: skip
+        per_pos = CounterMetricFamily(
+            "dsv32:spec_decode_num_accepted_tokens_per_pos", "Accepted drafts by position in the step (0: first).",
+            labels=["position"],
+        )  # fmt: skip
+        for j, n in enumerate(s["spec_accepted_per_pos"]):
+            per_pos.add_metric([str(j)], n)
+        yield per_pos
 
 
 @dataclass

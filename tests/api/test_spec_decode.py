@@ -83,5 +83,9 @@ def test_replies_equal_those_without_drafts(servers):
 
     s = samples(httpx.get(spec.url + "/metrics").content)
     drafted = s[("dsv32:spec_decode_num_draft_tokens_total", ())]
-    assert s[("dsv32:spec_decode_num_accepted_tokens_total", ())] >= 0.5 * drafted > 0
+    accepted = s[("dsv32:spec_decode_num_accepted_tokens_total", ())]
+    assert accepted >= 0.5 * drafted > 0
+    # one draft a step: as many drafted steps as draft tokens, and every acceptance at position 0
+    assert s[("dsv32:spec_decode_num_drafts_total", ())] == drafted
+    assert s[("dsv32:spec_decode_num_accepted_tokens_per_pos_total", (("position", "0"),))] == accepted
     spec.ctx.engine.core.pool.assert_no_leaks()

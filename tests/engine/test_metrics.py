@@ -97,7 +97,8 @@ def test_histograms_from_a_clock():
     now = [100.0]
     m = RequestMetrics(
         lambda: {"running": 1, "waiting": 2, "free_blocks": 3, "total_blocks": 4, "prefix_cache_hit_rate": 0.5,
-                 "preemptions": 0, "spec_draft_tokens": 0, "spec_accepted_tokens": 0},
+                 "preemptions": 0, "spec_drafts": 0, "spec_draft_tokens": 0, "spec_accepted_tokens": 0,
+                 "spec_accepted_per_pos": []},
         clock=lambda: now[0],
     )  # fmt: skip
     usage = Usage(prompt_tokens=10, completion_tokens=1, cached_tokens=4)

@@ -101,7 +101,10 @@ def test_good_drafts_divide_the_steps(oracle, k, steps):
     assert spec == plain and len(spec["a"]) == 21
     # prefill + first token, then 1 + k tokens a step: 1 + 20 / (1 + k) steps instead of 21
     assert plain_steps == 21 and spec_steps == steps
-    assert core.stats()["spec_accepted_tokens"] == core.stats()["spec_draft_tokens"] == 20 - (steps - 1)
+    stats = core.stats()
+    assert stats["spec_accepted_tokens"] == stats["spec_draft_tokens"] == 20 - (steps - 1)
+    # every drafted step (all but the prefill's) had all k drafts accepted
+    assert stats["spec_drafts"] == steps - 1 and stats["spec_accepted_per_pos"] == [steps - 1] * k
 
 
 def test_seeded_sampling_and_logprobs_are_those_of_plain_decoding(oracle):
