@@ -144,6 +144,29 @@ def _drain(core) -> None:
         core.step()
 
 
+def step_to_first_tokens(core, request_ids: list[str]) -> dict[str, list[int]]:
+    """Step until each of ``request_ids`` has its first token (its prefill): the tokens so far, by id."""
+    out: dict[str, list[int]] = {rid: [] for rid in request_ids}
+    while any(not toks for toks in out.values()):
+        for o in core.step():
+            if o.request_id in out:
+                out[o.request_id] += o.new_token_ids
+    return out
+
+
+def timed_steps(core, out: dict[str, list[int]]) -> tuple[list[float], float]:
+    """Step to the end, adding each request's new tokens to ``out``: (seconds of each step, seconds in all)."""
+    steps = []
+    t0 = _now()
+    while core.has_work():
+        t = _now()
+        outs = core.step()
+        steps.append(_now() - t)
+        for o in outs:
+            out.setdefault(o.request_id, []).extend(o.new_token_ids)
+    return steps, _now() - t0
+
+
 def _first_token(core, rid: str, prompt: list[int], max_tokens: int) -> tuple[float, Any]:
     """Submit a request and step until its first token: (TTFT in seconds, that TokenOutput)."""
     t0 = _now()

@@ -68,23 +68,18 @@ def large_schema(n_props: int) -> dict[str, Any]:
 
 
 def _decode_round(core, batch: int, tokens: int, guided: dict | None, tag: str) -> dict[str, float]:
+    from dsv32.engine.bench import step_to_first_tokens, timed_steps
     from dsv32.engine.sampling_params import SamplingParams
 
     prompt = list(range(1000, 1024))
-    for i in range(batch):
+    ids = [f"{tag}-{i}" for i in range(batch)]
+    for i, rid in enumerate(ids):
         params = SamplingParams(max_tokens=tokens + 1, ignore_eos=True, seed=i, guided=guided)
-        core.add_request(f"{tag}-{i}", [*prompt, 2000 + i], params)
-    produced = 0
-    while produced < batch:  # prefill: every request has its first token
-        produced += len(core.step())
-    steps, n = [], 0
-    t0 = time.perf_counter()
-    while core.has_work():
-        t = time.perf_counter()
-        outs = core.step()
-        steps.append(time.perf_counter() - t)
-        n += sum(len(o.new_token_ids) for o in outs)
-    total = time.perf_counter() - t0
+        core.add_request(rid, [*prompt, 2000 + i], params)
+    out = step_to_first_tokens(core, ids)
+    before = sum(map(len, out.values()))
+    steps, total = timed_steps(core, out)
+    n = sum(map(len, out.values())) - before  # the tokens of the timed steps
     return {"tokens": n, "seconds": total, "tok_s": n / total, "ms_per_step": 1000 * statistics.median(steps)}
 
 

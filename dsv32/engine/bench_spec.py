@@ -33,27 +33,18 @@ REPORTED_ACCEPTANCE = (
 
 def _round(core, batch: int, tokens: int, prompts: list[list[int]], tag: str) -> dict:
     """Admit ``batch`` greedy requests, step through their prefill, then time the decode steps."""
+    from dsv32.engine.bench import step_to_first_tokens, timed_steps
     from dsv32.engine.sampling_params import SamplingParams
 
     ids = [f"{tag}-{i}" for i in range(batch)]
     for rid, prompt in zip(ids, prompts, strict=True):
         core.add_request(rid, prompt, SamplingParams(temperature=0.0, max_tokens=tokens + 1, ignore_eos=True))
-    out: dict[str, list[int]] = {rid: [] for rid in ids}
-    while sum(map(len, out.values())) < batch:  # prefill: every request has its first token
-        for o in core.step():
-            out[o.request_id] += o.new_token_ids
+    out = step_to_first_tokens(core, ids)
     drafted, accepted = core.num_draft_tokens, core.num_accepted_tokens
     spent = _time_drafts(core)
-    steps, n = [], 0
-    t0 = time.perf_counter()
-    while core.has_work():
-        t = time.perf_counter()
-        outs = core.step()
-        steps.append(time.perf_counter() - t)
-        for o in outs:
-            out[o.request_id] += o.new_token_ids
-            n += len(o.new_token_ids)
-    total = time.perf_counter() - t0
+    before = sum(map(len, out.values()))
+    steps, total = timed_steps(core, out)
+    n = sum(map(len, out.values())) - before  # the tokens of the timed steps
     spent.pop("restore")()
     return {
         "tokens": n, "seconds": total, "tok_s": n / total, "steps": len(steps),

@@ -57,8 +57,8 @@ class EngineConfig:
     # the engine starts (~107 s on bench-small's 32K context; needs a C++ compiler)
     compile_cpu_decode: bool = False
     # speculative decoding: draft tokens per step from the model's MTP layer (0: off; 1: the MTP layer's
-    # draft; up to 4: chained on its own output, as vLLM does). On a GPU the drafted decode steps and the MTP pass replay from CUDA graphs; the compiled CPU
-    # step is not used with drafts.
+    # draft; up to 4: chained on its own output, as vLLM does). On a GPU the drafted decode steps and the
+    # first MTP pass replay from CUDA graphs; the compiled CPU step is not used with drafts.
     num_speculative_tokens: int = 0
 
 
@@ -115,9 +115,10 @@ class EngineCore:
         self.runner = ModelRunner(model, self.cache)
         self.runner.keep_hidden = bool(k)
         self.drafter = Drafter(self.runner, self.scheduler, k) if k else None
-        self.num_draft_tokens = self.num_accepted_tokens = 0  # since start
-        self.num_drafts = 0  # steps in which a request had drafts verified, since start
-        self.accepted_per_pos = [0] * k  # [j]: times the (j+1)-th draft was accepted
+        # since start: a request's drafted steps verified, their draft tokens, and [j]: times the (j+1)-th
+        # draft of a step was accepted
+        self.num_drafts = self.num_draft_tokens = 0
+        self.accepted_per_pos = [0] * k
         if cfg.prepack_weights:
             model.prepack_cpu_weights()
         if k and cfg.compile_cpu_decode:
@@ -272,7 +273,6 @@ class EngineCore:
             if c.draft:
                 self.num_drafts += 1
                 self.num_draft_tokens += len(c.draft)
-                self.num_accepted_tokens += c.num_accepted
                 for j in range(c.num_accepted):
                     self.accepted_per_pos[j] += 1
         self.scheduler.after_step(chunks)
@@ -319,6 +319,11 @@ class EngineCore:
                 lp = {"logprob": float(out.logprobs[i]), "top": top}
             result.append((token_ids[i], lp))
         return result
+
+    @property
+    def num_accepted_tokens(self) -> int:
+        """Draft tokens accepted since start."""
+        return sum(self.accepted_per_pos)
 
     def stats(self) -> dict:
         return {

@@ -133,25 +133,17 @@ class DecodeGraphs:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The MTP pass over the step ``execute`` just ran, as ``ModelRunner.draft`` (whose contract this
         follows): (v [len(drafting), D], fp32 logits [len(drafting), vocab])."""
+        from dsv32.engine.runner import last_computed_rows, next_token_ids
+
         step, rows_of = self._last
         self._last = None
-        next_ids = [0] * step.ids.shape[0]  # padding rows and rejected drafts: a placeholder
-        for c in chunks:
-            req = c.request
-            for j, row in enumerate(rows_of[id(c)]):
-                if c.start + j + 1 < req.num_tokens:
-                    next_ids[row] = req.token_at(c.start + j + 1)
-        step.next_ids.copy_(torch.tensor(next_ids))
+        step.next_ids.copy_(torch.tensor(next_token_ids(chunks, rows_of, step.ids.shape[0])))
         if step.draft_graph is not None:
             step.draft_graph.replay()
             logits = step.draft_logits
         else:
             logits = self._draft_forward(step)
-        rows = torch.tensor(
-            [rows_of[id(c)][c.request.num_computed - 1 - c.start] for c in drafting],
-            device=logits.device,
-            dtype=torch.long,
-        )
+        rows = last_computed_rows(drafting, rows_of, logits.device)
         return step.draft_v[0].index_select(0, rows), logits.index_select(0, rows)
 
     def _step(self, rows: int, longest: int) -> _Step:

@@ -32,6 +32,19 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1
 _TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000, 200000)
 
 
+# counters read from ``stats()`` at scrape time: (name after ``dsv32:``, help, stats key)
+_COUNTERS = (
+    ("num_preemptions", "Requests preempted (blocks freed, recomputed later).", "preemptions"),
+    (
+        "spec_decode_num_drafts",
+        "Requests' drafted steps verified (each with 1..k draft tokens).",
+        "spec_drafts",
+    ),
+    ("spec_decode_num_draft_tokens", "Speculative draft tokens verified.", "spec_draft_tokens"),
+    ("spec_decode_num_accepted_tokens", "Speculative draft tokens accepted.", "spec_accepted_tokens"),
+)
+
+
 class _EngineState(Collector):
     """Gauges (and the preemption counter) from the engine's ``stats()`` at scrape time."""
 
@@ -50,20 +63,8 @@ class _EngineState(Collector):
             "dsv32:prefix_cache_hit_rate", "Prefix-cache hits / lookups, in blocks, since start.",
             s["prefix_cache_hit_rate"],
         )  # fmt: skip
-        yield CounterMetricFamily(
-            "dsv32:num_preemptions", "Requests preempted (blocks freed, recomputed later).", s["preemptions"]
-        )
-        yield CounterMetricFamily(
-            "dsv32:spec_decode_num_drafts", "Requests' drafted steps verified (each with 1..k draft tokens).",
-            s["spec_drafts"],
-        )  # fmt: skip
-        yield CounterMetricFamily(
-            "dsv32:spec_decode_num_draft_tokens", "Speculative draft tokens verified.", s["spec_draft_tokens"]
-        )
-        yield CounterMetricFamily(
-            "dsv32:spec_decode_num_accepted_tokens", "Speculative draft tokens accepted.",
-            s["spec_accepted_tokens"],
-        )  # fmt: skip
+        for name, help_text, key in _COUNTERS:
+            yield CounterMetricFamily(f"dsv32:{name}", help_text, s[key])
         per_pos = CounterMetricFamily(
             "dsv32:spec_decode_num_accepted_tokens_per_pos", "Accepted drafts by position in the step (0: first).",
             labels=["position"],

@@ -64,6 +64,28 @@ DECODE_GROUP_SLOTS = 1 << 18
 SHORT_CONTEXT = 1024
 
 
+def next_token_ids(chunks: list[ScheduledChunk], rows_of: dict[int, list[int]], n_rows: int) -> list[int]:
+    """The MTP pass's tokens: for each row of a step (``rows_of``: id(chunk) -> its rows by position) the token
+    after its position, now that the step's tokens are sampled; 0 where none is known (padding rows, a
+    rejected draft's row)."""
+    next_ids = [0] * n_rows
+    for c in chunks:
+        req = c.request
+        for j, row in enumerate(rows_of[id(c)]):
+            if c.start + j + 1 < req.num_tokens:
+                next_ids[row] = req.token_at(c.start + j + 1)
+    return next_ids
+
+
+def last_computed_rows(
+    drafting: list[ScheduledChunk], rows_of: dict[int, list[int]], device: torch.device
+) -> torch.Tensor:
+    """For each chunk in ``drafting``, the step's row of its request's last computed position (after
+    ``Scheduler.after_step``): where its first draft is read."""
+    rows = [rows_of[id(c)][c.request.num_computed - 1 - c.start] for c in drafting]
+    return torch.tensor(rows, device=device, dtype=torch.long)
+
+
 class PagedContext:
     """AttentionContext over the paged cache for one flattened step."""
 
@@ -166,9 +188,8 @@ class ModelRunner:
                 log.warning("%s; decode steps stay eager", e)
                 self.graphs = None
         ids, positions, new_slots, segments, decodes = [], [], [], [], []
-        rows_of: dict[int, list[int]] = {
-            id(c): [0] * c.num_rows for c in chunks
-        }  # flattened row per position
+        # id(chunk) -> the flattened row of each of its positions
+        rows_of: dict[int, list[int]] = {id(c): [0] * c.num_rows for c in chunks}
         offset = 0
         # decodes: one known token, maybe drafts after it; each position is a row of its own
         singles = [
@@ -232,16 +253,10 @@ class ModelRunner:
             return self.graphs.draft(chunks, drafting)
         ctx, hidden, rows_of = self._last
         self._last = None
-        next_ids = [0] * hidden.shape[1]
-        for c in chunks:
-            req = c.request
-            for j, row in enumerate(rows_of[id(c)]):
-                if c.start + j + 1 < req.num_tokens:
-                    next_ids[row] = req.token_at(c.start + j + 1)
+        next_ids = next_token_ids(chunks, rows_of, hidden.shape[1])
         mtp = self.model.mtp_layers[0]
         h = mtp.draft_hidden(hidden, torch.tensor([next_ids], device=self.device), ctx)
-        rows = [rows_of[id(c)][c.request.num_computed - 1 - c.start] for c in drafting]
-        v = h[0, torch.tensor(rows, device=self.device, dtype=torch.long)]
+        v = h[0, last_computed_rows(drafting, rows_of, self.device)]
         return v, mtp.draft_logits(v).float()
 
     @torch.inference_mode()

@@ -97,13 +97,8 @@ async function streamChat({ baseUrl = "", apiKey = "", body, onUpdate = () => {}
     method: "POST", headers, body: JSON.stringify(body), signal,
   });
   if (!resp.ok) {
-    let error;
-    try {
-      error = await resp.json();
-    } catch (e) {
-      error = { error: { message: `HTTP ${resp.status}` } };
-    }
-    applyChunk(reply, error.error ? error : { error: { message: `HTTP ${resp.status}` } });
+    const body = await resp.json().catch(() => null); // the API's error body, or none
+    applyChunk(reply, body && body.error ? body : { error: { message: `HTTP ${resp.status}` } });
     onUpdate(reply);
     return reply;
   }
