@@ -111,7 +111,9 @@ class EngineCore:
             num_blocks = max(1, int(cfg.cache_memory_gb * 2**30 // (per_token * cfg.block_size)))
         self.pool = BlockPool(num_blocks, cfg.block_size)
         self.cache = PagedKVCache(mcfg, num_blocks, cfg.block_size, n_layers, model.dtype, model.device)
-        self.scheduler = Scheduler(self.pool, cfg.max_num_seqs, cfg.max_num_batched_tokens)
+        self.scheduler = Scheduler(
+            self.pool, cfg.max_num_seqs, cfg.max_num_batched_tokens, hash_lookahead=1 if k else 0
+        )
         self.runner = ModelRunner(model, self.cache)
         self.runner.keep_hidden = bool(k)
         self.drafter = Drafter(self.runner, self.scheduler, k) if k else None

@@ -59,11 +59,18 @@ class Request:
     def is_finished(self) -> bool:
         return self.status == Status.FINISHED
 
-    def full_block_hashes(self, block_size: int, upto: int) -> list[bytes]:
-        """Chained hashes of the full blocks among the first ``upto`` tokens (extends ``block_hashes``)."""
+    def full_block_hashes(self, block_size: int, upto: int, lookahead: int = 0) -> list[bytes]:
+        """Chained hashes of the full blocks among the first ``upto`` tokens (extends ``block_hashes``).
+
+        With ``lookahead`` each hash also covers that many tokens after its block (those the block's cache
+        entries were computed with: the MTP layer's entry at a block's last position reads the next token);
+        a block whose lookahead tokens are not known yet gets no hash yet."""
         ids = self.all_ids
         hashes = list(self.block_hashes)
         for b in range(len(hashes), upto // block_size):
+            end = (b + 1) * block_size
+            if end + lookahead > len(ids):
+                break
             parent = hashes[-1] if hashes else None
-            hashes.append(hash_block(parent, ids[b * block_size : (b + 1) * block_size]))
+            hashes.append(hash_block(parent, ids[b * block_size : end + lookahead]))
         return hashes

@@ -39,10 +39,19 @@ class ScheduledChunk:
 
 
 class Scheduler:
-    def __init__(self, pool: BlockPool, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048):
+    def __init__(
+        self,
+        pool: BlockPool,
+        max_num_seqs: int = 64,
+        max_num_batched_tokens: int = 2048,
+        hash_lookahead: int = 0,
+    ):
+        """``hash_lookahead``: tokens after a full block that its prefix-cache identity covers (1 when the MTP
+        layer keeps a cache: its entry at a block's last position is computed with the next token)."""
         if max_num_seqs < 1 or max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
         self.pool = pool
+        self.hash_lookahead = hash_lookahead
         self.block_size = pool.block_size
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -125,7 +134,7 @@ class Scheduler:
                 continue
             # a rejected draft's entries are not counted: the next step rewrites them
             req.num_computed = c.start + c.num_tokens + c.num_accepted
-            hashes = req.full_block_hashes(self.block_size, req.num_computed)
+            hashes = req.full_block_hashes(self.block_size, req.num_computed, self.hash_lookahead)
             for b in range(len(req.block_hashes), len(hashes)):
                 self.pool.mark_full(req.block_table[b], hashes[b])
             req.block_hashes = hashes
@@ -139,7 +148,7 @@ class Scheduler:
     def _take_prefix_hits(self, req: Request) -> int:
         """Take the cached blocks of the request's leading full blocks; returns how many blocks were looked up."""
         # at least one token must be computed, to have logits to sample from
-        hashes = req.full_block_hashes(self.block_size, req.num_tokens - 1)
+        hashes = req.full_block_hashes(self.block_size, req.num_tokens - 1, self.hash_lookahead)
         blocks = self.pool.lookup_prefix(hashes)
         req.block_table = blocks
         req.block_hashes = hashes[: len(blocks)]

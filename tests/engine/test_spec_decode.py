@@ -213,9 +213,8 @@ def test_each_draft_equals_the_full_sequence_chain(model, k, budget):
     g = torch.Generator().manual_seed(11 + k)
     shared = torch.randint(2, 300, (16,), generator=g).tolist()
     checked = 0
-    # b hits a's cached blocks; its token after them is a's too, for the MTP entry at a block's last position
-    # is computed with the token after it (README: a prefix hit can change a draft, never the output)
-    for rid, prompt in (("a", shared + [3, 4]), ("b", shared + [3, 8, 9])):
+    # b hits a's cached blocks but the last one (b's token after it differs: see the next test)
+    for rid, prompt in (("a", shared + [3, 4]), ("b", shared + [5, 8, 9])):
         core.add_request(rid, prompt, SamplingParams(temperature=0.0, max_tokens=14))
         while core.has_work():
             core.step()
@@ -227,6 +226,38 @@ def test_each_draft_equals_the_full_sequence_chain(model, k, budget):
             checked += len(drafts) == k
     assert checked >= 10 and core.stats()["prefix_cache_hit_rate"] > 0
     core.pool.assert_no_leaks()
+
+
+def mtp_entries(core: EngineCore, rid: str) -> torch.Tensor:
+    """The MTP layer's cached latents at the request's computed positions."""
+    req = core.live[rid].request
+    bs = core.cache.block_size
+    slots = torch.tensor([req.block_table[p // bs] * bs + p % bs for p in range(req.num_computed)])
+    return core.cache.gather_latent(len(core.cache.c_kv) - 1, slots)[0]
+
+
+def test_a_prefix_hit_never_reuses_an_mtp_entry_computed_with_another_next_token(model):
+    """The MTP layer's entry at a block's last position is computed with the token after the block, so with
+    drafts on, a block's prefix-cache identity covers that token too: b shares a's first 16 tokens but not
+    the 17th, and hits a's blocks but the last; its MTP entries equal those of b alone."""
+    shared = list(range(20, 36))
+    params = SamplingParams(temperature=0.0, max_tokens=8)
+    core = engine(model, 1)
+    run(core, {"a": shared + [3, 4]}, params)
+    b = shared + [5, 8, 9]
+    core.add_request("b", b, params)
+    while core.live["b"].request.num_computed < len(b):
+        core.step()
+    alone = engine(model, 1)
+    alone.add_request("b", b, params)
+    while alone.live["b"].request.num_computed < len(b):
+        alone.step()
+    torch.testing.assert_close(mtp_entries(core, "b"), mtp_entries(alone, "b"), rtol=1e-5, atol=1e-5)
+    assert core.live["b"].request.num_cached_prompt == 12  # blocks 0-2 (block 3 is followed by 3 in a)
+    # the same prompt again hits every block that has a known next token
+    core.add_request("c", b, params)
+    core.step()
+    assert core.live["c"].request.num_cached_prompt == 16
 
 
 def test_drafted_rows_logits_equal_the_full_forward(model):
