@@ -27,7 +27,9 @@ from dsv32.api.generation import (
     chat_format_error,
     check_tool_name,
     client_gone,
+    content_stop_strings,
     max_tokens_for,
+    opens_reasoning,
     reject_lone_surrogates,
     sampling_params_for,
     submit,
@@ -182,6 +184,13 @@ def to_openai_messages(
             out.append(msg)
             origin.append(where)
             uses = [c["id"] for c in calls]
+    last = out[-1] if out and req.messages else None
+    if last is not None and last["role"] == "assistant" and "tool_calls" not in last:
+        # a final assistant message is a prefill: the reply continues it (as on Anthropic's API)
+        where = f"messages[{len(req.messages) - 1}]"
+        if (last["content"] or "") != (last["content"] or "").rstrip():
+            raise bad_request(f"{where}: final assistant content cannot end with trailing whitespace", where)
+        last["prefix"] = True
     return out
 
 
@@ -299,9 +308,11 @@ async def messages(body: MessagesRequest, request: Request):
         repetition_penalty=None,
         ignore_eos=None,
     )
+    in_reasoning = thinking and opens_reasoning(ids, ctx.tokenizer)  # not after a prefill that closed it
     params = sampling_params_for(fields, max_tokens, thinking, logprobs=False, top_logprobs=0)
-    params = with_guided(params, _forced_tool_use(body, ctx, tools, thinking))
-    run = ChatRun(ctx, tools, thinking, hide_reasoning=False)
+    params = content_stop_strings(params, ctx.tokenizer, in_reasoning)
+    params = with_guided(params, _forced_tool_use(body, ctx, tools, in_reasoning))
+    run = ChatRun(ctx, tools, thinking, hide_reasoning=False, in_reasoning=in_reasoning)
     msg_id = f"msg_{uuid.uuid4().hex[:24]}"
     stream = await submit(ctx, ids, params, msg_id)
     model = body.model

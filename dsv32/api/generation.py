@@ -22,7 +22,9 @@ from dsv32.engine.core import EngineError
 from dsv32.engine.outputs import RequestOutput
 from dsv32.engine.sampling_params import SamplingParams, SamplingParamsError
 
-THINK_END = "</think>"
+THINK_START, THINK_END = "<think>", "</think>"
+# the roles DeepSeek's API accepts: the V3.2 encoder's ``developer`` (search-agent turns) is not one of them
+API_ROLES = ("system", "user", "assistant", "tool")
 T = TypeVar("T")
 _MESSAGE_INDEX = re.compile(r"messages\[(\d+)\]")
 _TOOL_NAME = re.compile(r"[a-zA-Z0-9_-]+")
@@ -218,19 +220,49 @@ def engine_error(e: Exception) -> APIError:
     return bad_request(str(e))
 
 
+def opens_reasoning(prompt_ids: list[int], tokenizer) -> bool:
+    """Whether the reply starts inside the reasoning: the prompt's last think tag is ``<think>``. Only the
+    template writes control tokens (request text that spells one is plain text), so this reads the template:
+    a thinking-mode prompt ends with ``<think>`` except for a prefix completion whose content closed it."""
+    start, end = tokenizer.token_id(THINK_START), tokenizer.token_id(THINK_END)
+    for tid in reversed(prompt_ids):
+        if tid in (start, end):
+            return tid == start
+    return False
+
+
+def content_stop_strings(params: SamplingParams, tokenizer, in_reasoning: bool) -> SamplingParams:
+    """Stop strings apply to the content, not the reasoning (chat-format.md §3.3): armed by ``</think>``."""
+    if in_reasoning and params.stop:
+        params.stop_strings_after = tokenizer.token_id(THINK_END)
+    return params
+
+
 class ChatRun:
-    """Turns engine outputs into parser deltas, counting reasoning tokens."""
+    """Turns engine outputs into parser deltas, counting reasoning tokens.
+
+    ``in_reasoning``: the reply starts inside the reasoning (default: ``thinking``; see
+    :func:`opens_reasoning`)."""
 
     def __init__(
-        self, ctx: ServingContext, tools, thinking: bool, hide_reasoning: bool, parallel: bool = True
+        self,
+        ctx: ServingContext,
+        tools,
+        thinking: bool,
+        hide_reasoning: bool,
+        parallel: bool = True,
+        in_reasoning: bool | None = None,
     ):
-        self.parser = StreamParser(tools=tools, thinking=thinking, family=ctx.family)
+        in_reasoning = thinking if in_reasoning is None else in_reasoning
+        self.parser = StreamParser(
+            tools=tools, thinking=thinking, family=ctx.family, in_reasoning=in_reasoning
+        )
         self.parallel = parallel  # False (OpenRouter's parallel_tool_calls): only the first call is kept
         self.thinking = thinking
         self.hide_reasoning = hide_reasoning
         self.think_end_id = ctx.tokenizer.token_id(THINK_END) if thinking else None
         self.reasoning_tokens = 0
-        self._in_reasoning = thinking
+        self._in_reasoning = in_reasoning
         self.ids: list[int] = []
         self.logprobs: list[dict] = []
 

@@ -19,11 +19,14 @@ from starlette.concurrency import run_in_threadpool
 
 from dsv32.api.errors import bad_request, invalid_param
 from dsv32.api.generation import (
+    API_ROLES,
     ChatRun,
     chat_format_error,
     check_tool_name,
     client_gone,
+    content_stop_strings,
     max_tokens_for,
+    opens_reasoning,
     reject_lone_surrogates,
     sampling_params_for,
     submit,
@@ -134,11 +137,6 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         if isinstance(fn, dict):
             check_tool_name(fn.get("name"), f"tools[{i}].function.name", 64)
     parallel = body.parallel_tool_calls is not False
-    guided = guided_for_chat(
-        family=ctx.family, tokenizer=ctx.tokenizer, response_format=body.response_format, tools=body.tools,
-        tool_choice=body.tool_choice, beta=beta, thinking=thinking, parallel=parallel,
-        reasoning_max_tokens=body.reasoning.max_tokens if body.reasoning else None,
-    )  # fmt: skip
     tools = body.tools if body.tool_choice != "none" else None
     messages = with_response_format_slot(body.messages, body.response_format, ctx.family)
     try:
@@ -150,6 +148,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
             thinking=thinking,
             family=ctx.family,
             tokenizer=ctx.tokenizer,
+            roles=API_ROLES,
         )
     except (ChatFormatError, RecursionError) as e:
         added = len(messages) - len(body.messages)  # the response-format slot's system message, if any
@@ -157,13 +156,20 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
             f"messages[{i}]" for i in range(len(body.messages))
         ]
         raise chat_format_error(e, origin) from None
+    # a thinking-mode prefix completion whose content closed the reasoning continues the content
+    in_reasoning = thinking and opens_reasoning(prompt_ids, ctx.tokenizer)
+    guided = guided_for_chat(
+        family=ctx.family, tokenizer=ctx.tokenizer, response_format=body.response_format, tools=body.tools,
+        tool_choice=body.tool_choice, beta=beta, thinking=in_reasoning, parallel=parallel,
+        reasoning_max_tokens=body.reasoning.max_tokens if body.reasoning else None,
+    )  # fmt: skip
     max_tokens = max_tokens_for(ctx, body.max_tokens, len(prompt_ids), MODE_LIMITS[thinking])
     params = sampling_params_for(
         body, max_tokens, thinking, logprobs=bool(body.logprobs), top_logprobs=body.top_logprobs or 0
     )
-    params = with_guided(params, guided)
+    params = with_guided(content_stop_strings(params, ctx.tokenizer, in_reasoning), guided)
     hide = bool(body.reasoning and body.reasoning.exclude)
-    run = ChatRun(ctx, tools, thinking, hide, parallel=parallel)
+    run = ChatRun(ctx, tools, thinking, hide, parallel=parallel, in_reasoning=in_reasoning)
     rid = f"{uuid.uuid4()}"
     created = int(time.time())
     stream = await submit(ctx, prompt_ids, params, rid)

@@ -40,6 +40,7 @@ class ServeOptions:
 def build_context(opts: ServeOptions) -> ServingContext:
     """Model + engine + tokenizer + settings: everything the app needs."""
     from dsv32.chat import family_for_model_dir, load_tokenizer
+    from dsv32.chat.family import describe_family
     from dsv32.engine.async_engine import AsyncEngine
     from dsv32.engine.core import EngineConfig, EngineCore
     from dsv32.weights.default_model import model_dir_or_default
@@ -56,6 +57,7 @@ def build_context(opts: ServeOptions) -> ServingContext:
     )  # fmt: skip
     core = EngineCore(model, config, eos_id=tokenizer.eos_id)
     engine = AsyncEngine(core, tokenizer, max_waiting=opts.max_waiting)
+    print(describe_family(model_dir, override=opts.chat_format), file=sys.stderr)
     return ServingContext(
         engine=engine,
         tokenizer=tokenizer,

@@ -224,7 +224,7 @@ class DsmlBlockParser:
         """A non-string value as JSON text: verbatim if it parses, else converted by the schema type."""
         text = raw.strip()
         try:
-            json.loads(text)
+            json.loads(text, parse_constant=_not_json)  # NaN / Infinity: Python reads them, JSON has none
             return text
         except ValueError:
             pass
@@ -233,6 +233,10 @@ class DsmlBlockParser:
             kept = "converted by the schema" if converted is not None else "kept as a string"
             self.problems.append(f"parameter {self._key!r} of {self._name!r} is not valid JSON; {kept}")
         return converted if converted is not None else to_json(raw)
+
+
+def _not_json(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
 
 
 def _convert(text: str, schema_type: str | None) -> str | None:

@@ -54,6 +54,19 @@ def family_for_model_dir(model_dir: str | Path, *, override: str | None = None) 
     return family_for_config(config, chat_template=template if isinstance(template, str) else None)
 
 
+def describe_family(model_dir: str | Path, *, override: str | None = None) -> str:
+    """The start-up line saying which chat format a model directory gets, and why (chat-format.md §3.9)."""
+    family = family_for_model_dir(model_dir, override=override)
+    names = {"v3.2": "V3.2 DSML", "v3.1": "V3.1 / V3.2-Exp template", "v3": "V3 template"}
+    if override:
+        why = "--chat-format"
+    elif (_read_json(Path(model_dir) / "tokenizer_config.json") or {}).get("chat_template"):
+        why = "the checkpoint ships a chat_template: the Jinja-era format its thinking markers tell"
+    else:
+        why = "no chat_template in tokenizer_config.json; from config.json's model_type"
+    return f"chat format: {family} ({names[family]}; {why}; --chat-format overrides)"
+
+
 def _read_json(path: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None

@@ -8,10 +8,13 @@ It works on any chunk boundaries: a suffix that may be the start of a tag is hel
 characters decide it, so no tag is ever shown half. :func:`parse_completion` feeds the whole text at once
 through the same machine, so a stream's concatenated deltas always equal the one-shot parse.
 
-Malformed output never raises. A tool-call block that breaks before its first call is returned as content;
-after a call has started, the call is closed (its arguments stay valid JSON) and the unparsed rest is read
-as content again. A block cut off by the end of the text keeps its calls and drops the partial tag. Text after
-the block or after ``<｜end▁of▁sentence｜>`` is dropped. Every such case is recorded in ``problems``.
+Malformed output never raises, and DSML markup is never shown as content (§3.3). A tool-call block that
+breaks is dropped from the point where it breaks up to its closing tag (the text after that is read as after
+a well-formed block); a call it had started is closed (its arguments stay valid JSON: they have been streamed
+already). A block cut off by the end of the text keeps its calls likewise. Whitespace before a tool-call block
+is not content. A ``</think>`` in content (the reasoning was closed already, or chat mode, whose prompt closes
+it) is dropped: the text before it has been streamed as content. Text after the block or after
+``<｜end▁of▁sentence｜>`` is dropped. Every such case is recorded in ``problems``.
 """
 
 from __future__ import annotations
@@ -22,11 +25,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from dsv32.chat.dsml import BLOCK_OPEN, BLOCK_OPEN_ALIAS, DsmlBlockParser
+from dsv32.chat.dsml import BLOCK_CLOSES, BLOCK_OPEN, BLOCK_OPEN_ALIAS, DsmlBlockParser
 from dsv32.chat.errors import ChatFormatError
 from dsv32.chat.family import check_family
 from dsv32.chat.textscan import find_first, held_suffix
-from dsv32.chat.tokens import EOS, THINK_END, THINK_START, TOOL_CALLS_BEGIN
+from dsv32.chat.tokens import EOS, THINK_END, THINK_START, TOOL_CALLS_BEGIN, TOOL_CALLS_END
 from dsv32.chat.tool_tokens import V3BlockParser, V31BlockParser
 from dsv32.chat.toolblock import BlockParser, Event, tool_schemas
 
@@ -41,14 +44,14 @@ def random_call_id(index: int) -> str:
 @dataclass(frozen=True)
 class _Syntax:
     open_tags: tuple[str, ...]
-    newlines_before: int  # newlines right before the open tag that belong to the delimiter
+    close_tags: tuple[str, ...]
     block: Callable[[dict[str, dict[str, Any]] | None], BlockParser]
 
 
 _SYNTAX = {
-    "v3.2": _Syntax((BLOCK_OPEN, BLOCK_OPEN_ALIAS), 2, DsmlBlockParser),
-    "v3.1": _Syntax((TOOL_CALLS_BEGIN,), 0, V31BlockParser),
-    "v3": _Syntax((TOOL_CALLS_BEGIN,), 0, V3BlockParser),
+    "v3.2": _Syntax((BLOCK_OPEN, BLOCK_OPEN_ALIAS), BLOCK_CLOSES, DsmlBlockParser),
+    "v3.1": _Syntax((TOOL_CALLS_BEGIN,), (TOOL_CALLS_END,), V31BlockParser),
+    "v3": _Syntax((TOOL_CALLS_BEGIN,), (TOOL_CALLS_END,), V3BlockParser),
 }
 
 
@@ -74,7 +77,12 @@ class Delta:
 
 
 class StreamParser:
-    """Feed generated text chunk by chunk; get :class:`Delta` lists back; call :meth:`finish` at the end."""
+    """Feed generated text chunk by chunk; get :class:`Delta` lists back; call :meth:`finish` at the end.
+
+    ``thinking``: the reply has a ``reasoning_content`` (``""`` if none). ``in_reasoning`` (default:
+    ``thinking``): the text starts inside the reasoning, as after a prompt that ends with ``<think>``; a
+    thinking-mode prefix completion whose prompt closed the reasoning starts in content.
+    """
 
     def __init__(
         self,
@@ -83,11 +91,13 @@ class StreamParser:
         thinking: bool = False,
         family: str = "v3.2",
         call_id: Callable[[int], str] = random_call_id,
+        in_reasoning: bool | None = None,
     ):
         self.family = check_family(family)
         if thinking and self.family == "v3":
             raise ChatFormatError("thinking", "the v3 format has no thinking mode")
         self.thinking = thinking
+        self.in_reasoning = thinking if in_reasoning is None else in_reasoning
         self.problems: list[str] = []
         self._syntax = _SYNTAX[self.family]
         self._schemas = tool_schemas(tools)
@@ -100,8 +110,6 @@ class StreamParser:
         self._content: list[str] = []
         self._calls: list[dict[str, Any]] = []
         self._block: BlockParser | None = None
-        self._block_calls = 0  # calls opened in the current block
-        self._tentative = ""  # raw block text not yet part of any call (returned as content on failure)
         self._dropped = False
         self._finished = False
 
@@ -154,6 +162,7 @@ class StreamParser:
             "reasoning": self._in_reasoning,
             "content": self._in_content,
             "tools": self._in_tools,
+            "broken": self._in_broken_block,
             "trailer": self._in_trailer,
             "done": self._done,
         }
@@ -161,14 +170,15 @@ class StreamParser:
             pass
 
     def _start(self, final: bool) -> bool:
-        if self._buf.startswith(THINK_START):  # a stray (thinking) or unprompted (chat) opening tag
-            self._buf = self._buf[len(THINK_START) :]
+        head = self._buf.lstrip()
+        if head.startswith(THINK_START):  # a stray (thinking) or unprompted (chat) opening tag
+            self._buf = head[len(THINK_START) :]
             self._saw_reasoning = True
             self._state = "reasoning"
             return True
-        if THINK_START.startswith(self._buf) and not final:
+        if THINK_START.startswith(head) and not final:
             return False
-        self._state = "reasoning" if self.thinking else "content"
+        self._state = "reasoning" if self.in_reasoning else "content"
         return True
 
     def _in_reasoning(self, final: bool) -> bool:
@@ -187,26 +197,26 @@ class StreamParser:
 
     def _in_content(self, final: bool) -> bool:
         tags = self._syntax.open_tags
-        i, marker = find_first(self._buf, (*tags, EOS))
+        i, marker = find_first(self._buf, (*tags, THINK_END, EOS))
         if i >= 0:
             before = self._buf[:i]
             self._buf = self._buf[i + len(marker) :]
             if marker == EOS:
                 self._emit_content(before)
                 self._state = "done"
-                return True
-            nl = min(len(before) - len(before.rstrip("\n")), self._syntax.newlines_before)
-            self._emit_content(before[: len(before) - nl])
-            self._tentative = before[len(before) - nl :] + marker
-            self._block = self._syntax.block(self._schemas)
-            self._block_calls = 0
-            self._state = "tools"
+            elif marker == THINK_END:
+                self.problems.append("</think> in content dropped")
+                self._emit_content(before)
+            else:  # whitespace before the block (the "\n\n" of the delimiter, or more) is not content
+                self._emit_content(before.rstrip())
+                self._block = self._syntax.block(self._schemas)
+                self._state = "tools"
             return True
         if final:
             cut = len(self._buf)
-        else:
-            markers = [("\n" * n) + t for t in tags for n in range(self._syntax.newlines_before + 1)]
-            cut = len(self._buf) - held_suffix(self._buf, (*markers, EOS))
+        else:  # hold back a possible tag start, and trailing whitespace (dropped if a block follows)
+            cut = len(self._buf) - held_suffix(self._buf, (*tags, THINK_END, EOS))
+            cut = len(self._buf[:cut].rstrip())
         self._emit_content(self._buf[:cut])
         self._buf = self._buf[cut:]
         return False
@@ -214,8 +224,6 @@ class StreamParser:
     def _in_tools(self, final: bool) -> bool:
         assert self._block is not None
         step = self._block.step(self._buf, final)
-        if self._block_calls == 0:
-            self._tentative += self._buf[: step.consumed]
         self._buf = self._buf[step.consumed :]
         self._apply(step.events)
         self._collect_block_problems()
@@ -223,12 +231,11 @@ class StreamParser:
             self._state = "trailer"
             return True
         if step.status == "error":
-            self.problems.append(f"malformed tool-call block: {step.problem}; the rest is read as content")
+            self.problems.append(
+                f"malformed tool-call block: {step.problem}; the rest of the block is dropped"
+            )
             self._apply(self._block.abort())
-            if self._block_calls == 0:
-                self._emit_content(self._tentative)
-            self._tentative = ""
-            self._state = "content"
+            self._state = "broken"
             return True
         if final:
             self.problems.append("tool-call block cut off before its end")
@@ -238,6 +245,17 @@ class StreamParser:
             self._state = "done"
         return False
 
+    def _in_broken_block(self, final: bool) -> bool:
+        """Drop the rest of a malformed block: up to its closing tag (then as after a block) or the end."""
+        i, marker = find_first(self._buf, (*self._syntax.close_tags, EOS))
+        if i >= 0:
+            self._buf = self._buf[i + len(marker) :]
+            self._state = "trailer" if marker != EOS else "done"
+            return True
+        keep = 0 if final else held_suffix(self._buf, (*self._syntax.close_tags, EOS))
+        self._buf = self._buf[len(self._buf) - keep :]
+        return False
+
     def _in_trailer(self, final: bool) -> bool:
         rest = self._buf.lstrip()
         if not rest:
@@ -245,8 +263,7 @@ class StreamParser:
             return False
         for tag in self._syntax.open_tags:  # a second block right after the first
             if rest.startswith(tag):
-                self._tentative = self._buf[: len(self._buf) - len(rest)] + tag
-                self._buf, self._block_calls = rest[len(tag) :], 0
+                self._buf = rest[len(tag) :]
                 self._block = self._syntax.block(self._schemas)
                 self._state = "tools"
                 return True
@@ -275,8 +292,6 @@ class StreamParser:
                 index = len(self._calls)
                 call = {"id": self._call_id(index), "name": value, "args": []}
                 self._calls.append(call)
-                self._block_calls += 1
-                self._tentative = ""
                 head = {"index": index, "id": call["id"], "type": "function"}
                 self._out.append(Delta(tool_call={**head, "function": {"name": value, "arguments": ""}}))
             elif value:
@@ -328,13 +343,16 @@ def parse_completion(
     thinking: bool = False,
     family: str = "v3.2",
     call_id: Callable[[int], str] = random_call_id,
+    in_reasoning: bool | None = None,
 ) -> dict[str, Any]:
     """Parse one whole completion (the text after the prompt, with or without the final EOS).
 
     Returns ``{"role": "assistant", "reasoning_content", "content", "tool_calls", "problems"}``; see
     :meth:`StreamParser.result`. ``problems`` is for the caller's logs, not for the client.
     """
-    parser = StreamParser(tools=tools, thinking=thinking, family=family, call_id=call_id)
+    parser = StreamParser(
+        tools=tools, thinking=thinking, family=family, call_id=call_id, in_reasoning=in_reasoning
+    )
     parser.feed(text)
     parser.finish()
     return parser.result()

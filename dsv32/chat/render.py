@@ -23,14 +23,17 @@ def build_prompt(
     tools: list[dict[str, Any]] | None = None,
     thinking: bool = False,
     family: str = "v3.2",
+    roles: tuple[str, ...] | None = None,
 ) -> Prompt:
-    """The prompt as template/data pieces (see :class:`dsv32.chat.prompt.Prompt`)."""
+    """The prompt as template/data pieces (see :class:`dsv32.chat.prompt.Prompt`). ``roles`` narrows the
+    roles the family accepts (the API refuses ``developer``, which only the V3.2 encoder knows)."""
     family = check_family(family)
     if not isinstance(thinking, bool):
         raise ChatFormatError("thinking", f"expected true or false, got {type(thinking).__name__}")
     if thinking and family == "v3":
         raise ChatFormatError("thinking", "the v3 format has no thinking mode (use v3.1 or v3.2)")
-    roles = ROLES if family == "v3.2" else tuple(r for r in ROLES if r != "developer")
+    known = ROLES if family == "v3.2" else tuple(r for r in ROLES if r != "developer")
+    roles = known if roles is None else tuple(r for r in known if r in roles)
     conv: Conversation = parse_conversation(messages, tools, roles=roles)
     return _BUILDERS[family](conv, thinking=thinking)
 
@@ -57,8 +60,9 @@ def encode_prompt(
     thinking: bool = False,
     family: str = "v3.2",
     tokenizer: Tokenizer | None = None,
+    roles: tuple[str, ...] | None = None,
 ) -> list[int]:
     """The same prompt as token ids. Only the template inserts control tokens: request text that spells one
     (``<｜end▁of▁sentence｜>``, ``</think>``, ``<｜User｜>``, …) is encoded as ordinary text."""
-    prompt = build_prompt(messages, tools=tools, thinking=thinking, family=family)
+    prompt = build_prompt(messages, tools=tools, thinking=thinking, family=family, roles=roles)
     return prompt.ids(tokenizer or load_tokenizer())

@@ -39,6 +39,7 @@ class RequestOutput:
 class _TextState:
     detok: IncrementalDetokenizer
     stop: StopChecker | None = None
+    stop_armed_by: int | None = None  # stop strings see only the text after this token
 
 
 class OutputProcessor:
@@ -50,7 +51,8 @@ class OutputProcessor:
 
     def add(self, request_id: str, params: SamplingParams) -> None:
         detok = IncrementalDetokenizer(self.tokenizer, skip_special_tokens=params.skip_special_tokens)
-        self.states[request_id] = _TextState(detok, StopChecker(params.stop) if params.stop else None)
+        stop = StopChecker(params.stop) if params.stop else None
+        self.states[request_id] = _TextState(detok, stop, params.stop_strings_after if stop else None)
 
     def remove(self, request_id: str) -> None:
         self.states.pop(request_id, None)
@@ -71,9 +73,13 @@ class OutputProcessor:
                 delta = ""
                 for j in range(len(ids)):
                     last = j == len(ids) - 1
-                    text, matched = st.stop.feed(
-                        st.detok.add(ids[j : j + 1]) + (st.detok.flush() if finished and last else "")
-                    )
+                    piece = st.detok.add(ids[j : j + 1]) + (st.detok.flush() if finished and last else "")
+                    if st.stop_armed_by is not None:  # not yet: the text before the arming token is passed
+                        delta += piece
+                        if ids[j] == st.stop_armed_by:
+                            st.stop_armed_by = None
+                        continue
+                    text, matched = st.stop.feed(piece)
                     delta += text
                     if matched:
                         if not (finished and last):

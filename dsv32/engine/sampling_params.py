@@ -36,6 +36,8 @@ class SamplingParams:
     string (it is not part of the returned text); ``stop_token_ids`` end it on those tokens even with
     ``ignore_eos``. ``logprobs`` returns the sampled token's log-probability and, with ``top_logprobs`` > 0,
     that many most likely alternatives (see ``Sampler`` for which distribution they describe).
+    ``stop_strings_after`` (a token id): stop strings are matched only on the text after that token (the API
+    sets ``</think>`` in thinking mode, so they apply to the content, not the reasoning).
     ``guided`` constrains the output to a grammar (JSON mode, a JSON Schema, a Lark grammar, a regex; see
     ``dsv32.engine.grammar``): only tokens the grammar allows are sampled, and the request ends when it is
     complete.
@@ -54,6 +56,7 @@ class SamplingParams:
     seed: int | None = None
     stop: list[str] | None = None
     stop_token_ids: list[int] | None = None
+    stop_strings_after: int | None = None
     ignore_eos: bool = False
     logprobs: bool = False
     top_logprobs: int = 0
@@ -120,6 +123,8 @@ class SamplingParams:
                 raise SamplingParamsError("stop_token_ids", self.stop_token_ids, "a list of token ids")
             for i, tok in enumerate(self.stop_token_ids):
                 _check_token(f"stop_token_ids[{i}]", tok, vocab_size, "a token id")
+        if self.stop_strings_after is not None:
+            _check_token("stop_strings_after", self.stop_strings_after, vocab_size, "a token id")
         for name in ("ignore_eos", "logprobs", "skip_special_tokens"):
             if not isinstance(getattr(self, name), bool):
                 raise SamplingParamsError(name, getattr(self, name), "true or false")

@@ -22,10 +22,12 @@ class ScriptedEngine:
         self.tokenizer, self.eos_id = tokenizer, eos_id
         self.scripts: list[str] = []
         self.prompts: list[list[int]] = []
+        self.params: list[SamplingParams] = []  # what each request asked of the engine
         self.first_delay = 0.0  # seconds before the first token (as if queued)
 
     async def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None):
         self.prompts.append(list(prompt_ids))
+        self.params.append(params)
         text = self.scripts.pop(0) if self.scripts else "ok"
         ids = self.tokenizer.encode(text, allow_special=True) + [self.eos_id]
         ids = ids[: params.max_tokens]

@@ -49,6 +49,23 @@ def test_thinking_on_and_off(scripted_server):
     assert [b.type for b in r.content] == ["text"] and r.content[0].text == "9.8"
 
 
+def test_a_final_assistant_message_is_a_prefill(scripted_server, tokenizer):
+    """As on Anthropic's API, a final assistant message is continued (no end of sentence after it) and the
+    reply holds only the continuation; in thinking mode, a prefill with text continues the text. Trailing
+    whitespace in it is a 400, as there."""
+    c = client(scripted_server)
+    scripted_server.engine.scripts = [' "sunny"}', ' "rain"}']
+    msgs = [{"role": "user", "content": "Weather as JSON"}, {"role": "assistant", "content": '{"sky":'}]
+    r = c.messages.create(model="deepseek-chat", max_tokens=20, messages=msgs)
+    assert tokenizer.decode(scripted_server.engine.prompts[-1]).endswith('</think>{"sky":')
+    assert [b.text for b in r.content] == [' "sunny"}'] and r.stop_reason == "end_turn"
+    r = c.messages.create(model="deepseek-chat", max_tokens=20, messages=msgs, thinking={"type": "enabled", "budget_tokens": 10})  # fmt: skip
+    assert tokenizer.decode(scripted_server.engine.prompts[-1]).endswith('<think></think>{"sky":')
+    assert [(b.type, getattr(b, "text", None)) for b in r.content] == [("text", ' "rain"}')]
+    with pytest.raises(anthropic.BadRequestError, match="trailing whitespace"):
+        c.messages.create(model="deepseek-chat", max_tokens=20, messages=[msgs[0], {"role": "assistant", "content": "Sure "}])  # fmt: skip
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_multi_turn_tool_use_loop(scripted_server, tokenizer, stream):
     c = client(scripted_server)

@@ -197,6 +197,79 @@ def test_chat_prefix_completion_continues_the_prefix(scripted_server, tokenizer)
             model="deepseek-chat", messages=[{"role": "user", "content": "x"}, {"role": "assistant", "content": "y", "prefix": True}])  # fmt: skip
 
 
+def test_thinking_prefix_completion_with_content_continues_the_content(scripted_server, tokenizer):
+    """§2.4: in thinking mode a prefix with content closes the reasoning (``</think>`` + content), so the
+    reply continues the content: no reasoning, no reasoning tokens, a JSON constraint from the first token,
+    and stop strings armed from the start. With no content the reasoning stays open and is continued."""
+    beta = openai.OpenAI(base_url=scripted_server.url + "/beta", api_key="k", max_retries=0)
+    think_end = tokenizer.token_id("</think>")
+    scripted_server.engine.scripts = [" are red.", " more thought.</think>Roses"]
+    base = [{"role": "user", "content": "Finish the line"}]
+    r = beta.chat.completions.create(
+        model="deepseek-reasoner", stop=["\n"], response_format={"type": "json_object"},
+        messages=[*base, {"role": "assistant", "reasoning_content": "ok", "content": "Roses", "prefix": True}],
+    )  # fmt: skip
+    assert tokenizer.decode(scripted_server.engine.prompts[-1]).endswith("<think>ok</think>Roses")
+    m = r.choices[0].message
+    assert (m.content, m.reasoning_content) == (" are red.", "")
+    assert r.usage.completion_tokens_details.reasoning_tokens == 0
+    params = scripted_server.engine.params[-1]
+    assert "start_token" not in params.guided and params.stop_strings_after is None
+    r = beta.chat.completions.create(
+        model="deepseek-reasoner", stop=["\n"], response_format={"type": "json_object"},
+        messages=[*base, {"role": "assistant", "reasoning_content": "thinking", "content": "", "prefix": True}],
+    )  # fmt: skip
+    m = r.choices[0].message
+    assert (m.reasoning_content, m.content) == (" more thought.", "Roses")
+    params = scripted_server.engine.params[-1]
+    assert params.guided["start_token"] == think_end and params.stop_strings_after == think_end
+
+
+def test_stop_strings_apply_to_the_content_in_thinking_mode(scripted_server, tokenizer):
+    """chat-format.md §3.3: stop strings are matched on the content, not the reasoning (the engine arms them
+    with ``</think>``; its matching is tested in tests/engine). Chat mode matches from the start."""
+    c = client(scripted_server)
+    msgs = [{"role": "user", "content": "x"}]
+    c.chat.completions.create(model="deepseek-reasoner", messages=msgs, stop=["."])
+    assert scripted_server.engine.params[-1].stop_strings_after == tokenizer.token_id("</think>")
+    c.chat.completions.create(model="deepseek-chat", messages=msgs, stop=["."])
+    assert scripted_server.engine.params[-1].stop_strings_after is None
+
+
+def test_developer_messages_are_refused_as_by_deepseek(scripted_server):
+    """The V3.2 template knows a ``developer`` role (search-agent turns); DeepSeek's API does not accept it
+    (chat-format.md §2), and rendering it would make a fake user turn of it."""
+    c = client(scripted_server)
+    with pytest.raises(openai.BadRequestError, match=r"messages\[0\]\.role: unknown role 'developer'"):
+        c.chat.completions.create(
+            model="deepseek-chat", messages=[{"role": "developer", "content": "Be terse."}, {"role": "user", "content": "x"}]
+        )  # fmt: skip
+    assert scripted_server.engine.prompts == []
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_malformed_tool_markup_is_never_content(scripted_server, stream):
+    """§3.3: a tool-call block that breaks is dropped (its complete calls kept), never shown as content."""
+    c = client(scripted_server)
+    broken = dsml_calls(("get_weather", {"location": "Paris"})).replace(f"</{D}function_calls>", "")
+    scripted_server.engine.scripts = [f'Checking.  {broken}\n<{D}invoke nam="x">junk</{D}function_calls>']
+    kw = dict(model="deepseek-chat", messages=[{"role": "user", "content": "Paris?"}], tools=[WEATHER])
+    if stream:
+        chunks = list(c.chat.completions.create(**kw, stream=True))
+        content = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+        names = [
+            tc.function.name
+            for ch in chunks
+            if ch.choices
+            for tc in ch.choices[0].delta.tool_calls or []
+            if tc.function.name
+        ]
+    else:
+        m = c.chat.completions.create(**kw).choices[0].message
+        content, names = m.content, [tc.function.name for tc in m.tool_calls]
+    assert content == "Checking." and names == ["get_weather"]
+
+
 def test_fim_completion(scripted_server, tokenizer):
     scripted_server.engine.scripts = ["    return a + b"]
     c = openai.OpenAI(base_url=scripted_server.url + "/beta", api_key="k", max_retries=0)

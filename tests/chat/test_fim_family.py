@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from dsv32.chat import ChatFormatError, encode_fim, family_for_config, family_for_model_dir, render_fim
+from dsv32.chat.family import describe_family
 from tests.chat.test_templates import TEMPLATES
 
 BOS = "<｜begin▁of▁sentence｜>"
@@ -43,9 +44,12 @@ def test_family_from_config() -> None:
 def test_family_from_model_dir(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "deepseek_v32"}))
     assert family_for_model_dir(tmp_path) == "v3.2"
+    assert describe_family(tmp_path).startswith("chat format: v3.2 (V3.2 DSML; no chat_template")
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": TEMPLATES["v3.1"]}))
     assert family_for_model_dir(tmp_path) == "v3.1"
+    assert describe_family(tmp_path).startswith("chat format: v3.1 (V3.1 / V3.2-Exp template; the checkpoint")
     assert family_for_model_dir(tmp_path, override="v3.2") == "v3.2"
+    assert "; --chat-format;" in describe_family(tmp_path, override="v3.2")
     (tmp_path / "config.json").write_text("{oops")
     with pytest.raises(ChatFormatError, match="config.json: not valid JSON"):
         family_for_model_dir(tmp_path)

@@ -156,13 +156,13 @@ def test_round_trip_random_messages(family: str, thinking: bool) -> None:
     history = [{"role": "system", "content": "S"}, {"role": "user", "content": "q"}]
     for _ in range(300):
         msg = rand_assistant(rng, thinking)
-        if family != "v3.2" and msg["content"].strip() and "tool_calls" not in msg:
-            msg["content"] = msg["content"].replace("</think>", "")
+        msg["content"] = msg["content"].replace("</think>", "")  # dropped from content (and cut by V3.1)
         text = completion_of(history, msg, thinking=thinking, family=family)
         text = text.removesuffix("<｜Assistant｜>")  # V3's template adds its generation prompt after any turn
         r = parse_completion(text, thinking=thinking, family=family, call_id=ids)
         assert r["problems"] == [], (text, r)
-        assert r["content"] == msg["content"], text
+        # whitespace before a tool-call block is not content (§3.2)
+        assert r["content"] == (msg["content"].rstrip() if "tool_calls" in msg else msg["content"]), text
         assert r["reasoning_content"] == (msg["reasoning_content"] if thinking else None)
         calls = msg.get("tool_calls", [])
         assert [c["function"]["name"] for c in r["tool_calls"]] == [c["function"]["name"] for c in calls]
@@ -248,6 +248,8 @@ OUTPUTS = [
     ),
     ("v3.2-cut-off", {"thinking": True}, "r</think>c" + dsml_block(dsml_call("f", ("a", "true", "x")))[:-30]),
     ("v3.2-no-think-end", {"thinking": True}, "still thinking <" + EOS),
+    ("v3.2-chat-think-end", {}, "a </think> b \n\n" + dsml_block(dsml_call("f"))[2:] + EOS),
+    ("v3.2-prefix-content", {"thinking": True, "in_reasoning": False}, " more</think>  \n" + EOS),
     ("v3.2-trailing", {}, "c" + dsml_block(dsml_call("f")) + "\nafter" + EOS + "more"),
     (
         "v3.1",
@@ -331,8 +333,16 @@ def test_dsml_leniency() -> None:
     assert r["content"] == "c" and args_of(r) == [{"a": "1"}] and r["problems"] == []
     no_newlines = parse(f"c<{D}function_calls>" + dsml_call("f") + f"</{D}function_calls>")
     assert no_newlines["content"] == "c" and args_of(no_newlines) == [{}]
-    keeps_extra = parse("c\n\n\n" + dsml_block(dsml_call("f"))[2:])
-    assert keeps_extra["content"] == "c\n"
+    extra = parse("c  \n\n\n\n" + dsml_block(dsml_call("f"))[2:])  # §3.2: trailing whitespace is stripped
+    assert extra["content"] == "c" and args_of(extra) == [{}]
+    assert parse(" \n c \n" + EOS)["content"] == " \n c \n"  # whitespace with no block after it stays
+
+
+def strict_json(text: str) -> Any:
+    def refuse(name: str) -> None:
+        raise ValueError(f"{name} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
 
 
 def test_parameter_types() -> None:
@@ -369,6 +379,12 @@ def test_parameter_types() -> None:
     assert args_of(r) == [{"n": 7, "x": 1.5, "b": True, "o": "{bad", "q": [1, 2]}, {"s": '{"a": 1}', "n": 12}]
     assert r["tool_calls"][0]["function"]["arguments"].endswith('"q": [1,2]}')  # valid JSON kept verbatim
     assert len(r["problems"]) == 4 and "'o' of 'f' is not valid JSON; kept as a string" in r["problems"][3]
+    # Python's json reads NaN and Infinity; JSON has neither: the arguments stay valid JSON
+    odd = parse(
+        "c" + dsml_block(dsml_call("f", ("x", "false", "NaN"), ("q", "false", "-Infinity"))), tools=schema
+    )
+    assert strict_json(odd["tool_calls"][0]["function"]["arguments"]) == {"x": "NaN", "q": "-Infinity"}
+    assert len(odd["problems"]) == 2
 
 
 def test_duplicate_and_unknown() -> None:
@@ -377,20 +393,41 @@ def test_duplicate_and_unknown() -> None:
     assert r["problems"] == ["call of unknown tool 'g'", "duplicate parameter 'a' in call of 'g' dropped"]
 
 
-def test_malformed_block_becomes_content() -> None:
-    text = "Hi" + dsml_block(f'<{D}invoke nam="x">') + " tail"
-    r = parse(text)
-    assert r["tool_calls"] == [] and r["content"] == text
+def test_malformed_block_is_never_content() -> None:
+    """§3.3: DSML markup is never shown as content. A block that breaks is dropped up to its closing tag; the
+    calls before the break are kept (a started one is closed)."""
+    r = parse("Hi" + dsml_block(f'<{D}invoke nam="x">') + EOS)
+    assert r["tool_calls"] == [] and r["content"] == "Hi"
     assert r["problems"] == [
-        "malformed tool-call block: malformed invoke tag; the rest is read as content",
+        "malformed tool-call block: malformed invoke tag; the rest of the block is dropped"
     ]
-    mid = parse("Hi" + dsml_block(dsml_call("f", ("a", "true", "1")), "garbage"))
-    assert args_of(mid) == [{"a": "1"}] and mid["content"] == "Hi\ngarbage\n</｜DSML｜function_calls>"
+    mid = parse("Hi" + dsml_block(dsml_call("f", ("a", "true", "1")), "garbage") + EOS)
+    assert args_of(mid) == [{"a": "1"}] and mid["content"] == "Hi"
     open_call = parse(
         "Hi"
         + dsml_block(f'<{D}invoke name="f">\n<{D}parameter name="a" string="true">1</{D}parameter>\njunk')
     )
-    assert args_of(open_call) == [{"a": "1"}] and open_call["content"].startswith("Hi\njunk")
+    assert args_of(open_call) == [{"a": "1"}] and open_call["content"] == "Hi"
+    # after the broken block's end, as after a good one: another block is read, other text dropped
+    again = parse("Hi" + dsml_block("junk") + dsml_block(dsml_call("g")) + EOS)
+    assert again["content"] == "Hi" and [c["function"]["name"] for c in again["tool_calls"]] == ["g"]
+    unclosed = parse("Hi" + dsml_block("junk")[: -len(f"</{D}function_calls>")] + " more text")
+    assert unclosed["content"] == "Hi" and unclosed["tool_calls"] == []
+    for text in (f"Hi{dsml_block('junk')}", f"Hi{dsml_block(dsml_call('f'), 'junk')}"):
+        assert D not in stream(text, random.Random(0))[0]["content"]
+
+
+def test_think_tags_out_of_place() -> None:
+    """A ``</think>`` in content is dropped (chat mode's prompt closed the reasoning; so did a thinking reply's
+    first one); a stray leading ``<think>`` is dropped after leading whitespace too."""
+    chat = parse("abc</think>def" + EOS)
+    assert chat["content"] == "abcdef" and chat["problems"] == ["</think> in content dropped"]
+    twice = parse("r</think>a</think>b", thinking=True)
+    assert twice["reasoning_content"] == "r" and twice["content"] == "ab"
+    stray = parse(" \n<think>r</think>c", thinking=True)
+    assert stray["reasoning_content"] == "r" and stray["content"] == "c"
+    prefixed = parse("more content" + EOS, thinking=True, in_reasoning=False)
+    assert prefixed["reasoning_content"] == "" and prefixed["content"] == "more content"
 
 
 def test_cut_off_and_trailing_text() -> None:
@@ -407,7 +444,7 @@ def test_cut_off_and_trailing_text() -> None:
         "problems"
     ] == []
     bad_second = parse("c" + dsml_block(dsml_call("f")) + dsml_block("junk"))
-    assert bad_second["content"] == "c" + dsml_block("junk") and len(bad_second["tool_calls"]) == 1
+    assert bad_second["content"] == "c" and len(bad_second["tool_calls"]) == 1
     assert parse("a" + EOS + "b")["content"] == "a"
 
 
@@ -423,8 +460,7 @@ def test_v31_and_v3_problems() -> None:
         family="v3.1",
     )
     assert args_of(empty) == [{}]
-    bad = "x<｜tool▁calls▁begin｜>nonsense"
-    assert parse(bad, family="v3")["content"] == bad
+    assert parse("x<｜tool▁calls▁begin｜>nonsense", family="v3")["content"] == "x"
     with pytest.raises(ValueError, match="^thinking: the v3 format has no thinking mode"):
         StreamParser(family="v3", thinking=True)
 

@@ -194,6 +194,42 @@ def test_stop_string_across_token_boundaries(model):
     assert outs[-1].finish_reason == "stop" and outs[-1].stop_sequence == stop
 
 
+def test_stop_strings_armed_by_a_token_see_only_the_text_after_it(model):
+    """``stop_strings_after``: the API arms stop strings with ``</think>`` so they apply to the content, not
+    the reasoning. The output processor gets the tokens of a thinking reply (the real tokenizer's), two a
+    step as speculative decoding brings them: a stop string in the reasoning does not stop; one in the
+    content does, even when it starts in the step that brings ``</think>``."""
+    from dsv32.engine.core import TokenOutput
+    from dsv32.engine.outputs import OutputProcessor
+
+    tok = load_tokenizer()
+    think_end = tok.token_id("</think>")
+    ids = tok.encode("Step one: add. Done.</think>Done. The sum is 42. Done.", allow_special=True)
+    core = EngineCore(model, EngineConfig(block_size=4, num_blocks=8), eos_id=None)
+
+    def run(params):
+        proc = OutputProcessor(tok)
+        proc.add("r", params)
+        outs = []
+        for i in range(0, len(ids), 2):
+            last = i + 2 >= len(ids)
+            step = TokenOutput("r", ids[i : i + 2], None, last, "length" if last else None, 5, i + 2, 0)
+            outs += proc.process(core, [step])
+            if outs[-1].finished:
+                break
+        return "".join(o.text for o in outs), outs[-1]
+
+    text, end = run(SamplingParams(stop=["Done."], stop_strings_after=think_end))
+    assert text == "Step one: add. Done.</think>" and end.finish_reason == "stop"
+    assert end.usage.completion_tokens == ids.index(think_end) + 3  # through the "Done" "." that matched
+    text, end = run(SamplingParams(stop=["add.", "42"], stop_strings_after=think_end))
+    assert text == "Step one: add. Done.</think>Done. The sum is " and end.stop_sequence == "42"
+    text, end = run(SamplingParams(stop=["add."], stop_strings_after=think_end))
+    assert text == tok.decode(ids) and end.finish_reason == "length"
+    text, end = run(SamplingParams(stop=["add."]))  # unarmed: the whole text
+    assert text == "Step one: " and end.stop_sequence == "add."
+
+
 @pytest.mark.slow
 def test_default_model_engine_equals_its_own_forward_past_index_topk():
     """The model `dsv32 serve` runs (4 index heads, index_topk 64: index scores tie at exactly 0 often):
