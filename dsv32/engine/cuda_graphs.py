@@ -194,7 +194,7 @@ class DecodeGraphs:
         slots = step.tables[:, grid // bs] * bs + grid % bs  # [R, S]
         visible = grid[None, :] <= step.positions[:, None]
         new_slots = slots.gather(1, step.positions[:, None])[:, 0]
-        cos, sin = model.rotary(step.positions, model.dtype)
+        cos, sin = model.rotary(step.positions)
         # every row is one group (``slice(None)``: no Python int of the row count, which torch.compile keeps dynamic)
         decodes = [_Decodes(slice(None), slots, visible)]
         return PagedContext(self.cache, decodes, [], new_slots, step.positions, cos, sin)
@@ -204,7 +204,7 @@ class DecodeGraphs:
         hidden = model.forward_layers(model.model.embed_tokens(step.ids[None]), self._context(step))
         if self.mtp is not None:
             step.hidden = hidden  # the MTP pass reads it (in a captured step: the graph's output buffer)
-        return model.lm_head(hidden[0]).float()
+        return model.logits(hidden[0])
 
     def _draft_forward(self, step: _Step) -> torch.Tensor:
         """The MTP layer over the step's rows: its cache entries, and its logits [R, vocab] (fp32)."""

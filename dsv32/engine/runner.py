@@ -225,7 +225,7 @@ class ModelRunner:
             rows_of[id(c)] = list(range(offset, offset + c.num_tokens))
             offset += c.num_tokens
         q_pos = torch.cat(positions)
-        cos, sin = self.model.rotary(q_pos, self.model.dtype)
+        cos, sin = self.model.rotary(q_pos)
         ctx = PagedContext(self.cache, decodes, segments, torch.cat(new_slots), q_pos, cos, sin)
         input_ids = torch.tensor([ids], device=self.device)
         hidden = self.model.forward_layers(self.model.model.embed_tokens(input_ids), ctx)
@@ -236,7 +236,7 @@ class ModelRunner:
             device=self.device,
             dtype=torch.long,
         )
-        return self.model.lm_head(hidden[0, rows]).float()
+        return self.model.logits(hidden[0, rows])
 
     @torch.inference_mode()
     def draft(
@@ -270,7 +270,7 @@ class ModelRunner:
         rows = [_Row(c, pos, tok) for c, pos, tok in zip(chunks, positions, tokens, strict=True)]
         dec, new = self._decodes(rows, 0)
         q_pos = torch.tensor(positions, device=self.device)
-        cos, sin = self.model.rotary(q_pos, self.model.dtype)
+        cos, sin = self.model.rotary(q_pos)
         ctx = PagedContext(self.cache, [dec], [], new, q_pos, cos, sin)
         mtp = self.model.mtp_layers[0]
         h = mtp.draft_hidden(v[None], torch.tensor([tokens], device=self.device), ctx)[0]

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv32.config import ModelConfig
-from dsv32.model.layers import Linear
+from dsv32.model.layers import LayerNorm, Linear
 from dsv32.model.rope import apply_rope_half
 
 
@@ -32,8 +32,8 @@ class Indexer(nn.Module):
         self.topk = cfg.index_topk
         self.wq_b = Linear(cfg.q_lora_rank, self.n_heads * self.head_dim)
         self.wk = Linear(cfg.hidden_size, self.head_dim)
-        self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6)
-        self.weights_proj = Linear(cfg.hidden_size, self.n_heads)
+        self.k_norm = LayerNorm(self.head_dim, eps=1e-6)
+        self.weights_proj = Linear(cfg.hidden_size, self.n_heads, fp32=True)  # computed in fp32
 
     def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         rot, rest = x.split([self.rope_dim, self.head_dim - self.rope_dim], dim=-1)

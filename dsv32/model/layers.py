@@ -147,11 +147,13 @@ def dequantize_fp8_blocks(
 
 
 class RMSNorm(nn.Module):
-    """y = w ⊙ x / sqrt(mean(x²) + eps), normalised in fp32.
+    """y = w ⊙ x / sqrt(mean(x²) + eps), computed in fp32 with an fp32 weight, then cast to x's dtype.
 
-    Like transformers (the oracle), the normalised value is cast back to the input dtype before the
-    weight multiply; DeepSeek's reference multiplies in fp32 — identical in fp32, a rounding apart in bf16.
+    As DeepSeek's reference: the loader keeps the weight fp32 in a bf16 model (``FP32_PARAMS``), and the
+    weight multiplies the fp32 normalised value (transformers rounds that to bf16 first; the same in fp32).
     """
+
+    FP32_PARAMS = ("weight",)  # kept fp32 by the loader whatever the model dtype
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -165,7 +167,7 @@ class RMSNorm(nn.Module):
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return (self.weight.float() * x32).to(x.dtype)
 
 
 class Linear(nn.Module):
@@ -175,8 +177,11 @@ class Linear(nn.Module):
     per weight, at the cost of a dequantisation per forward (an option for memory, not for speed on CPU).
     """
 
-    def __init__(self, in_features: int, out_features: int):
+    def __init__(self, in_features: int, out_features: int, fp32: bool = False):
+        """``fp32``: the loader keeps the weight fp32 whatever the model dtype (the reference's fp32 lm_head
+        and indexer head weights)."""
         super().__init__()
+        self.FP32_PARAMS = ("weight",) if fp32 else ()
         self.in_features = in_features
         self.out_features = out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
@@ -245,4 +250,20 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = matmul_split(self._gate_up, [self.gate_proj, self.up_proj], x)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(swiglu(gate, up))
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) ⊙ up in fp32, cast back (DeepSeek's reference; transformers stays in bf16)."""
+    return (F.silu(gate.float()) * up.float()).to(gate.dtype)
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm in fp32 with fp32 weight and bias, cast back (the reference's indexer ``k_norm``)."""
+
+    FP32_PARAMS = ("weight", "bias")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(
+            x.float(), self.normalized_shape, self.weight.float(), self.bias.float(), self.eps
+        ).to(x.dtype)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv32.config import ModelConfig
-from dsv32.model.layers import MLP
+from dsv32.model.layers import MLP, swiglu
 
 
 class Gate(nn.Module):
@@ -30,6 +30,7 @@ class Gate(nn.Module):
         self.norm_topk_prob = cfg.norm_topk_prob
         self.scaling = cfg.routed_scaling_factor
         self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size, dtype=torch.float32))
+        self.FP32_PARAMS = ("weight", "e_score_correction_bias")  # the router runs in fp32
         self.register_buffer(
             "e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32)
         )
@@ -132,7 +133,7 @@ class MoE(nn.Module):
         counts.index_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
         offs = counts.cumsum(0, dtype=torch.int32)  # end row of each expert's group
         gate_up = torch._grouped_mm(xs, self._w13.transpose(1, 2), offs=offs)  # [N·k, 2I]
-        act = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
+        act = swiglu(gate_up[:, :inter], gate_up[:, inter:])
         return torch._grouped_mm(act, self._w2.transpose(1, 2), offs=offs)  # [N·k, D]
 
     def _still_stacked(self) -> bool:

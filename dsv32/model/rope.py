@@ -65,23 +65,26 @@ class RotaryEmbedding:
             self._inv_freq[device] = inv_freq.to(device)
         return self._inv_freq[device]
 
-    def __call__(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [...] (int) -> cos, sin [..., d_r/2] in ``dtype``."""
+    def __call__(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [...] (int) -> cos, sin [..., d_r/2] in fp32 (rotations are applied in fp32)."""
         angles = positions.to(torch.float32)[..., None] * self.inv_freq(positions.device)
-        cos = angles.cos() * self.attention_factor
-        sin = angles.sin() * self.attention_factor
-        return cos.to(dtype), sin.to(dtype)
+        return angles.cos() * self.attention_factor, angles.sin() * self.attention_factor
+
+
+# Both rotations run in fp32 and cast back, as DeepSeek's reference does (transformers rotates in bf16).
 
 
 def apply_rope_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate pairs (x[2i], x[2i+1]) by angle i. x [..., T, (heads,) d]; cos/sin broadcastable [..., d/2]."""
-    x1, x2 = x[..., 0::2], x[..., 1::2]
+    xf = x.float()
+    x1, x2 = xf[..., 0::2], xf[..., 1::2]
     out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-    return out.flatten(-2)
+    return out.flatten(-2).to(x.dtype)
 
 
 def apply_rope_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate pairs (x[i], x[i + d/2]) by angle i (NeoX / rotate-half layout)."""
     half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    xf = x.float()
+    x1, x2 = xf[..., :half], xf[..., half:]
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)

@@ -33,11 +33,18 @@ class Block(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
+def head_logits(head: Linear, hidden: torch.Tensor) -> torch.Tensor:
+    """fp32 logits: DeepSeek's reference keeps an fp32 copy of lm_head (stored bf16) and computes the logits
+    from the hidden state in fp32, so they are not rounded to bf16. The loader keeps the head fp32; a head
+    tied to the embeddings stays in the model dtype."""
+    return head(hidden.to(head.weight.dtype)).float()
+
+
 class SharedHead(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.head = Linear(cfg.hidden_size, cfg.vocab_size)
+        self.head = Linear(cfg.hidden_size, cfg.vocab_size, fp32=True)
 
 
 class MTPLayer(Block):
@@ -78,7 +85,7 @@ class MTPLayer(Block):
 
     def draft_logits(self, v: torch.Tensor) -> torch.Tensor:
         """head(norm(v)): the logits of the token after next."""
-        return self.shared_head.head(self.shared_head.norm(v))
+        return head_logits(self.shared_head.head, self.shared_head.norm(v))
 
 
 class DeepseekModel(nn.Module):
@@ -100,7 +107,7 @@ class DeepseekForCausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = DeepseekModel(cfg)
-        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, fp32=True)  # fp32 logits: see ``head_logits``
         self.rotary = RotaryEmbedding(cfg)
         self.attn_form: AttnForm = "auto"  # "naive" / "absorbed" force one MLA form (tests, benchmarks)
         self.tie_mtp_copies()
@@ -177,7 +184,7 @@ class DeepseekForCausalLM(nn.Module):
         self, T: int, start_pos: int = 0, cache: KVCache | None = None
     ) -> ContiguousContext:
         q_pos = torch.arange(start_pos, start_pos + T, device=self.device)
-        cos, sin = self.rotary(q_pos, self.dtype)
+        cos, sin = self.rotary(q_pos)
         return ContiguousContext(q_pos, cos, sin, cache, start_pos, self.attn_form)
 
     def hidden_states(
@@ -198,7 +205,11 @@ class DeepseekForCausalLM(nn.Module):
     def forward(
         self, input_ids: torch.Tensor, start_pos: int = 0, cache: KVCache | None = None
     ) -> torch.Tensor:
-        return self.lm_head(self.hidden_states(input_ids, start_pos, cache))
+        return self.logits(self.hidden_states(input_ids, start_pos, cache))
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """lm_head over final hidden states [..., D] -> fp32 logits [..., vocab] (``head_logits``)."""
+        return head_logits(self.lm_head, hidden)
 
     def mtp_logits(
         self,

@@ -32,8 +32,6 @@ from dsv32.model.transformer import DeepseekForCausalLM
 from dsv32.weights.layout import SCALE_SUFFIX, scale_name
 
 INDEX_FILE = "model.safetensors.index.json"
-# The router runs in fp32: its weight and correction bias keep fp32 whatever the model dtype.
-FP32_SUFFIXES = ("mlp.gate.weight", "mlp.gate.e_score_correction_bias")
 ST_DTYPES = {
     "F64": torch.float64,
     "F32": torch.float32,
@@ -381,14 +379,13 @@ def _materialize(model: nn.Module, device: str | torch.device, dtype: torch.dtyp
     """Allocate every meta parameter and buffer on ``device`` in its final dtype, keeping shared tensors
     shared (``to_empty`` would untie them)."""
     new: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(meta tensor) -> (meta tensor, new tensor)
-    for mod_name, module in model.named_modules():
+    for module in model.modules():
         own = list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
         for key, t in own:
             if id(t) not in new:
-                full = f"{mod_name}.{key}" if mod_name else key
                 if t.dtype == FP8_DTYPE or key == "weight_scale_inv":
                     want = t.dtype
-                elif full.endswith(FP32_SUFFIXES):
+                elif key in getattr(module, "FP32_PARAMS", ()):  # norms, router, heads: fp32 as the reference
                     want = torch.float32
                 else:
                     want = dtype

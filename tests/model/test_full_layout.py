@@ -2,7 +2,8 @@
 
 Layer 0 is dense (intermediate 18432), layer 1 is MoE (experts reduced to 8 so it fits in RAM), layer 2 is
 the MTP module; every projection is FP8 e4m3 with 128x128 block scales, as in the release. Loaded with
-FP8 kept in memory (``keep_fp8``) and bf16 elsewhere, in a fresh process whose peak RSS must stay < 8 GB.
+FP8 kept in memory (``keep_fp8``), bf16 elsewhere and fp32 where the reference keeps fp32 (lm_head, 3.7 GB of
+it: ~1.9 GB more than a bf16 head), in a fresh process whose peak RSS must stay < 9.5 GB.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def release_like_config() -> ModelConfig:
 
 
 @pytest.mark.slow
-def test_release_layout_fp8_checkpoint_loads_and_runs_under_8gb(tmp_path):
+def test_release_layout_fp8_checkpoint_loads_and_runs_in_bounded_memory(tmp_path):
     import torch
 
     from dsv32.weights.layout import checkpoint_layout
@@ -84,5 +85,5 @@ def test_release_layout_fp8_checkpoint_loads_and_runs_under_8gb(tmp_path):
     assert out["finite"] and out["edge_ok"]
     assert out["logits"] == [1, 5, 129280] and out["step"] == [1, 1, 129280] and out["mtp"] == [1, 4, 129280]
     assert out["fp8_params"] > 20
-    assert out["maxrss_gb"] < 8.0, f"peak RSS {out['maxrss_gb']:.2f} GB"
+    assert out["maxrss_gb"] < 9.5, f"peak RSS {out['maxrss_gb']:.2f} GB"
     shutil.rmtree(tmp_path)  # 8.8 GB: freed now, not when pytest prunes its old runs

@@ -20,17 +20,22 @@ from dsv32.weights.synthetic import write_synthetic_checkpoint
 from tests.weights.configs import block_aligned_config, small_config
 from tests.weights.test_synthetic import read_all, reference_dequant
 
-ROUTER_FP32 = ("mlp.gate.weight", "e_score_correction_bias")
+# kept fp32 in a bf16 model, as DeepSeek's reference keeps them: the router, every norm weight (and the
+# indexer's k_norm bias), the indexer's weights_proj, and lm_head (with the MTP head, its copy)
+KEPT_FP32 = (
+    "mlp.gate.weight", "e_score_correction_bias", "norm.weight", "k_norm.bias", "weights_proj.weight",
+    "lm_head.weight", "shared_head.head.weight",
+)  # fmt: skip
 IDS = torch.tensor([[0, 17, 5, 300, 42, 7, 99, 128, 3, 250, 11, 64]])
 
 
 def assert_loaded(model, stored: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
-    """Every model tensor equals the stored one cast to ``dtype`` (router tensors: fp32)."""
+    """Every model tensor equals the stored one cast to ``dtype`` (``KEPT_FP32`` tensors: fp32)."""
     assert not model.training
     state = model.state_dict()
     assert set(state) <= set(stored)
     for name, t in state.items():
-        want_dtype = torch.float32 if name.endswith(ROUTER_FP32) else dtype
+        want_dtype = torch.float32 if name.endswith(KEPT_FP32) else dtype
         assert t.dtype == want_dtype, name
         assert torch.equal(t, stored[name].to(want_dtype)), name
     assert all(not p.requires_grad for p in model.parameters())
