@@ -292,7 +292,9 @@ def _usage(out: RequestOutput) -> dict[str, int]:
 async def messages(body: MessagesRequest, request: Request):
     ctx: ServingContext = request.app.state.ctx
     ids, tools, thinking = await run_in_threadpool(_prompt, body, ctx)  # tokenizing: off the event loop
-    max_tokens = max_tokens_for(ctx, body.max_tokens, len(ids), (body.max_tokens, MODE_LIMITS[thinking][1]))
+    max_tokens = max_tokens_for(
+        ctx, body.max_tokens, len(ids), (body.max_tokens, MODE_LIMITS[thinking][1]), clamp=True
+    )
     # only what the compatibility table supports: temperature, top_p, stop_sequences (top_k is ignored)
     fields = SimpleNamespace(
         temperature=body.temperature,

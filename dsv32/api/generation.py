@@ -30,11 +30,22 @@ _MESSAGE_INDEX = re.compile(r"messages\[(\d+)\]")
 _TOOL_NAME = re.compile(r"[a-zA-Z0-9_-]+")
 
 
-def max_tokens_for(ctx: ServingContext, requested: int | None, n_prompt: int, limits: tuple[int, int]) -> int:
+def max_tokens_for(
+    ctx: ServingContext, requested: int | None, n_prompt: int, limits: tuple[int, int], clamp: bool = False
+) -> int:
+    """The request's token budget: ``limits`` = (default, ceiling) of the mode; the context bounds it too.
+
+    Above the ceiling is DeepSeek's 400; with ``clamp`` (the Anthropic route, whose clients, Claude Code
+    among them, ask for the output limits of Claude models) the request gets what the model allows."""
     default, ceiling = limits
-    if requested is not None and requested > ceiling:
-        raise invalid_param(f"max_tokens must be <= {ceiling} for this model, got {requested}", "max_tokens")
     room = ctx.max_model_len - n_prompt
+    if clamp and requested is not None and room >= 1:
+        requested = min(requested, ceiling, room)
+    if requested is not None and requested > ceiling:
+        raise bad_request(
+            f"Invalid max_tokens value, the valid range of max_tokens is [1, {ceiling}] (got {requested})",
+            "max_tokens",
+        )
     if requested is None:
         if room < 1:
             raise bad_request(
@@ -49,6 +60,17 @@ def max_tokens_for(ctx: ServingContext, requested: int | None, n_prompt: int, li
             "max_tokens",
         )
     return requested
+
+
+def check_tool_messages(messages: list[Any]) -> None:
+    """api.md §3.2: a ``tool`` message names the call it answers (``tool_call_id``, a string). The encoder
+    pairs results with calls by order, as DeepSeek's template does, but a request without the id is refused
+    as on DeepSeek's API."""
+    for i, m in enumerate(messages):
+        if isinstance(m, dict) and m.get("role") == "tool" and not isinstance(m.get("tool_call_id"), str):
+            raise bad_request(
+                f"messages[{i}].tool_call_id: required (a string) on a tool message", f"messages[{i}]"
+            )
 
 
 def reject_lone_surrogates(body: BaseModel) -> None:

@@ -22,6 +22,7 @@ from dsv32.api.generation import (
     API_ROLES,
     ChatRun,
     chat_format_error,
+    check_tool_messages,
     check_tool_name,
     client_gone,
     content_stop_strings,
@@ -137,6 +138,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         if isinstance(fn, dict):
             check_tool_name(fn.get("name"), f"tools[{i}].function.name", 64)
     parallel = body.parallel_tool_calls is not False
+    check_tool_messages(body.messages)
     tools = body.tools if body.tool_choice != "none" else None
     messages = with_response_format_slot(body.messages, body.response_format, ctx.family)
     try:
@@ -272,16 +274,22 @@ async def completions(body: CompletionRequest, request: Request):
     head = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
             "system_fingerprint": ctx.system_fingerprint}  # fmt: skip
     echo = body.prompt if (body.echo and isinstance(body.prompt, str)) else ""
+    offset = len(echo)  # text_offset: where each token's text starts in the choice's text (echo included)
 
     def legacy_logprobs(ids: list[int], lps: list[dict]) -> dict[str, Any] | None:
+        nonlocal offset
         if body.logprobs is None:
             return None
         entries = _token_logprobs(ctx, ids, lps)
+        starts = []
+        for e in entries:
+            starts.append(offset)
+            offset += len(e["token"])
         return {
             "tokens": [e["token"] for e in entries],
             "token_logprobs": [e["logprob"] for e in entries],
             "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries],
-            "text_offset": [],
+            "text_offset": starts,
         }
 
     if not body.stream:
@@ -309,7 +317,7 @@ async def completions(body: CompletionRequest, request: Request):
             "logprobs": legacy_logprobs(ids, lps),
             "finish_reason": last.finish_reason,
         }
-        return JSONResponse({**head, "choices": [choice], "usage": _usage(last, None)})
+        return JSONResponse({**head, "choices": [choice], "usage": _usage(last, 0)})
 
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
@@ -326,10 +334,10 @@ async def completions(body: CompletionRequest, request: Request):
             c = {**head, "choices": [{"index": 0, "text": out.text, "logprobs": lp,
                                       "finish_reason": out.finish_reason if out.finished else None}]}  # fmt: skip
             if out.finished:
-                c["usage"] = None if include_usage else _usage(out, None)
+                c["usage"] = None if include_usage else _usage(out, 0)
             yield _sse(c)
             if out.finished and include_usage:
-                yield _sse({**head, "choices": [], "usage": _usage(out, None)})
+                yield _sse({**head, "choices": [], "usage": _usage(out, 0)})
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

@@ -281,6 +281,29 @@ def test_fim_completion(scripted_server, tokenizer):
     assert "<｜fim▁hole｜>" in prompt and prompt.index("def add") < prompt.index("print(add")
 
 
+def test_completion_logprobs_have_text_offsets_streamed_or_not(engine_server):
+    """api.md §6: legacy logprobs carry ``text_offset`` (where each token starts in the choice's text, after an
+    echoed prompt), and usage has ``completion_tokens_details``."""
+    c = openai.OpenAI(base_url=engine_server.url + "/beta", api_key="k", max_retries=0)
+    kw = dict(model="deepseek-chat", prompt="def f(x):", max_tokens=6, temperature=0, logprobs=2, echo=True)
+    r = c.completions.create(**kw)
+    lp = r.choices[0].logprobs
+    assert r.choices[0].text.startswith("def f(x):") and len(lp.text_offset) == len(lp.tokens) == 6
+    starts = [len("def f(x):")]
+    for tok in lp.tokens[:-1]:
+        starts.append(starts[-1] + len(tok))
+    assert lp.text_offset == starts
+    assert r.usage.completion_tokens_details.reasoning_tokens == 0
+    chunks = list(c.completions.create(**kw, stream=True))
+    streamed = [
+        off
+        for ch in chunks
+        if ch.choices and ch.choices[0].logprobs
+        for off in ch.choices[0].logprobs.text_offset
+    ]
+    assert streamed == lp.text_offset
+
+
 def test_usage_reports_cache_hits_on_a_repeated_long_prompt(engine_server):
     c = client(engine_server)
     long = " ".join(f"word{i}" for i in range(400))

@@ -44,7 +44,8 @@ CASES = [
     ("seed a string", "/chat/completions", chat(seed="7"), 422, "seed"),
     ("stream a string", "/chat/completions", chat(stream="true"), 422, "stream"),
     ("logprobs a number", "/chat/completions", chat(logprobs=1), 422, "logprobs"),
-    ("max_tokens above model max", "/chat/completions", chat(max_tokens=9000), 422, "8192"),
+    ("tool message without tool_call_id", "/chat/completions", chat(messages=[{"role": "user", "content": "q"}, {"role": "assistant", "content": "", "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}, {"role": "tool", "content": "r"}]), 400, "messages[2].tool_call_id: required"),
+    ("max_tokens above model max", "/chat/completions", chat(max_tokens=9000), 400, "valid range of max_tokens is [1, 8192]"),
     ("max_tokens beyond context", "/chat/completions", chat(model="deepseek-reasoner", max_tokens=5000), 400, "4096"),
     ("top_logprobs too many", "/chat/completions", chat(logprobs=True, top_logprobs=21), 422, "top_logprobs"),
     ("top_logprobs without logprobs", "/chat/completions", chat(top_logprobs=3), 400, "logprobs"),
@@ -61,7 +62,7 @@ CASES = [
     ("json_schema unsupported", "/chat/completions", chat(response_format={"type": "json_schema"}), 422, "json_schema"),
     ("fim in thinking mode", "/beta/completions", {"model": "deepseek-reasoner", "prompt": "x", "suffix": "y"}, 400, "thinking"),
     ("fim without prompt", "/beta/completions", {"model": "deepseek-chat"}, 400, "prompt"),
-    ("fim max_tokens", "/beta/completions", {"model": "deepseek-chat", "prompt": "x", "max_tokens": 5000}, 422, "4096"),
+    ("fim max_tokens", "/beta/completions", {"model": "deepseek-chat", "prompt": "x", "max_tokens": 5000}, 400, "[1, 4096]"),
     ("prompt token out of vocab", "/completions", {"model": "deepseek-chat", "prompt": [5, 10**9]}, 422, "vocabulary"),
     ("unknown route", "/chat/completion", chat(), 404, ""),
 ]  # fmt: skip
