@@ -32,6 +32,7 @@ from dsv32.api.generation import (
     opens_reasoning,
     reject_lone_surrogates,
     sampling_params_for,
+    stream_error,
     submit,
     unless_disconnected,
     with_keepalive,
@@ -356,55 +357,65 @@ async def messages(body: MessagesRequest, request: Request):
                 out.append(event("content_block_stop", {"index": index}))
             return out
 
-        async for out in with_keepalive(stream, ctx.keepalive_s):
-            if out is None:
-                yield event("ping", {})
-                continue
-            for d in run.feed(out):
-                if "reasoning_content" in d:
-                    kind, delta = "thinking", {"type": "thinking_delta", "thinking": d["reasoning_content"]}
-                    start = {"type": "thinking", "thinking": "", "signature": ""}
-                elif "tool_calls" in d:
-                    tc = d["tool_calls"][0]
-                    kind = f"tool_use:{tc['index']}"
-                    delta = {
-                        "type": "input_json_delta",
-                        "partial_json": tc.get("function", {}).get("arguments", ""),
-                    }
-                    start = {
-                        "type": "tool_use",
-                        "id": _tool_id(),
-                        "name": tc.get("function", {}).get("name", ""),
-                        "input": {},
-                    }
-                else:
-                    if not d.get("content"):
+        try:
+            async for out in with_keepalive(stream, ctx.keepalive_s, ctx.start_timeout_s):
+                if out is None:
+                    yield event("ping", {})
+                    continue
+                for d in run.feed(out):
+                    if "reasoning_content" in d:
+                        kind, delta = (
+                            "thinking",
+                            {"type": "thinking_delta", "thinking": d["reasoning_content"]},
+                        )
+                        start = {"type": "thinking", "thinking": "", "signature": ""}
+                    elif "tool_calls" in d:
+                        tc = d["tool_calls"][0]
+                        kind = f"tool_use:{tc['index']}"
+                        delta = {
+                            "type": "input_json_delta",
+                            "partial_json": tc.get("function", {}).get("arguments", ""),
+                        }
+                        start = {
+                            "type": "tool_use",
+                            "id": _tool_id(),
+                            "name": tc.get("function", {}).get("name", ""),
+                            "input": {},
+                        }
+                    else:
+                        if not d.get("content"):
+                            continue
+                        kind, delta = "text", {"type": "text_delta", "text": d["content"]}
+                        start = {"type": "text", "text": ""}
+                    seen_text |= kind == "text"
+                    if kind != open_kind:
+                        for e in close():
+                            yield e
+                        index, open_kind = index + 1, kind
+                        yield event("content_block_start", {"index": index, "content_block": start})
+                    if delta.get("partial_json") == "" and delta["type"] == "input_json_delta":
                         continue
-                    kind, delta = "text", {"type": "text_delta", "text": d["content"]}
-                    start = {"type": "text", "text": ""}
-                seen_text |= kind == "text"
-                if kind != open_kind:
+                    yield event("content_block_delta", {"index": index, "delta": delta})
+                if out.finished:
                     for e in close():
                         yield e
-                    index, open_kind = index + 1, kind
-                    yield event("content_block_start", {"index": index, "content_block": start})
-                if delta.get("partial_json") == "" and delta["type"] == "input_json_delta":
-                    continue
-                yield event("content_block_delta", {"index": index, "delta": delta})
-            if out.finished:
-                for e in close():
-                    yield e
-                if not seen_text and not run.tool_calls():  # like the JSON answer: a text block, maybe empty
-                    index += 1
-                    start = {"type": "text", "text": ""}
-                    yield event("content_block_start", {"index": index, "content_block": start})
-                    yield event("content_block_stop", {"index": index})
-                reason, seq = _stop_reason(run, out)
-                yield event(
-                    "message_delta",
-                    {"delta": {"stop_reason": reason, "stop_sequence": seq}, "usage": _usage(out)},
-                )
-                yield event("message_stop", {})
+                    if (
+                        not seen_text and not run.tool_calls()
+                    ):  # like the JSON answer: a text block, maybe empty
+                        index += 1
+                        start = {"type": "text", "text": ""}
+                        yield event("content_block_start", {"index": index, "content_block": start})
+                        yield event("content_block_stop", {"index": index})
+                    reason, seq = _stop_reason(run, out)
+                    yield event(
+                        "message_delta",
+                        {"delta": {"stop_reason": reason, "stop_sequence": seq}, "usage": _usage(out)},
+                    )
+                    yield event("message_stop", {})
+        except Exception as e:  # the response has started: Anthropic's error event, then the stream closes
+            err = stream_error(e)
+            payload = anthropic_error_body(err.status, err.message)
+            yield f"event: error\ndata: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
     return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 

@@ -172,18 +172,41 @@ def sampling_params_for(
 # ---- shared response pieces --------------------------------------------------------------------
 
 
-async def with_keepalive(agen: AsyncIterator, interval: float) -> AsyncIterator:
-    """Items of ``agen``; ``None`` whenever ``interval`` seconds pass without one (SSE keep-alive)."""
+class StartTimeout(Exception):
+    """A request that has not started generating within the server's start timeout (api.md §5.1)."""
+
+
+def stream_error(e: BaseException) -> APIError:
+    """What a request that fails after its response has started tells the client (in-band)."""
+    if isinstance(e, APIError):
+        return e
+    if isinstance(e, StartTimeout):
+        return APIError(503, f"Server overloaded: {e}; the request is closed")
+    return APIError(500, f"generation failed: {e}")
+
+
+async def with_keepalive(
+    agen: AsyncIterator, interval: float, start_timeout: float | None = None
+) -> AsyncIterator:
+    """Items of ``agen``; ``None`` whenever ``interval`` seconds pass without one (SSE keep-alive). With
+    ``start_timeout``, :class:`StartTimeout` if no item comes that soon (``agen`` is closed: the request is
+    aborted)."""
     it = agen.__aiter__()
     pending: asyncio.Task | None = None
+    loop = asyncio.get_running_loop()
+    deadline = None if start_timeout is None else loop.time() + start_timeout
     try:
         while True:
             if pending is None:
                 pending = asyncio.ensure_future(it.__anext__())
-            done, _ = await asyncio.wait({pending}, timeout=interval)
+            wait = interval if deadline is None else max(0.0, min(interval, deadline - loop.time()))
+            done, _ = await asyncio.wait({pending}, timeout=wait)
             if not done:
+                if deadline is not None and loop.time() >= deadline:
+                    raise StartTimeout(f"the request did not start within {start_timeout:g} s")
                 yield None
                 continue
+            deadline = None  # started
             task, pending = pending, None
             try:
                 yield task.result()
@@ -192,7 +215,18 @@ async def with_keepalive(agen: AsyncIterator, interval: float) -> AsyncIterator:
     finally:
         if pending is not None:
             pending.cancel()
+            await asyncio.wait({pending})  # let the cancelled step finish before closing the generator
         await agen.aclose()
+
+
+async def outputs(stream: AsyncIterator[RequestOutput], ctx: ServingContext) -> AsyncIterator[RequestOutput]:
+    """A non-streamed request's engine outputs, under the start timeout (a 503 when it passes)."""
+    try:
+        async for out in with_keepalive(stream, ctx.keepalive_s, ctx.start_timeout_s):
+            if out is not None:
+                yield out
+    except StartTimeout as e:
+        raise stream_error(e) from None
 
 
 async def _disconnected(request: Request) -> None:
@@ -287,6 +321,7 @@ class ChatRun:
         self._in_reasoning = in_reasoning
         self.ids: list[int] = []
         self.logprobs: list[dict] = []
+        self.ctx = ctx
 
     def feed(self, out: RequestOutput) -> list[dict[str, Any]]:
         for tid in out.new_token_ids:
@@ -315,7 +350,7 @@ class ChatRun:
         """Feed a whole (non-streamed) request through; returns its last output."""
         last = None
         try:
-            async for out in stream:
+            async for out in outputs(stream, self.ctx):
                 self.feed(out)
                 last = out
         finally:

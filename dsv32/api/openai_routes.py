@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -28,8 +28,10 @@ from dsv32.api.generation import (
     content_stop_strings,
     max_tokens_for,
     opens_reasoning,
+    outputs,
     reject_lone_surrogates,
     sampling_params_for,
+    stream_error,
     submit,
     unless_disconnected,
     with_keepalive,
@@ -210,28 +212,36 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         if thinking and not hide:
             first["reasoning_content"] = ""
         yield chunk(first)
-        async for out in with_keepalive(stream, ctx.keepalive_s):
-            if out is None:
-                yield ": keep-alive\n\n"
-                continue
-            lp = None
-            if body.logprobs and out.logprobs:
-                lp = {"content": _token_logprobs(ctx, out.new_token_ids, out.logprobs)}
-            deltas = run.feed(out)
-            for i, d in enumerate(deltas):
-                yield chunk(d, logprobs=lp if i == 0 else None)
-            if lp is not None and not deltas:
-                yield chunk({"content": ""}, logprobs=lp)
-            if out.finished:
-                usage = _usage(out, run.reasoning_tokens if thinking else None)
-                final = {**head, "object": "chat.completion.chunk",
-                         "choices": [{"index": 0, "delta": {"content": ""}, "logprobs": None,
-                                      "finish_reason": run.finish_reason(out.finish_reason)}]}  # fmt: skip
-                final["usage"] = None if include_usage else usage
-                yield _sse(final)
-                if include_usage:
-                    yield _sse({**head, "object": "chat.completion.chunk", "choices": [], "usage": usage})
+        try:
+            async for out in with_keepalive(stream, ctx.keepalive_s, ctx.start_timeout_s):
+                for piece in chat_events(out):
+                    yield piece
+        except Exception as e:  # the response has started: the error goes in-band, then the stream closes
+            yield _sse(stream_error(e).body())
+            return
         yield "data: [DONE]\n\n"
+
+    def chat_events(out: RequestOutput | None) -> Iterator[str]:
+        if out is None:
+            yield ": keep-alive\n\n"
+            return
+        lp = None
+        if body.logprobs and out.logprobs:
+            lp = {"content": _token_logprobs(ctx, out.new_token_ids, out.logprobs)}
+        deltas = run.feed(out)
+        for i, d in enumerate(deltas):
+            yield chunk(d, logprobs=lp if i == 0 else None)
+        if lp is not None and not deltas:
+            yield chunk({"content": ""}, logprobs=lp)
+        if out.finished:
+            usage = _usage(out, run.reasoning_tokens if thinking else None)
+            final = {**head, "object": "chat.completion.chunk",
+                     "choices": [{"index": 0, "delta": {"content": ""}, "logprobs": None,
+                                  "finish_reason": run.finish_reason(out.finish_reason)}]}  # fmt: skip
+            final["usage"] = None if include_usage else usage
+            yield _sse(final)
+            if include_usage:
+                yield _sse({**head, "object": "chat.completion.chunk", "choices": [], "usage": usage})
 
     return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
@@ -299,7 +309,7 @@ async def completions(body: CompletionRequest, request: Request):
             nonlocal text, ids, lps
             last = None
             try:
-                async for out in stream:
+                async for out in outputs(stream, ctx):
                     text += out.text
                     ids += out.new_token_ids
                     lps += out.logprobs or []
@@ -326,18 +336,22 @@ async def completions(body: CompletionRequest, request: Request):
             yield _sse(
                 {**head, "choices": [{"index": 0, "text": echo, "logprobs": None, "finish_reason": None}]}
             )
-        async for out in with_keepalive(stream, ctx.keepalive_s):
-            if out is None:
-                yield ": keep-alive\n\n"
-                continue
-            lp = legacy_logprobs(out.new_token_ids, out.logprobs or [])
-            c = {**head, "choices": [{"index": 0, "text": out.text, "logprobs": lp,
-                                      "finish_reason": out.finish_reason if out.finished else None}]}  # fmt: skip
-            if out.finished:
-                c["usage"] = None if include_usage else _usage(out, 0)
-            yield _sse(c)
-            if out.finished and include_usage:
-                yield _sse({**head, "choices": [], "usage": _usage(out, 0)})
+        try:
+            async for out in with_keepalive(stream, ctx.keepalive_s, ctx.start_timeout_s):
+                if out is None:
+                    yield ": keep-alive\n\n"
+                    continue
+                lp = legacy_logprobs(out.new_token_ids, out.logprobs or [])
+                c = {**head, "choices": [{"index": 0, "text": out.text, "logprobs": lp,
+                                          "finish_reason": out.finish_reason if out.finished else None}]}  # fmt: skip
+                if out.finished:
+                    c["usage"] = None if include_usage else _usage(out, 0)
+                yield _sse(c)
+                if out.finished and include_usage:
+                    yield _sse({**head, "choices": [], "usage": _usage(out, 0)})
+        except Exception as e:  # in-band, then the stream closes (as for chat)
+            yield _sse(stream_error(e).body())
+            return
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

@@ -61,6 +61,7 @@ class ServingContext:
     served_model_name: str = "dsv32"
     system_fingerprint: str = "fp_dsv32"
     keepalive_s: float = 5.0  # SSE ": keep-alive" comment interval while a request produces nothing
+    start_timeout_s: float = 600.0  # api.md §5.1: a request not started within 10 minutes is closed
     api_keys: list[str] = field(default_factory=list)
     max_concurrent_per_key: int | None = None  # None: no per-key limit
     eos_id: int | None = None

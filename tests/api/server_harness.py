@@ -24,6 +24,7 @@ class ScriptedEngine:
         self.prompts: list[list[int]] = []
         self.params: list[SamplingParams] = []  # what each request asked of the engine
         self.first_delay = 0.0  # seconds before the first token (as if queued)
+        self.fail_after: int | None = None  # outputs before the stream fails as a stopped engine's does
 
     async def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None):
         self.prompts.append(list(prompt_ids))
@@ -38,6 +39,8 @@ class ScriptedEngine:
         await asyncio.sleep(self.first_delay)
         for i, tid in enumerate(ids):
             await asyncio.sleep(0)
+            if self.fail_after is not None and i == self.fail_after:
+                raise RuntimeError("the engine stopped: scripted failure")
             last = i == len(ids) - 1
             text = detok.add([tid]) + (detok.flush() if last else "")
             reason = ("stop" if tid == self.eos_id else "length") if last else None

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
+import anthropic
 import httpx
 import openai
+import pytest
 import torch
 
 from dsv32.api.service import ServingContext
@@ -56,6 +59,48 @@ def test_keepalive_comments_while_waiting(scripted_server):
         "model": "deepseek-chat", "messages": [{"role": "user", "content": "x"}], "stream": True}) as r:  # fmt: skip
         raw = "".join(r.iter_text())
     assert ": keep-alive\n\n" in raw and raw.rstrip().endswith("data: [DONE]")
+
+
+@pytest.mark.parametrize("route", ["openai", "anthropic"])
+def test_a_failure_mid_stream_is_an_error_event_not_a_cut(scripted_server, route):
+    """api.md §5.3: once a stream has started, an engine failure is sent in-band (the SDKs raise it as an
+    API error), then the stream closes; it is not a dropped connection."""
+    scripted_server.engine.scripts = ["one two three four five six"]
+    scripted_server.engine.fail_after = 3
+    msgs = [{"role": "user", "content": "x"}]
+    if route == "openai":
+        c = openai.OpenAI(base_url=scripted_server.url, api_key="k", max_retries=0)
+        seen = []
+        with pytest.raises(openai.APIError, match="generation failed: the engine stopped") as e:
+            for ch in c.chat.completions.create(model="deepseek-chat", messages=msgs, stream=True):
+                seen += [ch.choices[0].delta.content or ""] if ch.choices else []
+        assert not isinstance(e.value, openai.APIConnectionError) and "".join(seen) == "one two three"
+    else:
+        c = anthropic.Anthropic(base_url=scripted_server.url + "/anthropic", api_key="k", max_retries=0)
+        with pytest.raises(anthropic.APIStatusError, match="generation failed") as e:
+            with c.messages.stream(model="deepseek-chat", max_tokens=50, messages=msgs) as s:
+                list(s)
+        assert e.value.body["error"]["type"] == "api_error"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_request_that_does_not_start_in_time_is_closed(scripted_server, stream):
+    """api.md §5.1: a request that has not started generating within the start timeout (10 minutes by
+    default) is closed: a 503, in-band once a stream has started."""
+    scripted_server.engine.first_delay = 3.0
+    scripted_server.ctx.start_timeout_s = 0.5
+    scripted_server.ctx.keepalive_s = 0.2
+    body = {"model": "deepseek-chat", "messages": [{"role": "user", "content": "x"}], "stream": stream}
+    t0 = time.monotonic()
+    r = httpx.post(scripted_server.url + "/chat/completions", json=body, timeout=30)
+    assert time.monotonic() - t0 < 2.5
+    if stream:
+        assert r.status_code == 200 and ": keep-alive" in r.text and "[DONE]" not in r.text
+        err = json.loads(r.text.strip().splitlines()[-1].removeprefix("data: "))["error"]
+    else:
+        assert r.status_code == 503
+        err = r.json()["error"]
+    assert "did not start within 0.5 s" in err["message"] and err["code"] == "server_overloaded"
 
 
 def test_api_keys_and_per_key_limit(default_model_dir, tokenizer):
