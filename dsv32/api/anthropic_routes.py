@@ -17,7 +17,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
@@ -26,15 +26,14 @@ from dsv32.api.generation import (
     ChatRun,
     chat_format_error,
     check_tool_name,
-    client_gone,
     content_stop_strings,
     max_tokens_for,
     opens_reasoning,
     reject_lone_surrogates,
+    reply_when_done,
     sampling_params_for,
     stream_error,
     submit,
-    unless_disconnected,
     with_keepalive,
 )
 from dsv32.api.service import MODE_LIMITS, REASONER_MODEL, ServingContext
@@ -320,10 +319,7 @@ async def messages(body: MessagesRequest, request: Request):
     stream = await submit(ctx, ids, params, msg_id)
     model = body.model
 
-    if not body.stream:
-        last = await unless_disconnected(request, run.run_to_end(stream))
-        if last is None:
-            return client_gone()
+    def message_reply(last: RequestOutput) -> dict[str, Any]:
         res = run.parser.result()
         content: list[dict[str, Any]] = []
         if res["reasoning_content"]:
@@ -334,8 +330,14 @@ async def messages(body: MessagesRequest, request: Request):
             content.append({"type": "tool_use", "id": _tool_id(), "name": call["function"]["name"],
                             "input": json.loads(call["function"]["arguments"] or "{}")})  # fmt: skip
         reason, seq = _stop_reason(run, last)
-        return JSONResponse({"id": msg_id, "type": "message", "role": "assistant", "model": model, "content": content,
-                             "stop_reason": reason, "stop_sequence": seq, "usage": _usage(last)})  # fmt: skip
+        return {"id": msg_id, "type": "message", "role": "assistant", "model": model, "content": content,
+                "stop_reason": reason, "stop_sequence": seq, "usage": _usage(last)}  # fmt: skip
+
+    if not body.stream:
+        return await reply_when_done(
+            request, run.run_to_end(stream), message_reply, ctx.keepalive_s,
+            error_body=lambda e: anthropic_error_body(e.status, e.message),
+        )  # fmt: skip
 
     def event(kind: str, data: dict[str, Any]) -> str:
         return f"event: {kind}\ndata: {json.dumps({'type': kind, **data}, ensure_ascii=False)}\n\n"

@@ -7,10 +7,11 @@ import asyncio
 import contextlib
 import json
 import re
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 from fastapi import Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel
 
 from dsv32.api.errors import APIError, bad_request, invalid_param
@@ -234,25 +235,51 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-async def unless_disconnected(request: Request, work: Awaitable[T]) -> T | None:
-    """``await work`` (a non-streamed request's generation), or None if the client hangs up first: then the
-    work is cancelled, which closes its engine stream, so the request is aborted and its blocks freed.
-    (A streamed body gets this from the StreamingResponse, which stops when the client goes away.)"""
+async def reply_when_done(
+    request: Request,
+    work: Awaitable[T],
+    build: Callable[[T], dict[str, Any]],
+    interval: float,
+    error_body: Callable[[APIError], dict[str, Any]] = APIError.body,
+) -> Response:
+    """A non-streamed request's JSON reply: ``build(await work)``.
+
+    Done within ``interval``: a plain JSON response (its errors get their own status codes). Not done: the
+    200 and headers are sent, and a blank line every ``interval`` keeps the connection alive until the body
+    follows (api.md §5.1: JSON parsers skip the leading whitespace); an error after that is in-band
+    (``error_body``). A client that hangs up meanwhile cancels the work, which closes its engine stream, so
+    the request is aborted and its blocks freed (499 if it had not been answered yet)."""
     task = asyncio.ensure_future(work)
     watcher = asyncio.ensure_future(_disconnected(request))
     try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({task, watcher}, timeout=interval, return_when=asyncio.FIRST_COMPLETED)
     except BaseException:  # this handler cancelled (server shutdown): the work goes with it
         task.cancel()
-        raise
-    finally:
         watcher.cancel()
+        raise
+    if not task.done() and watcher.done():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return client_gone()
+    watcher.cancel()  # from here the StreamingResponse watches for the client leaving
     if task.done():
-        return task.result()
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
-    return None
+        return JSONResponse(build(task.result()))
+
+    async def body() -> AsyncIterator[bytes]:
+        try:
+            while not (await asyncio.wait({task}, timeout=interval))[0]:
+                yield b"\n"
+            try:
+                payload = build(task.result())
+            except Exception as e:
+                payload = error_body(stream_error(e))
+            yield JSONResponse(payload).body
+        finally:
+            if not task.done():
+                task.cancel()
+
+    return StreamingResponse(body(), media_type="application/json")
 
 
 def client_gone() -> Response:

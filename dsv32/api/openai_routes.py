@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from dsv32.api.errors import bad_request, invalid_param
@@ -24,16 +24,15 @@ from dsv32.api.generation import (
     chat_format_error,
     check_tool_messages,
     check_tool_name,
-    client_gone,
     content_stop_strings,
     max_tokens_for,
     opens_reasoning,
     outputs,
     reject_lone_surrogates,
+    reply_when_done,
     sampling_params_for,
     stream_error,
     submit,
-    unless_disconnected,
     with_keepalive,
 )
 from dsv32.api.schemas import ChatCompletionRequest, CompletionRequest
@@ -179,10 +178,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     stream = await submit(ctx, prompt_ids, params, rid)
     head = {"id": rid, "created": created, "model": model, "system_fingerprint": ctx.system_fingerprint}
 
-    if not body.stream:
-        last = await unless_disconnected(request, run.run_to_end(stream))
-        if last is None:
-            return client_gone()
+    def chat_reply(last: RequestOutput) -> dict[str, Any]:
         msg = run.parser.result()
         message: dict[str, Any] = {"role": "assistant", "content": msg["content"]}
         if thinking and not hide:
@@ -196,7 +192,10 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
             "finish_reason": run.finish_reason(last.finish_reason),
         }
         usage = _usage(last, run.reasoning_tokens if thinking else None)
-        return JSONResponse({**head, "object": "chat.completion", "choices": [choice], "usage": usage})
+        return {**head, "object": "chat.completion", "choices": [choice], "usage": usage}
+
+    if not body.stream:
+        return await reply_when_done(request, run.run_to_end(stream), chat_reply, ctx.keepalive_s)
 
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
@@ -318,16 +317,16 @@ async def completions(body: CompletionRequest, request: Request):
                 await stream.aclose()
             return last
 
-        last = await unless_disconnected(request, run_to_end())
-        if last is None:
-            return client_gone()
-        choice = {
-            "index": 0,
-            "text": text,
-            "logprobs": legacy_logprobs(ids, lps),
-            "finish_reason": last.finish_reason,
-        }
-        return JSONResponse({**head, "choices": [choice], "usage": _usage(last, 0)})
+        def completion_reply(last: RequestOutput) -> dict[str, Any]:
+            choice = {
+                "index": 0,
+                "text": text,
+                "logprobs": legacy_logprobs(ids, lps),
+                "finish_reason": last.finish_reason,
+            }
+            return {**head, "choices": [choice], "usage": _usage(last, 0)}
+
+        return await reply_when_done(request, run_to_end(), completion_reply, ctx.keepalive_s)
 
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
 

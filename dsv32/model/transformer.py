@@ -35,9 +35,9 @@ class Block(nn.Module):
 
 def head_logits(head: Linear, hidden: torch.Tensor) -> torch.Tensor:
     """fp32 logits: DeepSeek's reference keeps an fp32 copy of lm_head (stored bf16) and computes the logits
-    from the hidden state in fp32, so they are not rounded to bf16. The loader keeps the head fp32; a head
-    tied to the embeddings stays in the model dtype."""
-    return head(hidden.to(head.weight.dtype)).float()
+    from the hidden state in fp32, so they are not rounded to bf16. The loader keeps the head fp32 (an FP8 one
+    kept in FP8 is dequantised to fp32); a head tied to the embeddings stays in the model dtype."""
+    return head(hidden.to(torch.float32 if head.is_fp8 else head.weight.dtype)).float()
 
 
 class SharedHead(nn.Module):

@@ -67,10 +67,12 @@ def load_model(
     """Read ``path`` (an HF model directory) into a ``DeepseekForCausalLM`` in eval mode without grads.
 
     FP8 block-quantized weights are dequantized to ``dtype``, or with ``keep_fp8`` kept as e4m3 + block
-    scales (``Linear.load_fp8``). Unquantized tensors are cast to ``dtype``, except the MoE router's weight
-    and correction bias, which stay fp32. The MTP layers' embedding and head stay shared with the main
-    ones unless the checkpoint's copies differ from them; MTP layers of which the checkpoint holds nothing
-    (transformers' ``save_pretrained`` drops them) are left out of the model.
+    scales (``Linear.load_fp8``). Unquantized tensors are cast to ``dtype``, except those DeepSeek's reference
+    keeps fp32 (the modules' ``FP32_PARAMS``: norm weights, the MoE router's weight and correction bias, the
+    indexer's ``k_norm`` and ``weights_proj``, lm_head and the MTP head that shares it). The MTP layers'
+    embedding and head stay shared with the main ones unless the checkpoint's copies differ from them; MTP
+    layers of which the checkpoint holds nothing (transformers' ``save_pretrained`` drops them) are left out
+    of the model.
     """
     root = Path(path)
     if not root.exists():

@@ -61,6 +61,30 @@ def test_keepalive_comments_while_waiting(scripted_server):
     assert ": keep-alive\n\n" in raw and raw.rstrip().endswith("data: [DONE]")
 
 
+def test_blank_lines_keep_a_waiting_non_streamed_request_alive(scripted_server):
+    """api.md §5.1: while a non-streamed request waits, blank lines go out before the JSON body (the SDKs
+    skip them); a quick one is a plain response; a failure after the blank lines is an in-band error."""
+    scripted_server.ctx.keepalive_s = 0.3
+    body = {"model": "deepseek-chat", "messages": [{"role": "user", "content": "x"}]}
+    scripted_server.engine.scripts = ["quick"]
+    r = httpx.post(scripted_server.url + "/chat/completions", json=body, timeout=30)
+    assert r.content.startswith(b"{") and r.json()["choices"][0]["message"]["content"] == "quick"
+    scripted_server.engine.first_delay = 1.2
+    scripted_server.engine.scripts = ["slow", "slow again"]
+    r = httpx.post(scripted_server.url + "/chat/completions", json=body, timeout=30)
+    assert (
+        r.status_code == 200
+        and r.content.startswith(b"\n\n")
+        and r.json()["choices"][0]["message"]["content"] == "slow"
+    )
+    c = openai.OpenAI(base_url=scripted_server.url, api_key="k", max_retries=0)
+    assert c.chat.completions.create(**body).choices[0].message.content == "slow again"
+    scripted_server.engine.fail_after = 0
+    r = httpx.post(scripted_server.url + "/anthropic/v1/messages", json={**body, "max_tokens": 5}, timeout=30)
+    assert r.status_code == 200 and r.content.startswith(b"\n")
+    assert r.json()["type"] == "error" and "generation failed" in r.json()["error"]["message"]
+
+
 @pytest.mark.parametrize("route", ["openai", "anthropic"])
 def test_a_failure_mid_stream_is_an_error_event_not_a_cut(scripted_server, route):
     """api.md §5.3: once a stream has started, an engine failure is sent in-band (the SDKs raise it as an
@@ -86,7 +110,8 @@ def test_a_failure_mid_stream_is_an_error_event_not_a_cut(scripted_server, route
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_request_that_does_not_start_in_time_is_closed(scripted_server, stream):
     """api.md §5.1: a request that has not started generating within the start timeout (10 minutes by
-    default) is closed: a 503, in-band once a stream has started."""
+    default) is closed with a 503, in-band (after the keep-alives: a stream's comments, a non-streamed
+    reply's blank lines)."""
     scripted_server.engine.first_delay = 3.0
     scripted_server.ctx.start_timeout_s = 0.5
     scripted_server.ctx.keepalive_s = 0.2
@@ -98,7 +123,7 @@ def test_a_request_that_does_not_start_in_time_is_closed(scripted_server, stream
         assert r.status_code == 200 and ": keep-alive" in r.text and "[DONE]" not in r.text
         err = json.loads(r.text.strip().splitlines()[-1].removeprefix("data: "))["error"]
     else:
-        assert r.status_code == 503
+        assert r.status_code == 200 and r.content.startswith(b"\n")
         err = r.json()["error"]
     assert "did not start within 0.5 s" in err["message"] and err["code"] == "server_overloaded"
 

@@ -48,6 +48,7 @@ def assert_loaded(model, stored: dict[str, torch.Tensor], dtype: torch.dtype) ->
         ("deepseek_v32", True, 0, None, torch.float32, torch.float32),
         ("deepseek_v3", False, 0, 400_000, torch.float32, torch.bfloat16),
         ("deepseek_v3", True, 1, None, torch.bfloat16, torch.bfloat16),
+        ("deepseek_v32", True, 1, None, torch.bfloat16, torch.bfloat16),
     ],
 )
 def test_round_trip(tmp_path: Path, model_type, q_lora, mtp, shard_bytes, store, load) -> None:
@@ -154,6 +155,32 @@ def test_fp8_kept(tmp_path: Path) -> None:
     # same network either way: on-the-fly dequantization equals dequantization at load time
     dense = load_model(d, dtype=torch.float32, progress=False)
     assert torch.equal(kept(IDS), dense(IDS))
+
+
+def test_fp8_kept_in_a_bf16_model(tmp_path: Path) -> None:
+    """``keep_fp8`` in a bf16 model: the FP8 projections stay e4m3, the tensors the reference keeps fp32 stay
+    fp32 (bit for bit the stored values), the rest is bf16; the logits are fp32 and equal those of the same
+    checkpoint dequantised to bf16 at load time."""
+    cfg = block_aligned_config()
+    d = write_synthetic_checkpoint(cfg, tmp_path, fp8=True)
+    stored = read_all(d)
+    kept = load_model(d, dtype=torch.bfloat16, keep_fp8=True, progress=False)
+    n_fp8 = n_fp32 = 0
+    for name, t in kept.state_dict().items():
+        if stored[name].dtype == torch.float8_e4m3fn:
+            assert t.dtype == torch.float8_e4m3fn, name
+            n_fp8 += 1
+        elif name.endswith(KEPT_FP32) or name.endswith("weight_scale_inv"):
+            assert t.dtype == torch.float32 and torch.equal(t, stored[name].float()), name
+            n_fp32 += 1
+        else:
+            assert t.dtype == torch.bfloat16, name
+    assert n_fp8 > 20 and n_fp32 > 20
+    assert kept.mtp_layers[0].shared_head.head.weight is kept.lm_head.weight
+    dense = load_model(d, dtype=torch.bfloat16, progress=False)
+    with torch.no_grad():
+        logits = kept(IDS)
+        assert logits.dtype == torch.float32 and torch.equal(logits, dense(IDS))
 
 
 def test_fp8_kept_partial_edge_blocks(tmp_path: Path) -> None:
