@@ -214,10 +214,11 @@ def to_openai_tools(tools: list[dict[str, Any]] | None) -> list[dict[str, Any]] 
 
 def _thinking(req, ctx: ServingContext) -> bool:
     t = req.thinking
-    if isinstance(t, dict) and t.get("type") in ("enabled", "disabled"):
-        return t["type"] == "enabled"
+    # "adaptive" (newer SDKs and Claude Code: the model decides when to think) turns thinking on
+    if isinstance(t, dict) and t.get("type") in ("enabled", "adaptive", "disabled"):
+        return t["type"] != "disabled"
     if t is not None:
-        raise bad_request("thinking.type must be 'enabled' or 'disabled'", "thinking")
+        raise bad_request("thinking.type must be 'enabled', 'adaptive' or 'disabled'", "thinking")
     return ctx.resolve_model(req.model)[0] == REASONER_MODEL
 
 

@@ -130,7 +130,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         raise bad_request("this model has no thinking mode", "thinking")
     if any(isinstance(m, dict) and m.get("prefix") for m in body.messages) and not beta:
         raise bad_request("chat prefix completion (prefix: true) needs the /beta base URL", "messages")
-    if body.top_logprobs and not body.logprobs:
+    if body.top_logprobs is not None and not body.logprobs:
         raise bad_request("top_logprobs requires logprobs: true", "top_logprobs")
     if thinking and (body.logprobs or body.top_logprobs):
         raise bad_request("logprobs and top_logprobs are not supported in thinking mode", "logprobs")

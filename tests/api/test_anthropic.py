@@ -47,6 +47,10 @@ def test_thinking_on_and_off(scripted_server):
         model="deepseek-chat", max_tokens=100, messages=[{"role": "user", "content": "again"}]
     )
     assert [b.type for b in r.content] == ["text"] and r.content[0].text == "9.8"
+    scripted_server.engine.scripts = ["Hmm.</think>Yes."]  # newer SDKs' "adaptive": thinking on
+    r = httpx.post(scripted_server.url + "/anthropic/v1/messages", json={"model": "deepseek-chat", "max_tokens": 50,
+                   "thinking": {"type": "adaptive"}, "messages": [{"role": "user", "content": "ok?"}]})  # fmt: skip
+    assert [b["type"] for b in r.json()["content"]] == ["thinking", "text"]
 
 
 def test_claude_codes_max_tokens_is_clamped_to_what_the_model_allows(scripted_server):

@@ -45,6 +45,7 @@ CASES = [
     ("stream a string", "/chat/completions", chat(stream="true"), 422, "stream"),
     ("logprobs a number", "/chat/completions", chat(logprobs=1), 422, "logprobs"),
     ("tool message without tool_call_id", "/chat/completions", chat(messages=[{"role": "user", "content": "q"}, {"role": "assistant", "content": "", "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}, {"role": "tool", "content": "r"}]), 400, "messages[2].tool_call_id: required"),
+    ("top_logprobs 0 without logprobs", "/chat/completions", chat(top_logprobs=0), 400, "top_logprobs requires logprobs"),
     ("max_tokens above model max", "/chat/completions", chat(max_tokens=9000), 400, "valid range of max_tokens is [1, 8192]"),
     ("max_tokens beyond context", "/chat/completions", chat(model="deepseek-reasoner", max_tokens=5000), 400, "4096"),
     ("top_logprobs too many", "/chat/completions", chat(logprobs=True, top_logprobs=21), 422, "top_logprobs"),
