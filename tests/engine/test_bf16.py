@@ -1,4 +1,4 @@
-"""The engine's paths on a bf16 model loaded as a real checkpoint is (``load_model``: norms, router, indexer
+"""The engine's paths on a bf16 model loaded as real checkpoints are (``load_model``: norms, router, indexer
 head weights and lm_head fp32, the reference's precision; tests/model/test_precision.py checks the pieces).
 
 The paged runner, the fixed-shape step (what CUDA graphs capture; eager here) with the grouped-matmul experts,

@@ -128,8 +128,8 @@ def test_moe_experts_run_swiglu_in_fp32_in_the_loop_and_the_grouped_matmuls():
 
 
 def test_rotary_tables_are_fp32_whatever_the_model_dtype(tmp_path: Path):
-    """cos/sin are made in fp32 and the rotations of a bf16 model use them unrounded: the rotated key
-    halves that a bf16 model caches (MLA's k_pe, the indexer key) equal the rotation done in fp32."""
+    """cos/sin are made in fp32 and the rotations of a bf16 model use them unrounded: the rotated key half
+    that a bf16 model caches (MLA's k_pe) equals the rotation done in fp32, then cast."""
     cfg = small_config("deepseek_v32", mtp=0)
     model = load_model(write_synthetic_checkpoint(cfg, tmp_path, dtype=BF16), dtype=BF16, progress=False)
     ids = torch.tensor([[3, 17, 5, 300, 42, 7, 99, 128, 1, 2, 3, 4]])
