@@ -197,6 +197,35 @@ def test_chat_prefix_completion_continues_the_prefix(scripted_server, tokenizer)
             model="deepseek-chat", messages=[{"role": "user", "content": "x"}, {"role": "assistant", "content": "y", "prefix": True}])  # fmt: skip
 
 
+def test_thinking_stream_deltas_carry_both_fields_as_deepseek_sends_them(scripted_server):
+    """api.md §5.2: in thinking mode a reasoning delta is ``{"content": null, "reasoning_content": "…"}`` and
+    an answer delta ``{"content": "…", "reasoning_content": null}``; chat mode sends ``content`` alone."""
+    scripted_server.engine.scripts = ["Think.</think>Answer.", "Plain."]
+    body = {"messages": [{"role": "user", "content": "x"}], "stream": True}
+    with httpx.stream(
+        "POST", scripted_server.url + "/chat/completions", json={**body, "model": "deepseek-reasoner"}
+    ) as r:
+        deltas = [
+            json.loads(line[6:])["choices"][0]["delta"]
+            for line in r.iter_lines()
+            if line.startswith("data: {")
+        ]
+    texts = [d for d in deltas if d.get("content") or d.get("reasoning_content")]
+    assert texts and all(set(d) == {"content", "reasoning_content"} for d in texts)
+    assert "".join(d["reasoning_content"] or "" for d in texts) == "Think."
+    assert "".join(d["content"] or "" for d in texts) == "Answer."
+    with httpx.stream(
+        "POST", scripted_server.url + "/chat/completions", json={**body, "model": "deepseek-chat"}
+    ) as r:
+        deltas = [
+            json.loads(line[6:])["choices"][0]["delta"]
+            for line in r.iter_lines()
+            if line.startswith("data: {")
+        ]
+    texts = [d for d in deltas if d.get("content")]
+    assert all(set(d) == {"content"} for d in texts) and "".join(d["content"] for d in texts) == "Plain."
+
+
 def test_thinking_prefix_completion_with_content_continues_the_content(scripted_server, tokenizer):
     """§2.4: in thinking mode a prefix with content closes the reasoning (``</think>`` + content), so the
     reply continues the content: no reasoning, no reasoning tokens, a JSON constraint from the first token,
