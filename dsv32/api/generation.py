@@ -364,6 +364,21 @@ class ChatRun:
             deltas += self.parser.finish()
         return [d.to_openai() for d in deltas if self._keep(d)]
 
+    @property
+    def done_early(self) -> bool:
+        """With ``parallel`` off, the first call is complete: generation can stop (api.md §11: truncate after
+        the first invoke). Its arguments parse as JSON only once the invoke has closed."""
+        if self.parallel:
+            return False
+        calls = self.parser.result()["tool_calls"]
+        if not calls:
+            return False
+        try:
+            json.loads(calls[0]["function"]["arguments"])
+        except ValueError:
+            return False
+        return True
+
     def _keep(self, d) -> bool:
         if self.hide_reasoning and d.reasoning_content is not None:
             return False
@@ -376,15 +391,19 @@ class ChatRun:
     async def run_to_end(self, stream) -> RequestOutput:
         """Feed a whole (non-streamed) request through; returns its last output."""
         last = None
+        outs = outputs(stream, self.ctx)
         try:
-            async for out in outputs(stream, self.ctx):
+            async for out in outs:
                 self.feed(out)
                 last = out
+                if self.done_early:
+                    break  # closing the stream aborts the request
         finally:
+            await outs.aclose()
             await stream.aclose()
         return last
 
     def finish_reason(self, engine_reason: str | None) -> str:
-        if engine_reason == "stop" and self.parser.result()["tool_calls"]:
+        if (engine_reason == "stop" or self.done_early) and self.parser.result()["tool_calls"]:
             return "tool_calls"
         return engine_reason or "stop"

@@ -211,13 +211,18 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         if thinking and not hide:
             first["reasoning_content"] = ""
         yield chunk(first)
+        outs = with_keepalive(stream, ctx.keepalive_s, ctx.start_timeout_s)
         try:
-            async for out in with_keepalive(stream, ctx.keepalive_s, ctx.start_timeout_s):
+            async for out in outs:
                 for piece in chat_events(out):
                     yield piece
+                if out is not None and run.done_early:
+                    break
         except Exception as e:  # the response has started: the error goes in-band, then the stream closes
             yield _sse(stream_error(e).body())
             return
+        finally:
+            await outs.aclose()  # closes the engine stream: a request that stopped early is aborted
         yield "data: [DONE]\n\n"
 
     def chat_events(out: RequestOutput | None) -> Iterator[str]:
@@ -236,7 +241,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
             yield chunk(d, logprobs=lp if i == 0 else None)
         if lp is not None and not deltas:
             yield chunk({"content": ""}, logprobs=lp)
-        if out.finished:
+        if out.finished or run.done_early:
             usage = _usage(out, run.reasoning_tokens if thinking else None)
             final = {**head, "object": "chat.completion.chunk",
                      "choices": [{"index": 0, "delta": {"content": ""}, "logprobs": None,

@@ -350,7 +350,7 @@ def test_models_route(engine_server):
     assert httpx.get(engine_server.url + "/openapi.json").json()["paths"]["/chat/completions"]
 
 
-def test_parallel_tool_calls_false_keeps_the_first_call(scripted_server):
+def test_parallel_tool_calls_false_keeps_the_first_call(scripted_server, tokenizer):
     c = client(scripted_server)
     two = dsml_calls(("get_weather", {"location": "A"}), ("get_weather", {"location": "B"}))
     scripted_server.engine.scripts = [two, two]
@@ -360,6 +360,14 @@ def test_parallel_tool_calls_false_keeps_the_first_call(scripted_server):
     chunks = list(c.chat.completions.create(model="deepseek-chat", messages=[{"role": "user", "content": "w?"}],
                                             tools=[WEATHER], parallel_tool_calls=False, stream=True))  # fmt: skip
     assert {tc.index for ch in chunks if ch.choices for tc in (ch.choices[0].delta.tool_calls or [])} == {0}
+    # generation stops once the first call is complete (api.md §11): the second call's tokens are not made
+    n_first = len(tokenizer.encode(dsml_calls(("get_weather", {"location": "A"}))))
+    assert r.choices[0].finish_reason == "tool_calls" and r.usage.completion_tokens <= n_first + 2
+    final = [ch for ch in chunks if ch.choices and ch.choices[0].finish_reason][-1]
+    assert (
+        final.choices[0].finish_reason == "tool_calls"
+        and final.usage.completion_tokens == r.usage.completion_tokens
+    )
 
 
 def test_logprobs_objects(engine_server):
