@@ -238,6 +238,15 @@ def test_tool_choice_none_and_parallel_false(engine_server):
                                     "seed": 5})  # fmt: skip
     assert out["choices"][0]["finish_reason"] == "tool_calls"
     assert len(out["choices"][0]["message"]["tool_calls"]) == 1
+    # generation stopped at the end of the call (the request aborted there): nothing is left running or held
+    from tests.api.test_robustness import wait_idle
+
+    for stream in (False, True):
+        body = {"model": "deepseek-chat", "messages": TOOL_MSGS, "tools": [WEATHER], "tool_choice": "required",
+                "parallel_tool_calls": False, "max_tokens": 160, "seed": 6, "stream": stream}  # fmt: skip
+        assert httpx.post(engine_server.url + "/chat/completions", json=body, timeout=120).status_code == 200
+        stats = wait_idle(engine_server.url, 5)
+        assert stats["running"] == 0 and stats["free_blocks"] == stats["total_blocks"], stats
 
 
 # ---- refusals ----------------------------------------------------------------------------------------------
