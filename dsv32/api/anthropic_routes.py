@@ -367,10 +367,8 @@ async def messages(body: MessagesRequest, request: Request):
                     continue
                 for d in run.feed(out):
                     if "reasoning_content" in d:
-                        kind, delta = (
-                            "thinking",
-                            {"type": "thinking_delta", "thinking": d["reasoning_content"]},
-                        )
+                        kind = "thinking"
+                        delta = {"type": "thinking_delta", "thinking": d["reasoning_content"]}
                         start = {"type": "thinking", "thinking": "", "signature": ""}
                     elif "tool_calls" in d:
                         tc = d["tool_calls"][0]
@@ -402,9 +400,8 @@ async def messages(body: MessagesRequest, request: Request):
                 if out.finished:
                     for e in close():
                         yield e
-                    if (
-                        not seen_text and not run.tool_calls()
-                    ):  # like the JSON answer: a text block, maybe empty
+                    # like the JSON answer: a text block, maybe empty
+                    if not seen_text and not run.tool_calls():
                         index += 1
                         start = {"type": "text", "text": ""}
                         yield event("content_block_start", {"index": index, "content_block": start})

@@ -18,12 +18,12 @@ from dsv32.api.errors import APIError, bad_request, invalid_param
 from dsv32.api.service import ServingContext
 from dsv32.chat import StreamParser
 from dsv32.chat.errors import ChatFormatError
+from dsv32.chat.tokens import THINK_END, THINK_START
 from dsv32.engine.async_engine import QueueFullError
 from dsv32.engine.core import EngineError
 from dsv32.engine.outputs import RequestOutput
 from dsv32.engine.sampling_params import SamplingParams, SamplingParamsError
 
-THINK_START, THINK_END = "<think>", "</think>"
 # the roles DeepSeek's API accepts: the V3.2 encoder's ``developer`` (search-agent turns) is not one of them
 API_ROLES = ("system", "user", "assistant", "tool")
 T = TypeVar("T")
@@ -303,6 +303,15 @@ def engine_error(e: Exception) -> APIError:
     return bad_request(str(e))
 
 
+def _complete_json(text: str) -> bool:
+    """Whether a call's streamed arguments are complete: they parse only once its invoke has closed."""
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
+
+
 def opens_reasoning(prompt_ids: list[int], tokenizer) -> bool:
     """Whether the reply starts inside the reasoning: the prompt's last think tag is ``<think>``. Only the
     template writes control tokens (request text that spells one is plain text), so this reads the template:
@@ -349,6 +358,9 @@ class ChatRun:
         self.ids: list[int] = []
         self.logprobs: list[dict] = []
         self.ctx = ctx
+        # with ``parallel`` off: the first call is complete, so generation can stop (api.md §11: truncate
+        # after the first invoke); set by ``feed``
+        self.done_early = False
 
     def feed(self, out: RequestOutput) -> list[dict[str, Any]]:
         for tid in out.new_token_ids:
@@ -362,22 +374,9 @@ class ChatRun:
         deltas = self.parser.feed(out.text)
         if out.finished:
             deltas += self.parser.finish()
+        if not self.parallel and not self.done_early and self.parser.tool_call_count:
+            self.done_early = _complete_json(self.parser.result()["tool_calls"][0]["function"]["arguments"])
         return [d.to_openai() for d in deltas if self._keep(d)]
-
-    @property
-    def done_early(self) -> bool:
-        """With ``parallel`` off, the first call is complete: generation can stop (api.md §11: truncate after
-        the first invoke). Its arguments parse as JSON only once the invoke has closed."""
-        if self.parallel:
-            return False
-        calls = self.parser.result()["tool_calls"]
-        if not calls:
-            return False
-        try:
-            json.loads(calls[0]["function"]["arguments"])
-        except ValueError:
-            return False
-        return True
 
     def _keep(self, d) -> bool:
         if self.hide_reasoning and d.reasoning_content is not None:

@@ -234,9 +234,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
             lp = {"content": _token_logprobs(ctx, out.new_token_ids, out.logprobs)}
         deltas = run.feed(out)
         for i, d in enumerate(deltas):
-            if (
-                thinking and not hide and "tool_calls" not in d
-            ):  # §5.2: the other field is null, as DeepSeek sends
+            # §5.2: in thinking mode the other field is null, as DeepSeek sends it
+            if thinking and not hide and "tool_calls" not in d:
                 d = {"content": d.get("content"), "reasoning_content": d.get("reasoning_content")}
             yield chunk(d, logprobs=lp if i == 0 else None)
         if lp is not None and not deltas:

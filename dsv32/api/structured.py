@@ -27,10 +27,9 @@ import json
 from typing import Any
 
 from dsv32.api.errors import APIError, bad_request, invalid_param
+from dsv32.chat.tokens import THINK_END
 from dsv32.engine.grammar import GuidedDecodingError, check_guided, dsml_tool_grammar
 from dsv32.engine.sampling_params import SamplingParams
-
-THINK_END = "</think>"
 
 
 def parse_tool_choice(tool_choice: Any, tools: list[dict[str, Any]] | None) -> tuple[str, str | None]:

@@ -201,28 +201,19 @@ def test_thinking_stream_deltas_carry_both_fields_as_deepseek_sends_them(scripte
     """api.md §5.2: in thinking mode a reasoning delta is ``{"content": null, "reasoning_content": "…"}`` and
     an answer delta ``{"content": "…", "reasoning_content": null}``; chat mode sends ``content`` alone."""
     scripted_server.engine.scripts = ["Think.</think>Answer.", "Plain."]
-    body = {"messages": [{"role": "user", "content": "x"}], "stream": True}
-    with httpx.stream(
-        "POST", scripted_server.url + "/chat/completions", json={**body, "model": "deepseek-reasoner"}
-    ) as r:
-        deltas = [
-            json.loads(line[6:])["choices"][0]["delta"]
-            for line in r.iter_lines()
-            if line.startswith("data: {")
-        ]
+
+    def stream_deltas(model: str) -> list[dict]:
+        body = {"model": model, "messages": [{"role": "user", "content": "x"}], "stream": True}
+        with httpx.stream("POST", scripted_server.url + "/chat/completions", json=body) as r:
+            lines = [line for line in r.iter_lines() if line.startswith("data: {")]
+        return [json.loads(line.removeprefix("data: "))["choices"][0]["delta"] for line in lines]
+
+    deltas = stream_deltas("deepseek-reasoner")
     texts = [d for d in deltas if d.get("content") or d.get("reasoning_content")]
     assert texts and all(set(d) == {"content", "reasoning_content"} for d in texts)
     assert "".join(d["reasoning_content"] or "" for d in texts) == "Think."
     assert "".join(d["content"] or "" for d in texts) == "Answer."
-    with httpx.stream(
-        "POST", scripted_server.url + "/chat/completions", json={**body, "model": "deepseek-chat"}
-    ) as r:
-        deltas = [
-            json.loads(line[6:])["choices"][0]["delta"]
-            for line in r.iter_lines()
-            if line.startswith("data: {")
-        ]
-    texts = [d for d in deltas if d.get("content")]
+    texts = [d for d in stream_deltas("deepseek-chat") if d.get("content")]
     assert all(set(d) == {"content"} for d in texts) and "".join(d["content"] for d in texts) == "Plain."
 
 

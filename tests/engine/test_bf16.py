@@ -9,18 +9,15 @@ give fp32 logits from the fp32 head, equal to each other but for the fp32 roundi
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 
 from dsv32.engine.cuda_graphs import DecodeGraphs
 from dsv32.engine.paged_cache import PagedKVCache
 from dsv32.engine.runner import ModelRunner
-from dsv32.model.moe import MoE, grouped_matmul_available
 from dsv32.weights.loader import load_model
 from dsv32.weights.synthetic import write_synthetic_checkpoint
-from tests.engine.test_cuda_graphs import NoHostSync
+from tests.engine.test_cuda_graphs import forward_without_host_sync, stacked
 from tests.engine.test_paged_runner import alone, drive
 from tests.model.test_forms import tiny_config
 
@@ -35,16 +32,6 @@ def bf16_model(tmp_path, **over):
     cfg = tiny_config(**over)
     d = write_synthetic_checkpoint(cfg, tmp_path, seed=0, dtype=BF16, std=0.05)
     return load_model(d, dtype=BF16, progress=False)
-
-
-def stacked(model):
-    if not grouped_matmul_available("cpu", BF16):
-        pytest.skip("this PyTorch has no grouped bf16 matmul on the CPU")
-    m = copy.deepcopy(model)
-    for layer in m.model.layers:
-        if isinstance(layer.mlp, MoE):
-            layer.mlp.stack_experts()
-    return m
 
 
 def paged_cache(model, num_blocks=40, block_size=4):
@@ -87,7 +74,7 @@ def test_engine_paths_agree_on_a_bf16_model(tmp_path, monkeypatch):
     prompts = [torch.randint(0, 300, (n,), generator=g).tolist() for n in (20, 7, 26)]
     plain, out, _ = step_logits(model, prompts, monkeypatch)
     assert_fp32_logits(plain)
-    m = stacked(model)
+    m = stacked(model, BF16)
     fixed, out_fixed, _ = step_logits(m, prompts, monkeypatch, graphs=True)
     m.prepack_cpu_weights()
     assert m.lm_head._packed is not None and m.lm_head._packed.dtype == torch.float32
@@ -103,24 +90,17 @@ def test_paged_logits_follow_the_full_forward_in_bf16(tmp_path, monkeypatch):
     model = bf16_model(tmp_path, **SMOOTH)
     g = torch.Generator().manual_seed(2)
     prompts = [torch.randint(0, 300, (n,), generator=g).tolist() for n in (20, 7, 26)]
-    steps, out, worst = step_logits(stacked(model), prompts, monkeypatch, graphs=True, check_logits=True)
+    steps, out, worst = step_logits(
+        stacked(model, BF16), prompts, monkeypatch, graphs=True, check_logits=True
+    )
     assert_fp32_logits(steps)
     assert worst < 2.5e-2
 
 
 def test_the_bf16_fixed_shape_step_needs_no_host_sync(tmp_path, monkeypatch):
     """The reference's precision adds casts only: still nothing a CUDA graph would break on."""
-    import dsv32.model.indexer as indexer
-
-    monkeypatch.setattr(indexer, "select_topk_visible", indexer.select_topk_visible_sorted)
-    m = stacked(bf16_model(tmp_path, index_topk=12))
-    graphs = DecodeGraphs(m, paged_cache(m), 8, 256, capture=False)
-    step = graphs._new_step(4, 256, (12,))
-    step.positions.copy_(torch.tensor([30, 3, 0, 0]))
-    step.tables[0, :8] = torch.arange(8)
-    step.tables[1, :1] = 8
-    with torch.inference_mode(), NoHostSync():
-        logits = graphs._forward(step)
+    m = stacked(bf16_model(tmp_path, index_topk=12), BF16)
+    logits = forward_without_host_sync(DecodeGraphs(m, paged_cache(m), 8, 256, capture=False), monkeypatch)
     assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
 
 

@@ -21,9 +21,10 @@ from tests.engine.test_engine import run_all
 from tests.engine.test_paged_runner import alone, drive
 
 
-def stacked(model):
-    if not grouped_matmul_available("cpu", torch.float32):  # torch._grouped_mm: PyTorch 2.8 and later
-        pytest.skip("this PyTorch has no grouped matmul on the CPU")
+def stacked(model, dtype: torch.dtype = torch.float32):
+    """A copy of ``model`` with its MoE experts stacked for grouped matmuls (skips where torch has none)."""
+    if not grouped_matmul_available("cpu", dtype):  # torch._grouped_mm: PyTorch 2.8 and later
+        pytest.skip(f"this PyTorch has no grouped {dtype} matmul on the CPU")
     m = copy.deepcopy(model)
     for layer in m.model.layers:
         if isinstance(layer.mlp, MoE):
@@ -114,20 +115,26 @@ class NoHostSync(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_the_fixed_shape_step_needs_no_host_sync(model, monkeypatch):
-    """Everything _forward runs, past index_topk (the DSA selection) and through the MoE, never reads a
-    device value on the host. (The DSA selection takes its sort form on any device but the CPU: forced here.)"""
+def forward_without_host_sync(graphs: DecodeGraphs, monkeypatch) -> torch.Tensor:
+    """The fixed-shape step's logits for two rows (one past index_topk 12) and two padding rows, run where a
+    read of a device value on the host raises. (The DSA selection takes its sort form on any device but the
+    CPU: forced here.)"""
     import dsv32.model.indexer as indexer
 
     monkeypatch.setattr(indexer, "select_topk_visible", indexer.select_topk_visible_sorted)
-    m = stacked(model)
-    cache, graphs = with_graphs(m, 40, 4)
     step = graphs._new_step(4, 256, (12,))
     step.positions.copy_(torch.tensor([30, 3, 0, 0]))
     step.tables[0, :8] = torch.arange(8)
     step.tables[1, :1] = 8
     with torch.inference_mode(), NoHostSync():
-        logits = graphs._forward(step)
+        return graphs._forward(step)
+
+
+def test_the_fixed_shape_step_needs_no_host_sync(model, monkeypatch):
+    """Everything _forward runs, past index_topk (the DSA selection) and through the MoE, never reads a
+    device value on the host."""
+    cache, graphs = with_graphs(stacked(model), 40, 4)
+    logits = forward_without_host_sync(graphs, monkeypatch)
     assert logits.shape == (4, model.config.vocab_size) and torch.isfinite(logits).all()
 
 
