@@ -8,8 +8,10 @@ with these differences:
 
 * the weights are frozen as constants (inductor's ``freezing``), so the oneDNN-packed matmul weights
   (``PackedMatmul``) are read in place and any other matmul weight is packed once at compile time;
-* the routed experts run as one opaque op (``dsv32::moe_experts_looped``, the eager loop), because their
-  slice sizes come from the routing;
+* the routed experts are traced as reductions over the chosen experts' stacked weights
+  (``MoE._experts_gathered``): a step's one token reads only its top-k experts, with no host sync and no
+  per-expert call (FP8 experts, never compiled here anyway, would fall back to the eager loop as one
+  opaque op);
 * the visible-slot dimension is dynamic: one compiled step serves every slot bucket up to ``index_topk``
   and one more every bucket past it (the dense and the DSA form), up to 32766 slots: inductor lowers the
   DSA form's stable sort differently from ``LONG_SORT_SLOTS`` on, a third compile. ``warm_up`` compiles all
@@ -60,7 +62,7 @@ class CompiledDecode(DecodeGraphs):
             raise ValueError(reason)
         super().__init__(model, cache, max_rows=1, max_context=max_context, capture=False)
         model.rotary.inv_freq(model.device)  # made on first use, eagerly: not inside the compiled step
-        register_for_compile(model)
+        register_for_compile(model, gathered=True)  # one row: each pair reads its expert once
         self._compiled = torch.compile(super()._forward, fullgraph=True, dynamic=None)
         self._forms_compiled: set[tuple] = set()  # ``_form``s compiled so far
 
@@ -80,20 +82,24 @@ class CompiledDecode(DecodeGraphs):
         past_topk = any(slots > k for k in topks)
         return past_topk, topks, past_topk and slots >= LONG_SORT_SLOTS
 
-    def _run(self, step: _Step) -> torch.Tensor:
+    def _run(self, step: _Step, compiled_before: bool = False) -> torch.Tensor:
         # The options are read where the compiled graph is lowered (``options=`` of torch.compile does not
         # reach freezing). A C++ wrapper instead of inductor's Python one around the kernels: 26.5 against
         # 27.4 ms a step on bench-small (alternating in one process), for ~5 s more compile. An engine over
         # another model compiles its own step (the weights are constants in it): more than dynamo's default
         # of 8 entries per function where a process builds engines over several models (the tests).
+        # Once a step's form has compiled, dynamo checks only the guards that tell its compiled forms apart
+        # (``skip_guard_eval_unsafe``): a full guard check costs ~0.5 ms a step, and what else it guards
+        # (the model, its frozen weights, the mode flags) does not change under an engine that owns the model.
         inductor = torch._inductor.config.patch(freezing=True, cpp_wrapper=True)
-        with inductor, torch._dynamo.config.patch(recompile_limit=64), frozen_weights():
+        stance = torch.compiler.set_stance("default", skip_guard_eval_unsafe=compiled_before)
+        with inductor, torch._dynamo.config.patch(recompile_limit=64), frozen_weights(), stance:
             return self._compiled(step)
 
     def _forward(self, step: _Step) -> torch.Tensor:
         form = self._form(step)
         if form in self._forms_compiled:
-            return self._run(step)
+            return self._run(step, compiled_before=True)
         t0 = time.perf_counter()
         try:
             out = self._run(step)

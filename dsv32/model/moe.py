@@ -67,13 +67,17 @@ class MoE(nn.Module):
         # Every routed expert's weights in one tensor each (``stack_experts``): [E, 2I, D] gate‖up, [E, D, I] down.
         self._w13: torch.Tensor | None = None
         self._w2: torch.Tensor | None = None
-        self._opaque_loop = False  # see ``register_for_compile``
+        self._grouped = False  # the stacks serve grouped matmuls (``stack_experts(grouped=True)``)
+        self._compiled_experts: str | None = None  # "looped" or "gathered": see ``register_for_compile``
 
-    def stack_experts(self) -> None:
+    def stack_experts(self, grouped: bool = True) -> None:
         """Move the routed experts' weights into two stacked tensors; each expert's Linears keep views of
-        them (no second copy). ``forward`` then runs all experts as two grouped matmuls with no host sync,
-        which a CUDA graph can capture, instead of a loop over the experts that reads the token counts on
-        the host. Not for FP8 experts (their weights are dequantised per call)."""
+        them (no second copy; packed copies are packed again from the views). With ``grouped``, ``forward``
+        then runs all experts as two grouped matmuls with no host sync, which a CUDA graph can capture,
+        instead of a loop over the experts that reads the token counts on the host; without, the stacks
+        serve only a compiled forward's gathered experts (``register_for_compile``). Not for FP8 experts
+        (their weights are dequantised per call)."""
+        self._grouped = self._grouped or grouped
         if self._w13 is not None:
             return
         if any(lin.is_fp8 for e in self.experts for lin in (e.gate_proj, e.up_proj, e.down_proj)):
@@ -86,13 +90,20 @@ class MoE(nn.Module):
             e.gate_proj.weight = nn.Parameter(w13[i, :inter], requires_grad=False)
             e.up_proj.weight = nn.Parameter(w13[i, inter:], requires_grad=False)
             e.down_proj.weight = nn.Parameter(w2[i], requires_grad=False)
+            if e._gate_up is not None:  # packed from the weights just replaced: stale, packed again
+                e.prepack()
+            if e.down_proj._packed is not None:
+                e.down_proj.prepack()
         self._w13, self._w2 = w13, w2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         idx, w = self.gate(x)  # [N, k]
-        grouped = self._w13 is not None and self._still_stacked()
+        # (a compiled forward cannot compare data pointers: it trusts the stacks, as the engine owning the model)
+        stacked = self._w13 is not None and (torch.compiler.is_compiling() or self._still_stacked())
+        grouped = stacked and self._grouped
+        compiled_experts = self._compiled_experts if torch.compiler.is_compiling() else None
         # group the (token, expert) pairs by expert: one gather of the inputs, the experts' matmuls on
         # contiguous slices, one weighting and one scatter-add of all routed outputs. (The grouped path sorts
         # stably, the same order on any device; the loop keeps the default sort, so CPU results stay bit for bit.)
@@ -102,7 +113,9 @@ class MoE(nn.Module):
         xs = x.index_select(0, token_of)
         if grouped:
             routed = self._experts_grouped(xs, flat)
-        elif torch.compiler.is_compiling() and self._opaque_loop:  # sizes read on the host: one opaque op
+        elif compiled_experts == "gathered" and stacked:
+            routed = self._experts_gathered(xs, flat[order])
+        elif compiled_experts is not None:  # sizes read on the host: one opaque op
             routed = torch.ops.dsv32.moe_experts_looped(xs, flat, id(self))  # see ``register_for_compile``
         else:
             routed = self._experts_looped(xs, flat)
@@ -136,6 +149,16 @@ class MoE(nn.Module):
         act = swiglu(gate_up[:, :inter], gate_up[:, inter:])
         return torch._grouped_mm(act, self._w2.transpose(1, 2), offs=offs)  # [N·k, D]
 
+    def _experts_gathered(self, xs: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """Each pair through its own expert (``experts`` [P]: the pairs' experts), with x·Wᵀ written as the
+        reduction (W[e] ⊙ x).sum(-1): a compiler fuses the gather into one pass over the chosen experts'
+        weight rows, no copy, no host sync, no per-expert call. For a compiled step of few tokens (each pair
+        reads its expert's weights once); run eagerly it would copy every gathered weight."""
+        inter = self._w13.shape[1] // 2
+        gate_up = (self._w13[experts] * xs[:, None, :]).sum(-1)  # [P, 2I]
+        act = swiglu(gate_up[:, :inter], gate_up[:, inter:])
+        return (self._w2[experts] * act[:, None, :]).sum(-1)  # [P, D]
+
     def _still_stacked(self) -> bool:
         """Whether the experts still hold views of the stacks (``module.to(...)`` gives parameters new
         storage and leaves the stacks behind: then the loop is used and the stacks dropped)."""
@@ -152,12 +175,21 @@ class MoE(nn.Module):
 _LOOPED: weakref.WeakValueDictionary[int, MoE] = weakref.WeakValueDictionary()
 
 
-def register_for_compile(model: nn.Module) -> None:
-    """Let a ``torch.compile``d forward of ``model`` run its MoEs' expert loops (call before compiling)."""
+def register_for_compile(model: nn.Module, gathered: bool = False) -> None:
+    """Let a ``torch.compile``d forward of ``model`` run its MoEs' routed experts (call before compiling):
+    as the expert loop in one opaque op, or with ``gathered`` as traced reductions over the chosen experts'
+    stacked weights (``MoE._experts_gathered``; stacks them, with no grouped matmuls in eager forwards).
+    Gathered suits steps of one or a few tokens: each (token, expert) pair reads its expert's weights."""
     for m in model.modules():
         if isinstance(m, MoE):
             _LOOPED[id(m)] = m
-            m._opaque_loop = True
+            m._compiled_experts = "looped"
+            if gathered:
+                try:
+                    m.stack_experts(grouped=False)
+                except ValueError:  # FP8 experts: the loop
+                    continue
+                m._compiled_experts = "gathered"
 
 
 @torch.library.custom_op("dsv32::moe_experts_looped", mutates_args=())

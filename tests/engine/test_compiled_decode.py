@@ -16,6 +16,7 @@ from dsv32.engine.core import EngineConfig, EngineCore
 from dsv32.engine.cuda_graphs import DecodeGraphs
 from dsv32.engine.paged_cache import PagedKVCache
 from dsv32.engine.sampling_params import SamplingParams
+from dsv32.model.moe import MoE
 from dsv32.model.transformer import DeepseekForCausalLM
 from tests.engine.test_engine import run_all
 from tests.engine.test_paged_runner import alone, drive
@@ -47,6 +48,8 @@ def test_compiled_decode_steps_equal_the_full_forward(model_type):
     )  # fmt: skip
     assert len(calls) >= 18 and set(calls) == {1}
     assert compiled._forms_compiled and counters["stats"]["unique_graphs"] > graphs_before, "nothing compiled"
+    # the routed experts were traced into the step (gathered), not run as the opaque eager loop
+    assert {m._compiled_experts for m in model.modules() if isinstance(m, MoE)} == {"gathered"}
     assert worst < 1e-4
     for r, p in zip(reqs, prompts, strict=True):
         assert r.output_ids == alone(model, p, 10)
