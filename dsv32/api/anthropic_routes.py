@@ -343,12 +343,16 @@ async def messages(body: MessagesRequest, request: Request):
     def event(kind: str, data: dict[str, Any]) -> str:
         return f"event: {kind}\ndata: {json.dumps({'type': kind, **data}, ensure_ascii=False)}\n\n"
 
-    async def events() -> AsyncIterator[str]:
-        yield event("message_start", {"message": {
+    def message_start(first: RequestOutput) -> str:
+        return event("message_start", {"message": {
             "id": msg_id, "type": "message", "role": "assistant", "model": model, "content": [],
-            "stop_reason": None, "stop_sequence": None,
-            "usage": {"input_tokens": len(ids), "output_tokens": 0}}})  # fmt: skip
-        yield event("ping", {})
+            "stop_reason": None, "stop_sequence": None, "usage": _usage(first)}})  # fmt: skip
+
+    async def events() -> AsyncIterator[str]:
+        # message_start waits for the engine's first output: its usage then splits the prompt into cache
+        # hits and misses as message_delta's does (Anthropic's input_tokens counts the uncached part). Until
+        # then keep-alives are SSE comments, which clients skip: no event may come before message_start.
+        started = False
         index, open_kind, seen_text = -1, None, False
 
         def close() -> list[str]:
@@ -363,8 +367,12 @@ async def messages(body: MessagesRequest, request: Request):
         try:
             async for out in with_keepalive(stream, ctx.keepalive_s, ctx.start_timeout_s):
                 if out is None:
-                    yield event("ping", {})
+                    yield event("ping", {}) if started else ": keep-alive\n\n"
                     continue
+                if not started:
+                    yield message_start(out)
+                    yield event("ping", {})
+                    started = True
                 for d in run.feed(out):
                     if "reasoning_content" in d:
                         kind = "thinking"

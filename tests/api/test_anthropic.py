@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import anthropic
 import httpx
 import openai
@@ -33,6 +35,33 @@ def test_non_stream_and_stream_agree(engine_server):
     assert events[0] == "message_start" and "message_stop" in events and "content_block_delta" in events
     assert [b.model_dump() for b in final.content] == [b.model_dump() for b in r.content]
     assert (final.stop_reason, final.usage.output_tokens) == (r.stop_reason, r.usage.output_tokens)
+
+
+def test_stream_usage_splits_the_prompt_into_cache_hits_and_misses_from_message_start(engine_server):
+    """A repeated long prompt: message_start's usage already counts the cache hits (input_tokens is the
+    uncached part, as on Anthropic's API) and agrees with message_delta's; the SDK's final message too."""
+    long = " ".join(f"word{i}" for i in range(400))
+    body = {"model": "deepseek-chat", "max_tokens": 2, "stream": True,
+            "messages": [{"role": "user", "content": long}]}  # fmt: skip
+    usages = []
+    for _ in range(2):
+        r = httpx.post(engine_server.url + "/anthropic/v1/messages", json=body, timeout=60)
+        data = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: ")]
+        assert data[0]["type"] == "message_start"
+        start = data[0]["message"]["usage"]
+        delta = next(d for d in data if d["type"] == "message_delta")["usage"]
+        assert {k: start[k] for k in ("input_tokens", "cache_read_input_tokens")} == {
+            k: delta[k] for k in ("input_tokens", "cache_read_input_tokens")
+        }
+        usages.append(start)
+    prompt = usages[0]["input_tokens"] + usages[0]["cache_read_input_tokens"]
+    assert usages[0]["cache_read_input_tokens"] == 0 and prompt > 400
+    assert usages[1]["cache_read_input_tokens"] >= prompt - 32
+    assert usages[1]["input_tokens"] + usages[1]["cache_read_input_tokens"] == prompt
+    with client(engine_server).messages.stream(**{k: v for k, v in body.items() if k != "stream"}) as s:
+        final = s.get_final_message()
+    assert final.usage.cache_read_input_tokens == usages[1]["cache_read_input_tokens"]
+    assert final.usage.input_tokens == usages[1]["input_tokens"]
 
 
 def test_thinking_on_and_off(scripted_server):
