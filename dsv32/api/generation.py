@@ -32,20 +32,26 @@ _TOOL_NAME = re.compile(r"[a-zA-Z0-9_-]+")
 
 
 def max_tokens_for(
-    ctx: ServingContext, requested: int | None, n_prompt: int, limits: tuple[int, int], clamp: bool = False
+    ctx: ServingContext,
+    requested: int | None,
+    n_prompt: int,
+    limits: tuple[int, int],
+    clamp: bool = False,
+    field: str = "max_tokens",
 ) -> int:
     """The request's token budget: ``limits`` = (default, ceiling) of the mode; the context bounds it too.
 
     Above the ceiling is DeepSeek's 400; with ``clamp`` (the Anthropic route, whose clients, Claude Code
-    among them, ask for the output limits of Claude models) the request gets what the model allows."""
+    among them, ask for the output limits of Claude models) the request gets what the model allows.
+    ``field``: the request field ``requested`` came from, as errors name it."""
     default, ceiling = limits
     room = ctx.max_model_len - n_prompt
     if clamp and requested is not None and room >= 1:
         requested = min(requested, ceiling, room)
     if requested is not None and requested > ceiling:
         raise bad_request(
-            f"Invalid max_tokens value, the valid range of max_tokens is [1, {ceiling}] (got {requested})",
-            "max_tokens",
+            f"Invalid {field} value, the valid range of {field} is [1, {ceiling}] (got {requested})",
+            field,
         )
     if requested is None:
         if room < 1:
@@ -57,8 +63,8 @@ def max_tokens_for(
     if n_prompt + requested > ctx.max_model_len:
         raise bad_request(
             f"this model's maximum context length is {ctx.max_model_len} tokens; the prompt has {n_prompt} "
-            f"tokens and max_tokens asks for {requested} more ({n_prompt + requested} in total)",
-            "max_tokens",
+            f"tokens and {field} asks for {requested} more ({n_prompt + requested} in total)",
+            field,
         )
     return requested
 

@@ -166,7 +166,10 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         tool_choice=body.tool_choice, beta=beta, thinking=in_reasoning, parallel=parallel,
         reasoning_max_tokens=body.reasoning.max_tokens if body.reasoning else None,
     )  # fmt: skip
-    max_tokens = max_tokens_for(ctx, body.max_tokens, len(prompt_ids), MODE_LIMITS[thinking])
+    field = "max_tokens" if body.max_completion_tokens is None else "max_completion_tokens"
+    max_tokens = max_tokens_for(
+        ctx, getattr(body, field), len(prompt_ids), MODE_LIMITS[thinking], field=field
+    )
     params = sampling_params_for(
         body, max_tokens, thinking, logprobs=bool(body.logprobs), top_logprobs=body.top_logprobs or 0
     )

@@ -62,6 +62,9 @@ class SamplingFields(BaseModel):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[dict[str, Any]] = Field(min_length=1)
+    # OpenAI's newer name for max_tokens, which newer OpenAI clients send (vLLM takes it too); wins when both
+    # are given. DeepSeek does not document it: ignoring it would let a reply run to the mode's default.
+    max_completion_tokens: int | None = Field(default=None, ge=1)
     thinking: Thinking | None = None
     reasoning: Reasoning | None = None
     logprobs: bool | None = False

@@ -335,6 +335,18 @@ def test_usage_reports_cache_hits_on_a_repeated_long_prompt(engine_server):
     assert second["prompt_cache_miss_tokens"] == second["prompt_tokens"] - second["prompt_cache_hit_tokens"]
 
 
+def test_max_completion_tokens_caps_the_reply_and_wins_over_max_tokens(engine_server):
+    """OpenAI's newer name for max_tokens (what newer clients send; vLLM takes it): it caps the reply, and
+    wins when both are given. Ignored, the reply would run to the mode's default of 4096 tokens."""
+    c = client(engine_server)
+    kw = dict(model="deepseek-chat", messages=[{"role": "user", "content": "Count"}],
+              extra_body={"ignore_eos": True})  # fmt: skip
+    r = c.chat.completions.create(max_completion_tokens=3, **kw)
+    assert (r.usage.completion_tokens, r.choices[0].finish_reason) == (3, "length")
+    r = c.chat.completions.create(max_completion_tokens=2, max_tokens=6, **kw)
+    assert r.usage.completion_tokens == 2
+
+
 def test_models_route(engine_server):
     ids = [m.id for m in client(engine_server).models.list()]
     assert {"deepseek-chat", "deepseek-reasoner"} <= set(ids)

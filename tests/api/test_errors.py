@@ -48,6 +48,8 @@ CASES = [
     ("top_logprobs 0 without logprobs", "/chat/completions", chat(top_logprobs=0), 400, "top_logprobs requires logprobs"),
     ("max_tokens above model max", "/chat/completions", chat(max_tokens=9000), 400, "valid range of max_tokens is [1, 8192]"),
     ("max_tokens beyond context", "/chat/completions", chat(model="deepseek-reasoner", max_tokens=5000), 400, "4096"),
+    ("max_completion_tokens above model max", "/chat/completions", chat(max_completion_tokens=9000), 400, "valid range of max_completion_tokens is [1, 8192]"),
+    ("max_completion_tokens zero", "/chat/completions", chat(max_completion_tokens=0), 422, "max_completion_tokens"),
     ("top_logprobs too many", "/chat/completions", chat(logprobs=True, top_logprobs=21), 422, "top_logprobs"),
     ("top_logprobs without logprobs", "/chat/completions", chat(top_logprobs=3), 400, "logprobs"),
     ("logprobs in thinking mode", "/chat/completions", chat(model="deepseek-reasoner", logprobs=True), 400, "thinking"),
