@@ -448,6 +448,19 @@ def test_cut_off_and_trailing_text() -> None:
     assert parse("a" + EOS + "b")["content"] == "a"
 
 
+def test_text_cut_off_inside_a_block_opening_tag_is_not_content() -> None:
+    """max_tokens can end the text inside a tool block's opening tag ("\n\n<｜DSML｜func"): that markup, and
+    the whitespace before it, is dropped, streamed or not. A lone "<" at the end stays: it may be text."""
+    block = dsml_block(dsml_call("f"))
+    for n in (2, 5, len(f"<{D}function_calls>") - 1):
+        cut = "Hi" + block[: block.index("<") + n]
+        for r in (parse(cut), stream(cut, random.Random(n))[0]):
+            assert r["content"] == "Hi" and r["tool_calls"] == [], (n, r)
+        assert parse(cut)["problems"] == ["the text ended inside a tool-call block's opening tag; dropped"]
+    assert parse("a <")["content"] == "a <" and parse("a <")["problems"] == []
+    assert parse("<｜tool▁calls▁be", family="v3.1")["content"] == ""
+
+
 def test_v31_and_v3_problems() -> None:
     r = parse(
         "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>f<｜tool▁sep｜>{oops<｜tool▁call▁end｜><｜tool▁calls▁end｜>",
