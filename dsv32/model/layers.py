@@ -169,6 +169,15 @@ class RMSNorm(nn.Module):
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return (self.weight.float() * x32).to(x.dtype)
 
+    def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual), the sum taken in fp32: the norm reads the unrounded sum and
+        the residual returned is rounded to x's dtype, as DeepSeek's reference fuses the residual add into
+        its norm (transformers normalises the rounded sum). In fp32 exactly ``s = x + residual; norm(s)``."""
+        # residual first: with x first, inductor's linear+bias fusion pass (freezing) asserts on a matmul
+        # weight packed before compiling (torch 2.13); the sum is the same
+        s = residual.float() + x.float()
+        return self(s).to(x.dtype), s.to(x.dtype)
+
 
 class Linear(nn.Module):
     """y = x Wᵀ, no bias. Holds either a plain weight or an FP8 e4m3 weight with block scales.

@@ -28,9 +28,21 @@ class Block(nn.Module):
         self.mlp = MoE(cfg) if cfg.is_moe_layer(layer_idx) else MLP(cfg.hidden_size, cfg.intermediate_size)
         self.layer_idx = layer_idx
 
-    def forward(self, h: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), ctx, self.layer_idx)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def forward(
+        self, x: torch.Tensor, ctx: AttentionContext, residual: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pre-norm block as DeepSeek's reference runs it: takes the previous block's output x and the
+        residual stream (None in the first block: x is the embedding) and returns (mlp output, residual);
+        the hidden state after the block is their sum. Each norm reads the fp32 sum of the residual and the
+        sublayer output before it is rounded (``RMSNorm.add_and_norm``); in fp32 this is the usual
+        ``h = h + attn(norm(h)); h = h + mlp(norm(h))``."""
+        if residual is None:
+            x, residual = self.input_layernorm(x), x
+        else:
+            x, residual = self.input_layernorm.add_and_norm(x, residual)
+        x = self.self_attn(x, ctx, self.layer_idx)
+        x, residual = self.post_attention_layernorm.add_and_norm(x, residual)
+        return self.mlp(x), residual
 
 
 def head_logits(head: Linear, hidden: torch.Tensor) -> torch.Tensor:
@@ -81,7 +93,8 @@ class MTPLayer(Block):
         e = self.embed_tokens(next_ids)
         e = self.enorm(torch.where((ctx.q_pos == 0)[:, None], 0.0, e))  # position 0: no token (as vLLM)
         u = self.eh_proj(torch.cat((e, self.hnorm(hidden)), dim=-1))
-        return super().forward(u, ctx)
+        x, residual = super().forward(u, ctx)
+        return x + residual  # rounded, then normed by the shared head (as vLLM's MTP)
 
     def draft_logits(self, v: torch.Tensor) -> torch.Tensor:
         """head(norm(v)): the logits of the token after next."""
@@ -197,10 +210,11 @@ class DeepseekForCausalLM(nn.Module):
         return self.forward_layers(self.model.embed_tokens(input_ids), ctx)
 
     def forward_layers(self, h: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
-        """Embeddings h [B, T, D] through the main layers and the final norm."""
+        """Embeddings h [B, T, D] through the main layers and the final norm (of the unrounded last sum)."""
+        x, residual = h, None
         for i in range(self.n_main_layers):
-            h = self.model.layers[i](h, ctx)
-        return self.model.norm(h)
+            x, residual = self.model.layers[i](x, ctx, residual)
+        return self.model.norm.add_and_norm(x, residual)[0]
 
     def forward(
         self, input_ids: torch.Tensor, start_pos: int = 0, cache: KVCache | None = None

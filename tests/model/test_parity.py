@@ -33,7 +33,9 @@ def test_logits_and_every_layer_match(models, name):
         ref = hf(ids, output_hidden_states=True)
         layer_out = []
         hooks = [
-            layer.register_forward_hook(lambda m, i, o: layer_out.append(o)) for layer in ours.model.layers
+            # a block returns (its MLP output, the residual stream): the hidden state after it is their sum
+            layer.register_forward_hook(lambda m, i, o: layer_out.append(o[0] + o[1]))
+            for layer in ours.model.layers
         ]
         logits = ours(ids)
         for h in hooks:
