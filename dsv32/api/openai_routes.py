@@ -17,7 +17,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from dsv32.api.errors import bad_request, invalid_param
+from dsv32.api.errors import APIError, bad_request, invalid_param
 from dsv32.api.generation import (
     API_ROLES,
     ChatRun,
@@ -106,14 +106,24 @@ def register(router: APIRouter) -> None:
         router.add_api_route(path, completions, methods=["POST"], response_model=None)
     for path in ("/models", "/v1/models"):
         router.add_api_route(path, list_models, methods=["GET"])
+        router.add_api_route(path + "/{model_id:path}", retrieve_model, methods=["GET"])
 
 
 async def list_models(request: Request) -> dict[str, Any]:
     ctx = _ctx(request)
-    return {
-        "object": "list",
-        "data": [{"id": n, "object": "model", "owned_by": "deepseek"} for n in ctx.model_names()],
-    }
+    return {"object": "list", "data": [_model_object(n) for n in ctx.model_names()]}
+
+
+async def retrieve_model(model_id: str, request: Request) -> dict[str, Any]:
+    """OpenAI's ``GET /models/{id}`` (``client.models.retrieve``): one entry of the list, or a 404."""
+    names = _ctx(request).model_names()
+    if model_id not in names:
+        raise APIError(404, f"Model Not Exist: {model_id!r} (available: {', '.join(names)})", "model")
+    return _model_object(model_id)
+
+
+def _model_object(name: str) -> dict[str, Any]:
+    return {"id": name, "object": "model", "owned_by": "deepseek"}
 
 
 async def chat_completions(body: ChatCompletionRequest, request: Request):

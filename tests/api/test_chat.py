@@ -351,6 +351,12 @@ def test_models_route(engine_server):
     ids = [m.id for m in client(engine_server).models.list()]
     assert {"deepseek-chat", "deepseek-reasoner"} <= set(ids)
     assert httpx.get(engine_server.url + "/openapi.json").json()["paths"]["/chat/completions"]
+    # client.models.retrieve: one entry of the list; an unknown id is a 404 in the error shape
+    for name in ids:
+        m = client(engine_server).models.retrieve(name)
+        assert (m.id, m.object, m.owned_by) == (name, "model", "deepseek")
+    with pytest.raises(openai.NotFoundError, match="Model Not Exist"):
+        client(engine_server).models.retrieve("gpt-4o")
 
 
 def test_parallel_tool_calls_false_keeps_the_first_call(scripted_server, tokenizer):
