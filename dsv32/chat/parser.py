@@ -213,15 +213,13 @@ class StreamParser:
                 self._state = "tools"
             return True
         if final:
-            cut = len(self._buf)
             # the text ends inside a tool block's opening tag ("<｜DSML｜func", cut off by max_tokens): markup,
             # never content, dropped with the whitespace before it. A lone "<" stays text: it may be one.
-            if held_suffix(self._buf, tags) >= len("<｜"):
-                cut = len(self._buf[: cut - held_suffix(self._buf, tags)].rstrip())
+            partial_tag = held_suffix(self._buf, tags)
+            if partial_tag >= len("<｜"):
+                self._buf = self._buf[:-partial_tag].rstrip()
                 self.problems.append("the text ended inside a tool-call block's opening tag; dropped")
-                self._emit_content(self._buf[:cut])
-                self._buf = ""
-                return False
+            cut = len(self._buf)
         else:  # hold back a possible tag start, and trailing whitespace (dropped if a block follows)
             cut = len(self._buf) - held_suffix(self._buf, (*tags, THINK_END, EOS))
             cut = len(self._buf[:cut].rstrip())

@@ -11,7 +11,7 @@ from tests.model.oracle import randomize_
 from tests.model.test_forms import tiny_config
 
 
-def _moe(seed: int = 3) -> MoE:
+def _model(seed: int = 3) -> DeepseekForCausalLM:
     torch.manual_seed(seed)
     model = DeepseekForCausalLM(tiny_config()).eval()
     randomize_(model, seed=seed)
@@ -21,7 +21,7 @@ def _moe(seed: int = 3) -> MoE:
 def test_gathered_experts_equal_the_loop():
     """``_experts_gathered`` (each pair's x·Wᵀ as a reduction over its expert's gathered rows) gives the
     loop's outputs for the pairs in expert order, to float rounding (it sums in another order)."""
-    model = _moe()
+    model = _model()
     moe = next(m for m in model.modules() if isinstance(m, MoE))
     moe.stack_experts(grouped=False)
     x = torch.randn(3, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
@@ -40,7 +40,7 @@ def test_registering_the_gathered_form_leaves_eager_forwards_and_packed_weights_
     """Stacking for a compiled step's gathered experts moves the expert weights into stacks (views, no
     second copy) and packs the experts again from them: an eager forward still runs the packed loop and
     gives bit-identical outputs (no grouped matmuls), and no packed copy is left stale."""
-    model = _moe()
+    model = _model()
     model.prepack_cpu_weights()
     moes = [m for m in model.modules() if isinstance(m, MoE)]
     ids = torch.randint(2, 300, (1, 9), generator=torch.Generator().manual_seed(1))
@@ -58,7 +58,7 @@ def test_registering_the_gathered_form_leaves_eager_forwards_and_packed_weights_
 
 
 def test_fp8_experts_keep_the_opaque_loop():
-    model = _moe()
+    model = _model()
     moe = next(m for m in model.modules() if isinstance(m, MoE))
     lin = moe.experts[0].down_proj
     lin.load_fp8(lin.weight.detach(), torch.ones(-(-lin.out_features // 128), -(-lin.in_features // 128)))
