@@ -33,7 +33,8 @@ def _report(name: str, prof, wall_s: float, reps: int) -> None:
     syncs = sum(e.count for e in events if "Synchronize" in e.key or e.key == "cudaMemcpyAsync")
     print(
         f"\n## {name}: {1000 * wall_s / reps:.2f} ms wall, GPU busy {gpu_us / 1000 / reps:.2f} ms, "
-        f"{launches // reps} kernel launches, {syncs // reps} syncs/copies per run"
+        f"{launches // reps} kernel launches, {sum(e.count for e in kernels) // reps} kernels ran, "
+        f"{syncs // reps} syncs/copies per run"
     )
     top = sorted(events, key=lambda e: -e.self_cpu_time_total)[:18]
     for e in top:
@@ -82,7 +83,37 @@ def main(device: str = "cuda") -> int:
         sync()
         wall = time.perf_counter() - t0
     _report("prefill of 1024 tokens (first token)", prof, wall, 3)
+    _long_context_steps(tmp, device, acts, sync)
     return 0
+
+
+def _long_context_steps(tmp: Path, device: str, acts, sync, ctx: int = 16384) -> None:
+    """The DSA part's decode step (attention-dominated variant) at ``ctx`` tokens of context, DSA and dense."""
+    from dsv32.engine.bench import DENSE_TOPK, _set_topk, attention_variant
+
+    cfg = ModelConfig.from_dict(attention_variant(PRESETS["bench-small"]))
+    write_synthetic_checkpoint(cfg, tmp / "attn", seed=0, dtype=torch.bfloat16)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = dsv32.load_model(tmp / "attn", dtype=dtype, device=device, progress=False)
+    attns = [layer.self_attn for layer in model.model.layers]
+    core = _engine(model, ctx + 4096, 1, 4096)
+    g = torch.Generator().manual_seed(1)
+    _set_topk(attns, DENSE_TOPK)
+    _first_token(core, "long", torch.randint(2, cfg.vocab_size, (ctx,), generator=g).tolist(), 400)
+    for mode, k in (("DSA", cfg.index_topk), ("dense", DENSE_TOPK)):
+        _set_topk(attns, k)
+        for _ in range(5):
+            core.step()
+        sync()
+        with profile(activities=acts) as prof:
+            t0 = time.perf_counter()
+            for _ in range(10):
+                core.step()
+            sync()
+            wall = time.perf_counter() - t0
+        _report(f"decode step at {ctx} context, {mode} ({cfg.num_hidden_layers} layers)", prof, wall, 10)
+    _set_topk(attns, cfg.index_topk)
+    core.abort("long")
 
 
 if __name__ == "__main__":

@@ -77,6 +77,11 @@ class RotaryEmbedding:
 def apply_rope_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate pairs (x[2i], x[2i+1]) by angle i. x [..., T, (heads,) d]; cos/sin broadcastable [..., d/2]."""
     xf = x.float()
+    if not torch.compiler.is_compiling():
+        # as the reference: each pair a complex number times e^{iθ}. Four kernels where the form below is nine
+        # (what bounds a small model's decode step on a GPU); inductor fuses the form below into one instead
+        pairs = torch.view_as_complex(xf.unflatten(-1, (-1, 2)).contiguous())
+        return torch.view_as_real(pairs * torch.complex(cos, sin)).flatten(-2).to(x.dtype)
     x1, x2 = xf[..., 0::2], xf[..., 1::2]
     out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
     return out.flatten(-2).to(x.dtype)
@@ -86,5 +91,9 @@ def apply_rope_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> to
     """Rotate pairs (x[i], x[i + d/2]) by angle i (NeoX / rotate-half layout)."""
     half = x.shape[-1] // 2
     xf = x.float()
+    if not torch.compiler.is_compiling():  # as ``apply_rope_interleaved``: five kernels instead of nine
+        pairs = torch.view_as_complex(xf.unflatten(-1, (2, half)).transpose(-1, -2).contiguous())
+        out = torch.view_as_real(pairs * torch.complex(cos, sin)).transpose(-1, -2)  # [..., 2, d/2]
+        return out.to(x.dtype, memory_format=torch.contiguous_format).flatten(-2)
     x1, x2 = xf[..., :half], xf[..., half:]
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)

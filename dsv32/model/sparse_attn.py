@@ -82,7 +82,7 @@ def attention_absorbed(
         visible = causal_visible(q_pos, c_kv.shape[1])[None, :, None, :]  # [1, T, 1, S]
         values = c_kv  # [B, S, d_c]
         scores = (scores * scale).masked_fill(~visible, float("-inf"))
-        p = torch.softmax(scores.float(), dim=-1).to(q_lat.dtype)
+        p = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q_lat.dtype)
         o_lat = torch.einsum("bths,bsc->bthc", p, values)
     else:
         # sparse: gather only the k selected latent entries of each query
@@ -127,6 +127,6 @@ def attention_absorbed_selected(
     scores = scores.mul_(scale)
     if valid is not None:
         scores = scores.masked_fill_(~valid.reshape(B * T, 1, k), float("-inf"))
-    p = torch.softmax(scores.float(), dim=-1).to(q_lat.dtype)
+    p = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q_lat.dtype)  # as the reference: fp32 inside
     o_lat = torch.bmm(p, c_sel_bt).view(B, T, H, d_c)
     return torch.einsum("bthc,hvc->bthv", o_lat, w_uv)
