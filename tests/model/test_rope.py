@@ -58,4 +58,6 @@ def test_rope_on_cuda_matches_its_definition(form):
         for x, cos, sin in _cases(dtype):
             x, cos, sin = x.cuda(), cos.cuda(), sin.cuda()
             # (a fused multiply-add may round the last fp32 bit differently; bf16 then agrees but for rare ties)
-            torch.testing.assert_close(fn(x, cos, sin).float(), ref(x, cos, sin).float(), rtol=1e-2, atol=1e-5)
+            torch.testing.assert_close(
+                fn(x, cos, sin).float(), ref(x, cos, sin).float(), rtol=1e-2, atol=1e-5
+            )
