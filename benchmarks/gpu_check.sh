@@ -29,15 +29,12 @@ export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 python3 -c "import torch, transformers; print('torch', torch.__version__, '| transformers', transformers.__version__)"
 echo "== CUDA tests"
-timeout 150 python3 -m pytest -q -p no:cacheprovider -k cuda tests/model/test_forms.py tests/model/test_rope.py \
-    tests/model/test_norm.py tests/engine/test_paged_runner.py tests/engine/test_cuda_graphs.py
-if [ -f benchmarks/gpu_topk.py ]; then
-    echo "== DSA selection: stable sort vs top-k over (score, earliest) keys"
-    timeout 60 python3 benchmarks/gpu_topk.py cuda
-fi
-echo "== bench engine"
+timeout 200 python3 -m pytest -q -p no:cacheprovider -k cuda tests/model/test_forms.py tests/model/test_rope.py \
+    tests/model/test_norm.py tests/engine/test_paged_runner.py tests/engine/test_cuda_graphs.py \
+    tests/engine/test_compiled_decode.py
+echo "== bench engine (--compile: batch-1 decode also with the inductor-compiled graph step)"
 timeout "${BENCH_TIMEOUT:-240}" python3 -m dsv32.cli bench engine --device cuda --dtype bfloat16 --quiet-wait 5 \
-    --out "$OUT"
+    --compile --out "$OUT"
 echo "== profile"
 timeout 150 python3 benchmarks/gpu_profile.py cuda 2>&1 | grep -v -e USDT -e '^Loading' | tee "$OUT/gpu_profile.txt"
 echo "== bench spec (speculative decoding with the MTP layer: drafted steps and the MTP pass as CUDA graphs)"

@@ -176,8 +176,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--compile", action="store_true",
-        help="CPU: compile the single-request decode step with torch.compile at start (up to ~2 min; "
-        "needs a C++ compiler; ~25%% faster batch-1 decode)",
+        help="compile the decode step with torch.compile at start. CPU: the single-request step (up to "
+        "~2 min; needs a C++ compiler; ~25%% faster batch-1 decode). GPU: every CUDA-graph step (~30 s a "
+        "form; ~1.7x batch-1 decode on an H100)",
     )  # fmt: skip
     p.add_argument(
         "--speculative-config", metavar="JSON", type=_speculative_config,
@@ -205,7 +206,7 @@ def _serve(args: argparse.Namespace) -> int:
             cache_memory_gb=args.cache_memory_gb, max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
             max_waiting=args.max_waiting, max_concurrent_per_key=args.max_concurrent_per_key,
-            chat_format=args.chat_format, cuda_graphs=not args.enforce_eager, compile_cpu_decode=args.compile,
+            chat_format=args.chat_format, cuda_graphs=not args.enforce_eager, compile_decode=args.compile,
             num_speculative_tokens=args.speculative_config or 0,
         )
     )  # fmt: skip
@@ -283,7 +284,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--enforce-eager", action="store_true", help="GPU: no CUDA graphs for decode steps")
     e.add_argument(
         "--compile", action="store_true",
-        help="CPU: also measure batch-1 decode with the compiled decode step (serve --compile)",
+        help="also measure batch-1 decode with the compiled decode step (serve --compile)",
     )  # fmt: skip
     e.add_argument(
         "--quiet-wait", type=float, default=None, metavar="S",

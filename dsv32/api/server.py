@@ -32,7 +32,7 @@ class ServeOptions:
     max_concurrent_per_key: int | None = None
     chat_format: str | None = None  # override the family picked from config.json
     cuda_graphs: bool = True  # GPU: decode steps replayed from CUDA graphs (``--enforce-eager``: off)
-    compile_cpu_decode: bool = False  # CPU: single-request decode steps compiled at start (``--compile``)
+    compile_decode: bool = False  # the decode step compiled at start (``--compile``; EngineConfig)
     num_speculative_tokens: int = 0  # MTP drafts per step (``--speculative-config``)
     keepalive_s: float = 5.0
 
@@ -52,7 +52,7 @@ def build_context(opts: ServeOptions) -> ServingContext:
     config = EngineConfig(
         cache_memory_gb=opts.cache_memory_gb, max_num_seqs=opts.max_num_seqs,
         max_num_batched_tokens=opts.max_num_batched_tokens, max_model_len=opts.max_model_len,
-        cuda_graphs=opts.cuda_graphs, compile_cpu_decode=opts.compile_cpu_decode,
+        cuda_graphs=opts.cuda_graphs, compile_decode=opts.compile_decode,
         num_speculative_tokens=opts.num_speculative_tokens,
     )  # fmt: skip
     core = EngineCore(model, config, eos_id=tokenizer.eos_id)
@@ -107,21 +107,14 @@ class BackgroundServer:
 def serve(opts: ServeOptions) -> None:
     import uvicorn
 
-    from dsv32.engine.compiled_decode import CompiledDecode
-
-    if opts.compile_cpu_decode:
+    if opts.compile_decode:
         print(
-            "--compile: the engine compiles its CPU decode step first (up to ~2 min)",
-            file=sys.stderr,
-            flush=True,
+            "--compile: the engine compiles its decode step first (up to ~2 min)", file=sys.stderr, flush=True
         )
     ctx = build_context(opts)
-    if opts.compile_cpu_decode:
-        compiled = isinstance(ctx.engine.core.runner.graphs, CompiledDecode)
-        print(
-            f"compiled CPU decode step: {'yes' if compiled else 'no (see the warning above)'}",
-            file=sys.stderr,
-        )
+    if opts.compile_decode:
+        compiled = ctx.engine.core.decode_step_compiled
+        print(f"compiled decode step: {'yes' if compiled else 'no (see the warning above)'}", file=sys.stderr)
     if opts.num_speculative_tokens:
         print(
             f"speculative decoding: the MTP layer drafts {opts.num_speculative_tokens} token per step",

@@ -53,12 +53,14 @@ class EngineConfig:
     prepack_weights: bool = True
     # GPU: replay decode-only steps from CUDA graphs (``cuda_graphs.DecodeGraphs``); False: always eager
     cuda_graphs: bool = True
-    # CPU: run single-request decode steps as one torch.compile'd step (``compiled_decode``), compiled when
-    # the engine starts (~107 s on bench-small's 32K context; needs a C++ compiler)
-    compile_cpu_decode: bool = False
+    # compile the decode step with torch.compile when the engine starts. CPU: single-request steps as one
+    # compiled step (``compiled_decode``; ~107 s on bench-small's 32K context, needs a C++ compiler). GPU:
+    # each CUDA-graph step compiled by inductor before its capture (``DecodeGraphs(compile=True)``; ~30 s a
+    # form on an H100, 1.7x batch-1 decode on bench-small). Where compiling fails: a warning, steps as before
+    compile_decode: bool = False
     # speculative decoding: draft tokens per step from the model's MTP layer (0: off; 1: the MTP layer's
     # draft; up to 4: chained on its own output, as vLLM does). On a GPU the drafted decode steps and the
-    # first MTP pass replay from CUDA graphs; the compiled CPU step is not used with drafts.
+    # first MTP pass replay from CUDA graphs; compiled steps (``compile_decode``) are not used with drafts.
     num_speculative_tokens: int = 0
 
 
@@ -123,12 +125,12 @@ class EngineCore:
         self.accepted_per_pos = [0] * k
         if cfg.prepack_weights:
             model.prepack_cpu_weights()
-        if k and cfg.compile_cpu_decode:
-            log.warning("speculative decoding: CPU steps run eagerly (no compiled decode step)")
+        if k and cfg.compile_decode:
+            log.warning("speculative decoding: decode steps are not compiled (compile_decode ignored)")
         if cfg.cuda_graphs and model.device.type == "cuda":
-            self.runner.graphs = self._decode_graphs()
-        if cfg.compile_cpu_decode and not k:
-            compiled = self._compiled_decode()  # None off the CPU: CUDA graphs (or eager steps) stay
+            self.runner.graphs = self._decode_graphs(compiled=cfg.compile_decode and not k)
+        if cfg.compile_decode and not k and model.device.type == "cpu":
+            compiled = self._compiled_decode()
             if compiled is not None:
                 self.runner.graphs = compiled
         self.sampler = Sampler()
@@ -137,9 +139,11 @@ class EngineCore:
         self.live: dict[str, _Live] = {}
         self._arrivals = itertools.count()
 
-    def _decode_graphs(self) -> DecodeGraphs | None:
+    def _decode_graphs(self, compiled: bool = False) -> DecodeGraphs | None:
         """Graph-captured decode steps, when the model allows them: the MoE's experts stacked for grouped
-        matmuls (not FP8 experts, and only where ``torch._grouped_mm`` runs for this GPU and dtype)."""
+        matmuls (not FP8 experts, and only where ``torch._grouped_mm`` runs for this GPU and dtype). With
+        ``compiled``, compiled by inductor and captured now (``DecodeGraphs.warm_up``); where that fails,
+        plain graphs (logged: why)."""
         model = self.model
         moes = [layer.mlp for layer in model.model.layers if isinstance(layer.mlp, MoE)]
         if moes and not grouped_matmul_available(model.device, model.dtype):
@@ -152,9 +156,15 @@ class EngineCore:
             log.info("no CUDA graphs: %s", e)
             return None
         k = self.num_speculative_tokens  # each request's drafts are rows too, and the MTP pass a second graph
-        return DecodeGraphs(
-            model, self.cache, self.config.max_num_seqs * (1 + k), self.max_model_len, draft=bool(k)
-        )
+        rows = self.config.max_num_seqs * (1 + k)
+        if compiled:
+            graphs = DecodeGraphs(model, self.cache, rows, self.max_model_len, compile=True)
+            try:
+                graphs.warm_up()
+                return graphs
+            except GraphCaptureError as e:
+                log.warning("no compiled decode step (plain CUDA graphs instead): %s", e)
+        return DecodeGraphs(model, self.cache, rows, self.max_model_len, draft=bool(k))
 
     def _compiled_decode(self) -> CompiledDecode | None:
         """The compiled CPU decode step, compiled now; None where it cannot be (logged: why)."""
@@ -167,6 +177,12 @@ class EngineCore:
             log.warning("no compiled CPU decode step: %s", e)
             return None
         return compiled
+
+    @property
+    def decode_step_compiled(self) -> bool:
+        """Whether decode steps run compiled (``compile_decode`` took effect)."""
+        graphs = self.runner.graphs
+        return isinstance(graphs, CompiledDecode) or getattr(graphs, "_compiled_step", None) is not None
 
     @property
     def capacity_tokens(self) -> int:

@@ -57,13 +57,13 @@ def test_compiled_decode_steps_equal_the_full_forward(model_type):
 
 
 def test_engine_compiles_at_start_and_matches_running_alone(model):
-    """``compile_cpu_decode``: compiled when the engine starts; single-request decode steps take it, steps
+    """``compile_decode``: compiled when the engine starts; single-request decode steps take it, steps
     of several rows and prefill chunks stay eager; greedy outputs equal running each request alone."""
     graphs_before = counters["stats"]["unique_graphs"]
     core = EngineCore(
         model,
         EngineConfig(
-            block_size=4, num_blocks=90, max_num_seqs=3, max_num_batched_tokens=9, compile_cpu_decode=True
+            block_size=4, num_blocks=90, max_num_seqs=3, max_num_batched_tokens=9, compile_decode=True
         ),
         eos_id=None,
     )
@@ -94,7 +94,7 @@ def test_a_failed_compile_leaves_the_engine_eager(model, caplog):
     with torch._inductor.config.patch({"cpp.cxx": ("/nonexistent/c++",)}), caplog.at_level(logging.WARNING):
         core = EngineCore(
             model,
-            EngineConfig(block_size=4, num_blocks=16, compile_cpu_decode=True),
+            EngineConfig(block_size=4, num_blocks=16, compile_decode=True),
             eos_id=None,
         )
     assert core.runner.graphs is None
@@ -142,3 +142,86 @@ def test_long_contexts_are_compiled_at_start_and_match_the_eager_step():
             want = DecodeGraphs._forward(compiled, step)
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
     assert counters["stats"]["unique_graphs"] == graphs_after_warm_up  # nothing compiled after the start
+
+
+# ---- the compiled CUDA-graph step (``DecodeGraphs(compile=True)``), checked uncaptured on the CPU ----------
+
+
+def _bf16_graph_model(device: str = "cpu"):
+    """index_topk 300: the 256-slot bucket attends densely, larger ones select (two forms)."""
+    torch.manual_seed(0)
+    model = DeepseekForCausalLM(tiny_config(index_topk=300)).eval()
+    randomize_(model, seed=8)
+    model = model.to(device, torch.bfloat16)  # before stacking: the stacks are made where the model is
+    for m in model.modules():
+        if isinstance(m, MoE):
+            m.stack_experts()  # grouped matmuls, as on a GPU (inductor traces them only in bf16)
+    return model
+
+
+def test_compiled_graph_step_matches_the_plain_step_in_every_bucket():
+    """``warm_up`` compiles each form (one row or more; all slots visible or past the top-k) and later
+    buckets of a form (more rows, more slots) compile nothing more, whatever the caller's grad mode; every
+    bucket's logits equal the plain padded step's to bf16 rounding. The cache holds random entries."""
+    model = _bf16_graph_model()
+    cache = PagedKVCache(model.config, 64, 16, model.config.num_hidden_layers, dtype=torch.bfloat16)
+    g = torch.Generator().manual_seed(2)
+    for table in (*cache.c_kv, *cache.k_pe, *cache.k_index):
+        table.copy_(torch.randn(table.shape, generator=g))
+    graphs = DecodeGraphs(model, cache, max_rows=8, max_context=1024, capture=False, compile=True)
+    plain = DecodeGraphs(model, cache, max_rows=8, max_context=1024, capture=False)
+    before = counters["stats"]["unique_graphs"]
+    graphs.warm_up()
+    warmed = counters["stats"]["unique_graphs"]
+    assert warmed - before == 4  # (1 row, 2+ rows) x (dense, DSA)
+    for rows, longest in ((1, 5), (1, 700), (3, 40), (8, 300), (5, 1000)):
+        step, ref = graphs._step(rows, longest), plain._step(rows, longest)
+        with torch.inference_mode():
+            for s in (step, ref):
+                s.tables.copy_(torch.arange(s.tables.numel()).view_as(s.tables) % 60)
+                s.positions.copy_(longest - 1 - torch.arange(s.positions.shape[0]) % 3)
+                s.ids.copy_(torch.arange(s.ids.shape[0]) * 7 + 2)
+        # (called outside inference mode: a step runs in it anyway, or it would compile again for autograd)
+        got, want = graphs._step_forward(step), plain._step_forward(ref)
+        torch.testing.assert_close(got, want, rtol=0.05, atol=0.05 * want.abs().max().item())
+        assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.75
+    assert counters["stats"]["unique_graphs"] == warmed  # nothing compiled after the warm-up
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_compiled_cuda_graphs_match_plain_graphs_on_gpu():
+    """On a GPU: the compiled step's captured graphs give the plain graphs' logits (bf16 rounding) in each
+    form; an engine with ``compile_decode`` serves concurrent requests (its first tokens, from the eager
+    prefill, equal the plain engine's) and leaks nothing."""
+    model = _bf16_graph_model("cuda")
+    cache = PagedKVCache(model.config, 64, 16, model.config.num_hidden_layers, torch.bfloat16, "cuda")
+    g = torch.Generator(device="cuda").manual_seed(2)
+    for table in (*cache.c_kv, *cache.k_pe, *cache.k_index):
+        table.copy_(torch.randn(table.shape, generator=g, device="cuda"))
+    compiled = DecodeGraphs(model, cache, max_rows=8, max_context=1024, compile=True)
+    plain = DecodeGraphs(model, cache, max_rows=8, max_context=1024)
+    compiled.warm_up()
+    for rows, longest in ((1, 5), (1, 700), (3, 40), (8, 300)):
+        logits = []
+        for graphs in (compiled, plain):
+            step = graphs._step(rows, longest)
+            with torch.inference_mode():
+                step.tables.copy_(torch.arange(step.tables.numel()).view_as(step.tables) % 60)
+                step.positions.copy_(longest - 1 - torch.arange(step.positions.shape[0]) % 3)
+                step.ids.copy_(torch.arange(step.ids.shape[0]) * 7 + 2)
+            step.graph.replay()
+            logits.append(step.logits.clone())
+        got, want = logits
+        torch.testing.assert_close(got, want, rtol=0.05, atol=0.05 * want.abs().max().item())
+    prompts = [list(range(2 + i, 2 + i + n)) for i, n in enumerate((6, 30, 17))]
+    firsts = {}
+    for flag in (False, True):
+        core = EngineCore(model, EngineConfig(16, 64, max_num_seqs=4, compile_decode=flag), eos_id=None)
+        assert core.decode_step_compiled == flag
+        for i, p in enumerate(prompts):
+            core.add_request(f"r{i}", p, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))
+        out = run_all(core)
+        assert all(len(t) == 8 for t in out.values())
+        firsts[flag] = {k: t[0] for k, t in out.items()}
+        core.pool.assert_no_leaks()
+    assert firsts[True] == firsts[False]
