@@ -76,7 +76,8 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[int]
+    # a list of prompts (strings or id lists, OpenAI's batch form) parses, to be refused with a clear 400
+    prompt: str | list[int] | list[str] | list[list[int]]
     suffix: str | None = None
     echo: bool | None = False
     logprobs: int | None = Field(default=None, ge=0, le=20)

@@ -67,6 +67,9 @@ CASES = [
     ("fim without prompt", "/beta/completions", {"model": "deepseek-chat"}, 400, "prompt"),
     ("fim max_tokens", "/beta/completions", {"model": "deepseek-chat", "prompt": "x", "max_tokens": 5000}, 400, "[1, 4096]"),
     ("prompt token out of vocab", "/completions", {"model": "deepseek-chat", "prompt": [5, 10**9]}, 422, "vocabulary"),
+    ("a list of prompts", "/completions", {"model": "deepseek-chat", "prompt": ["a", "b"]}, 400, "list of prompts (OpenAI's batch form) is not supported"),
+    ("a list of id prompts", "/completions", {"model": "deepseek-chat", "prompt": [[5, 6], [7]]}, 400, "not supported"),
+    ("a prompt of mixed items", "/completions", {"model": "deepseek-chat", "prompt": ["a", 5]}, 422, "prompt"),
     ("unknown route", "/chat/completion", chat(), 404, ""),
 ]  # fmt: skip
 
