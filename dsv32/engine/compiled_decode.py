@@ -66,6 +66,10 @@ class CompiledDecode(DecodeGraphs):
         self._compiled = torch.compile(super()._forward, fullgraph=True, dynamic=None)
         self._forms_compiled: set[tuple] = set()  # ``_form``s compiled so far
 
+    @property
+    def compiled(self) -> bool:
+        return True
+
     def _new_step(self, rows: int, slots: int, topks: tuple[int, ...]) -> _Step:
         # inference tensors whoever asks (warm-up or a step): dynamo guards on it, and a step made outside
         # inference mode would compile again when the engine's steps (inside it) come

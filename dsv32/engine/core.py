@@ -127,6 +127,8 @@ class EngineCore:
             model.prepack_cpu_weights()
         if k and cfg.compile_decode:
             log.warning("speculative decoding: decode steps are not compiled (compile_decode ignored)")
+        if cfg.compile_decode and model.device.type == "cuda" and not cfg.cuda_graphs:
+            log.warning("on a GPU compile_decode compiles the CUDA-graph step: ignored without cuda_graphs")
         if cfg.cuda_graphs and model.device.type == "cuda":
             self.runner.graphs = self._decode_graphs(compiled=cfg.compile_decode and not k)
         if cfg.compile_decode and not k and model.device.type == "cpu":
@@ -181,8 +183,7 @@ class EngineCore:
     @property
     def decode_step_compiled(self) -> bool:
         """Whether decode steps run compiled (``compile_decode`` took effect)."""
-        graphs = self.runner.graphs
-        return isinstance(graphs, CompiledDecode) or getattr(graphs, "_compiled_step", None) is not None
+        return self.runner.graphs is not None and self.runner.graphs.compiled
 
     @property
     def capacity_tokens(self) -> int:

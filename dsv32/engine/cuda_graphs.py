@@ -98,6 +98,11 @@ class DecodeGraphs:
             model.rotary.inv_freq(model.device)  # made on first use, eagerly: not inside the compiled step
             self._compiled_step = torch.compile(self._forward, fullgraph=True)
 
+    @property
+    def compiled(self) -> bool:
+        """Whether the steps run compiled."""
+        return self._compiled_step is not None
+
     def fits(self, chunks: list[ScheduledChunk]) -> bool:
         return (
             0 < sum(c.num_rows for c in chunks) <= self.row_buckets[-1]
