@@ -281,12 +281,14 @@ async def completions(body: CompletionRequest, request: Request):
         raise bad_request(
             "FIM / text completion is not supported in thinking mode (use deepseek-chat)", "model"
         )
-    if isinstance(body.prompt, list) and any(not isinstance(t, int) for t in body.prompt):
-        raise bad_request(
-            "a list of prompts (OpenAI's batch form) is not supported: send one prompt per request, as a "
-            "string or a list of token ids",
-            "prompt",
-        )
+    if isinstance(body.prompt, list) and not all(isinstance(t, int) for t in body.prompt):
+        if all(isinstance(t, str) for t in body.prompt) or all(isinstance(t, list) for t in body.prompt):
+            raise bad_request(
+                "a list of prompts (OpenAI's batch form) is not supported: send one prompt per request, as a "
+                "string or a list of token ids",
+                "prompt",
+            )
+        raise bad_request("'prompt': expected a string or a list of token ids", "prompt")
     if isinstance(body.prompt, list):
         if body.suffix is not None:
             raise bad_request("suffix needs a text prompt", "suffix")

@@ -76,8 +76,9 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class CompletionRequest(SamplingFields):
-    # a list of prompts (strings or id lists, OpenAI's batch form) parses, to be refused with a clear 400
-    prompt: str | list[int] | list[str] | list[list[int]]
+    # a list of prompts (strings or id lists, OpenAI's batch form) parses, to be refused with a clear 400 (the
+    # third branch's name is left out of validation errors: they say "a string or a list of token ids")
+    prompt: str | list[int] | list[str | list[int]]
     suffix: str | None = None
     echo: bool | None = False
     logprobs: int | None = Field(default=None, ge=0, le=20)

@@ -69,7 +69,9 @@ CASES = [
     ("prompt token out of vocab", "/completions", {"model": "deepseek-chat", "prompt": [5, 10**9]}, 422, "vocabulary"),
     ("a list of prompts", "/completions", {"model": "deepseek-chat", "prompt": ["a", "b"]}, 400, "list of prompts (OpenAI's batch form) is not supported"),
     ("a list of id prompts", "/completions", {"model": "deepseek-chat", "prompt": [[5, 6], [7]]}, 400, "not supported"),
-    ("a prompt of mixed items", "/completions", {"model": "deepseek-chat", "prompt": ["a", 5]}, 422, "prompt"),
+    ("a prompt of mixed items", "/completions", {"model": "deepseek-chat", "prompt": ["a", 5]}, 422, "prompt[0]"),
+    ("a prompt of texts and ids", "/completions", {"model": "deepseek-chat", "prompt": ["a", [5]]}, 400, "'prompt': expected a string or a list of token ids"),
+    ("a prompt of booleans", "/completions", {"model": "deepseek-chat", "prompt": [True]}, 422, "prompt[0]"),
     ("unknown route", "/chat/completion", chat(), 404, ""),
 ]  # fmt: skip
 
