@@ -226,6 +226,30 @@ async def with_keepalive(
         await agen.aclose()
 
 
+async def merged_streams(streams: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]:
+    """The items of several engine streams as they come, each with its stream's index (a batch of prompts).
+    Closing this (or an error in one stream) closes them all: their requests are aborted."""
+    its = [s.__aiter__() for s in streams]
+    pending = {asyncio.ensure_future(it.__anext__()): i for i, it in enumerate(its)}
+    try:
+        while pending:
+            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in sorted(done, key=pending.__getitem__):
+                i = pending.pop(task)
+                try:
+                    item = task.result()
+                except StopAsyncIteration:
+                    continue
+                pending[asyncio.ensure_future(its[i].__anext__())] = i
+                yield i, item
+    finally:
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        for s in streams:
+            await s.aclose()
+
+
 async def outputs(stream: AsyncIterator[RequestOutput], ctx: ServingContext) -> AsyncIterator[RequestOutput]:
     """A non-streamed request's engine outputs, under the start timeout (a 503 when it passes)."""
     try:

@@ -26,6 +26,7 @@ from dsv32.api.generation import (
     check_tool_name,
     content_stop_strings,
     max_tokens_for,
+    merged_streams,
     opens_reasoning,
     outputs,
     reject_lone_surrogates,
@@ -269,6 +270,89 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
 # ---- text / FIM completions ------------------------------------------------------------------------
 
 
+def _prompt_list(prompt: str | list[int] | list[str | list[int]]) -> tuple[list[str | list[int]], bool]:
+    """The request's prompts and whether they are a batch: one prompt (a string or token ids), or OpenAI's
+    batch (a list of strings or of id lists; choice ``i`` answers prompt ``i``)."""
+    if isinstance(prompt, str) or all(isinstance(t, int) for t in prompt):
+        return [prompt], False
+    if all(isinstance(t, str) for t in prompt) or all(isinstance(t, list) for t in prompt):
+        return list(prompt), True
+    raise bad_request("'prompt': expected a string, a list of token ids, or a list of either", "prompt")
+
+
+async def _prompt_ids(
+    ctx: ServingContext, prompt: str | list[int], suffix: str | None, field: str
+) -> list[int]:
+    if isinstance(prompt, list):
+        if suffix is not None:
+            raise bad_request("suffix needs a text prompt", "suffix")
+        bad = [t for t in prompt if not 0 <= t < ctx.tokenizer.vocab_size]
+        if bad:
+            raise invalid_param(f"{field} token id {bad[0]} is outside the vocabulary", field)
+        ids = list(prompt)
+    elif suffix is not None:
+        ids = await run_in_threadpool(encode_fim, prompt, suffix, tokenizer=ctx.tokenizer)
+    else:
+        ids = await run_in_threadpool(ctx.tokenizer.encode, prompt, add_bos=True)
+    if not ids:
+        raise bad_request(f"the {field} is empty", field)
+    return ids
+
+
+def _summed_usage(usages: list[dict[str, Any]]) -> dict[str, Any]:
+    """One usage for a batch of prompts: every count summed."""
+
+    def add(a: Any, b: Any) -> Any:
+        return {k: add(v, b[k]) for k, v in a.items()} if isinstance(a, dict) else a + b
+
+    total = usages[0]
+    for u in usages[1:]:
+        total = add(total, u)
+    return total
+
+
+class _TextChoice:
+    """One prompt's choice of a text completion: its echo and the legacy logprobs' text offsets."""
+
+    def __init__(self, ctx: ServingContext, index: int, echo: str, logprobs: int | None):
+        self.ctx, self.index, self.logprobs = ctx, index, logprobs
+        self.echo = echo
+        # text_offset: where each token's text starts in the choice's text (echo included)
+        self.offset = len(echo)
+        self.text, self.ids, self.lps = echo, [], []
+        self.last: RequestOutput | None = None
+
+    def legacy_logprobs(self, ids: list[int], lps: list[dict]) -> dict[str, Any] | None:
+        if self.logprobs is None:
+            return None
+        entries = _token_logprobs(self.ctx, ids, lps)
+        starts = []
+        for e in entries:
+            starts.append(self.offset)
+            self.offset += len(e["token"])
+        return {
+            "tokens": [e["token"] for e in entries],
+            "token_logprobs": [e["logprob"] for e in entries],
+            "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries],
+            "text_offset": starts,
+        }
+
+    def add(self, out: RequestOutput) -> None:
+        self.text += out.text
+        self.ids += out.new_token_ids
+        self.lps += out.logprobs or []
+        self.last = out
+
+    def reply(self) -> dict[str, Any]:
+        lp = self.legacy_logprobs(self.ids, self.lps)
+        return {
+            "index": self.index,
+            "text": self.text,
+            "logprobs": lp,
+            "finish_reason": self.last.finish_reason,
+        }
+
+
 async def completions(body: CompletionRequest, request: Request):
     ctx = _ctx(request)
     reject_lone_surrogates(body)
@@ -281,102 +365,72 @@ async def completions(body: CompletionRequest, request: Request):
         raise bad_request(
             "FIM / text completion is not supported in thinking mode (use deepseek-chat)", "model"
         )
-    if isinstance(body.prompt, list) and not all(isinstance(t, int) for t in body.prompt):
-        if all(isinstance(t, str) for t in body.prompt) or all(isinstance(t, list) for t in body.prompt):
-            raise bad_request(
-                "a list of prompts (OpenAI's batch form) is not supported: send one prompt per request, as a "
-                "string or a list of token ids",
-                "prompt",
-            )
-        raise bad_request("'prompt': expected a string or a list of token ids", "prompt")
-    if isinstance(body.prompt, list):
-        if body.suffix is not None:
-            raise bad_request("suffix needs a text prompt", "suffix")
-        prompt_ids = list(body.prompt)
-        bad = [t for t in prompt_ids if not 0 <= t < ctx.tokenizer.vocab_size]
-        if bad:
-            raise invalid_param(f"prompt token id {bad[0]} is outside the vocabulary", "prompt")
-    elif body.suffix is not None:
-        prompt_ids = await run_in_threadpool(encode_fim, body.prompt, body.suffix, tokenizer=ctx.tokenizer)
-    else:
-        prompt_ids = await run_in_threadpool(ctx.tokenizer.encode, body.prompt, add_bos=True)
-    if not prompt_ids:
-        raise bad_request("the prompt is empty", "prompt")
-    max_tokens = max_tokens_for(ctx, body.max_tokens, len(prompt_ids), (4096, 4096))
+    prompts, batch = _prompt_list(body.prompt)
+    fields = [f"prompt[{i}]" if batch else "prompt" for i in range(len(prompts))]
+    ids_list = [await _prompt_ids(ctx, p, body.suffix, f) for p, f in zip(prompts, fields, strict=True)]
     n_lp = body.logprobs or 0
-    params = sampling_params_for(
-        body, max_tokens, False, logprobs=body.logprobs is not None, top_logprobs=n_lp
-    )
+    params = [
+        sampling_params_for(
+            body, max_tokens_for(ctx, body.max_tokens, len(ids), (4096, 4096)), False,
+            logprobs=body.logprobs is not None, top_logprobs=n_lp,
+        )
+        for ids in ids_list
+    ]  # fmt: skip
     rid = f"{uuid.uuid4()}"
-    stream = await submit(ctx, prompt_ids, params, rid)
+    streams = []
+    try:
+        for i, (ids, p) in enumerate(zip(ids_list, params, strict=True)):
+            streams.append(await submit(ctx, ids, p, f"{rid}-{i}" if batch else rid))
+    except BaseException:
+        for st in streams:  # a batch the engine takes only in part: the part taken is aborted
+            await st.aclose()
+        raise
     head = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
             "system_fingerprint": ctx.system_fingerprint}  # fmt: skip
-    echo = body.prompt if (body.echo and isinstance(body.prompt, str)) else ""
-    offset = len(echo)  # text_offset: where each token's text starts in the choice's text (echo included)
-
-    def legacy_logprobs(ids: list[int], lps: list[dict]) -> dict[str, Any] | None:
-        nonlocal offset
-        if body.logprobs is None:
-            return None
-        entries = _token_logprobs(ctx, ids, lps)
-        starts = []
-        for e in entries:
-            starts.append(offset)
-            offset += len(e["token"])
-        return {
-            "tokens": [e["token"] for e in entries],
-            "token_logprobs": [e["logprob"] for e in entries],
-            "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries],
-            "text_offset": starts,
-        }
+    choices = [
+        _TextChoice(ctx, i, p if (body.echo and isinstance(p, str)) else "", body.logprobs)
+        for i, p in enumerate(prompts)
+    ]
 
     if not body.stream:
-        text, ids, lps = echo, [], []
 
-        async def run_to_end() -> RequestOutput:
-            nonlocal text, ids, lps
-            last = None
-            try:
-                async for out in outputs(stream, ctx):
-                    text += out.text
-                    ids += out.new_token_ids
-                    lps += out.logprobs or []
-                    last = out
-            finally:
-                await stream.aclose()
-            return last
+        async def run_to_end() -> list[_TextChoice]:
+            async for i, out in outputs(merged_streams(streams), ctx):
+                choices[i].add(out)
+            return choices
 
-        def completion_reply(last: RequestOutput) -> dict[str, Any]:
-            choice = {
-                "index": 0,
-                "text": text,
-                "logprobs": legacy_logprobs(ids, lps),
-                "finish_reason": last.finish_reason,
-            }
-            return {**head, "choices": [choice], "usage": _usage(last, 0)}
+        def completion_reply(done: list[_TextChoice]) -> dict[str, Any]:
+            usage = _summed_usage([_usage(c.last, 0) for c in done])
+            return {**head, "choices": [c.reply() for c in done], "usage": usage}
 
         return await reply_when_done(request, run_to_end(), completion_reply, ctx.keepalive_s)
 
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
     async def events() -> AsyncIterator[str]:
-        if echo:
-            yield _sse(
-                {**head, "choices": [{"index": 0, "text": echo, "logprobs": None, "finish_reason": None}]}
-            )
+        for c in choices:
+            if c.echo:
+                yield _sse({**head, "choices": [{"index": c.index, "text": c.echo, "logprobs": None,
+                                                 "finish_reason": None}]})  # fmt: skip
+        usages = {}
         try:
-            async for out in with_keepalive(stream, ctx.keepalive_s, ctx.start_timeout_s):
-                if out is None:
+            merged = merged_streams(streams)
+            async for item in with_keepalive(merged, ctx.keepalive_s, ctx.start_timeout_s):
+                if item is None:
                     yield ": keep-alive\n\n"
                     continue
-                lp = legacy_logprobs(out.new_token_ids, out.logprobs or [])
-                c = {**head, "choices": [{"index": 0, "text": out.text, "logprobs": lp,
+                i, out = item
+                lp = choices[i].legacy_logprobs(out.new_token_ids, out.logprobs or [])
+                c = {**head, "choices": [{"index": i, "text": out.text, "logprobs": lp,
                                           "finish_reason": out.finish_reason if out.finished else None}]}  # fmt: skip
                 if out.finished:
-                    c["usage"] = None if include_usage else _usage(out, 0)
+                    usages[i] = _usage(out, 0)
+                last = len(usages) == len(choices) and out.finished
+                if last:  # the usage of the whole request: on the last chunk, or a chunk of its own
+                    c["usage"] = None if include_usage else _summed_usage(list(usages.values()))
                 yield _sse(c)
-                if out.finished and include_usage:
-                    yield _sse({**head, "choices": [], "usage": _usage(out, 0)})
+                if last and include_usage:
+                    yield _sse({**head, "choices": [], "usage": _summed_usage(list(usages.values()))})
         except Exception as e:  # in-band, then the stream closes (as for chat)
             yield _sse(stream_error(e).body())
             return

@@ -76,8 +76,8 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class CompletionRequest(SamplingFields):
-    # a list of prompts (strings or id lists, OpenAI's batch form) parses, to be refused with a clear 400 (the
-    # third branch's name is left out of validation errors: they say "a string or a list of token ids")
+    # one prompt (text or token ids), or OpenAI's batch: a list of texts or of id lists (choice i answers
+    # prompt i). The third branch's name is left out of validation errors ("a string or a list of token ids")
     prompt: str | list[int] | list[str | list[int]]
     suffix: str | None = None
     echo: bool | None = False

@@ -390,3 +390,35 @@ def test_logprobs_objects(engine_server):
         assert entry.logprob <= 0 and len(entry.top_logprobs) == 3
         assert entry.top_logprobs[0].logprob >= entry.top_logprobs[-1].logprob
         assert entry.logprob == pytest.approx(entry.top_logprobs[0].logprob)  # greedy picks the top token
+
+
+def test_a_batch_of_prompts_answers_each_as_alone(engine_server, tokenizer):
+    """OpenAI's batch form (as vLLM takes it): choice i answers prompt i exactly as a request of its own
+    (greedy), texts or token ids, streamed or not; usage sums the prompts; nothing is left in the engine."""
+    c = openai.OpenAI(base_url=engine_server.url + "/beta", api_key="k", max_retries=0)
+    kw = dict(model="deepseek-chat", max_tokens=5, temperature=0)
+    texts = ["def f(x):", "The quick brown fox", "1, 2, 3,"]
+    alone = [c.completions.create(prompt=t, **kw) for t in texts]
+    r = c.completions.create(prompt=texts, **kw)
+    assert [ch.index for ch in r.choices] == [0, 1, 2]
+    assert [ch.text for ch in r.choices] == [a.choices[0].text for a in alone]
+    assert r.usage.prompt_tokens == sum(a.usage.prompt_tokens for a in alone)
+    assert r.usage.completion_tokens == 15 and r.usage.total_tokens == r.usage.prompt_tokens + 15
+    assert r.usage.prompt_cache_hit_tokens + r.usage.prompt_cache_miss_tokens == r.usage.prompt_tokens
+    ids = [tokenizer.encode(t, add_bos=True) for t in texts]
+    assert [ch.text for ch in c.completions.create(prompt=ids, **kw).choices] == [ch.text for ch in r.choices]
+    # streamed, with the echo, logprobs and a usage chunk: each choice's pieces add up to the same text
+    chunks = list(c.completions.create(prompt=texts, **kw, stream=True, echo=True, logprobs=1,
+                                       stream_options={"include_usage": True}))  # fmt: skip
+    got = ["", "", ""]
+    finished = []
+    for ch in chunks:
+        for choice in ch.choices:
+            got[choice.index] += choice.text
+            if choice.finish_reason:
+                finished.append(choice.index)
+    assert got == [t + a.choices[0].text for t, a in zip(texts, alone, strict=True)]
+    assert sorted(finished) == [0, 1, 2]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 15
+    stats = httpx.get(engine_server.url + "/stats").json()
+    assert stats["running"] == 0 and stats["waiting"] == 0 and stats["free_blocks"] == stats["total_blocks"]

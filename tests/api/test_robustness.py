@@ -81,6 +81,7 @@ def wait_idle(url: str, seconds: float) -> dict:
 LONG = [
     ("/v1/chat/completions", {"model": "deepseek-chat", "messages": [{"role": "user", "content": "x"}]}),
     ("/beta/completions", {"model": "deepseek-chat", "prompt": "def f(", "suffix": "return 1"}),
+    ("/completions", {"model": "deepseek-chat", "prompt": ["a batch", "of three", "prompts"]}),
     ("/anthropic/v1/messages", {"model": "deepseek-chat", "messages": [{"role": "user", "content": "x"}]}),
 ]
 
@@ -98,6 +99,17 @@ def test_a_client_that_hangs_up_on_a_non_streamed_request_aborts_it(engine_serve
     else:
         with httpx.stream("POST", engine_server.url + path, json=body, timeout=30) as r:
             assert r.status_code == 200 and next(r.iter_bytes()).startswith(b"\n")
+    stats = wait_idle(engine_server.url, 5)
+    assert stats["running"] == 0 and stats["waiting"] == 0, stats
+    assert stats["free_blocks"] == stats["total_blocks"], stats
+
+
+def test_a_client_that_hangs_up_on_a_streamed_batch_aborts_every_prompt(engine_server):
+    body = {"model": "deepseek-chat", "prompt": ["one", "two", "three"], "max_tokens": 3000, "ignore_eos": True,
+            "stream": True}  # fmt: skip
+    with httpx.stream("POST", engine_server.url + "/completions", json=body, timeout=30) as r:
+        lines = r.iter_lines()
+        assert r.status_code == 200 and any(line.startswith("data: {") for line in lines)
     stats = wait_idle(engine_server.url, 5)
     assert stats["running"] == 0 and stats["waiting"] == 0, stats
     assert stats["free_blocks"] == stats["total_blocks"], stats
