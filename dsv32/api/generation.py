@@ -405,7 +405,7 @@ class ChatRun:
         if out.finished:
             deltas += self.parser.finish()
         if not self.parallel and not self.done_early and self.parser.tool_call_count:
-            self.done_early = _complete_json(self.parser.result()["tool_calls"][0]["function"]["arguments"])
+            self.done_early = _complete_json(self.parser.call_arguments(0))
         return [d.to_openai() for d in deltas if self._keep(d)]
 
     def _keep(self, d) -> bool:

@@ -136,6 +136,10 @@ class StreamParser:
     def tool_call_count(self) -> int:
         return len(self._calls)
 
+    def call_arguments(self, index: int) -> str:
+        """The arguments so far of tool call ``index`` (JSON text, maybe incomplete)."""
+        return "".join(self._calls[index]["args"])
+
     def result(self) -> dict[str, Any]:
         """The message so far: ``role``, ``reasoning_content`` (None without reasoning), ``content``,
         ``tool_calls`` (OpenAI shape, possibly empty) and ``problems`` (strings; empty when well-formed)."""

@@ -63,6 +63,18 @@ def test_worked_example() -> None:
     ]
 
 
+def test_call_arguments_follow_the_result_while_streaming() -> None:
+    """``call_arguments(i)``: call i's arguments so far, as ``result()`` has them, at every cut of the text."""
+    p = StreamParser(thinking=True, call_id=ids)
+    for i in range(0, len(WORKED), 7):
+        p.feed(WORKED[i : i + 7])
+        calls = p.result()["tool_calls"]
+        assert [p.call_arguments(j) for j in range(p.tool_call_count)] == [
+            c["function"]["arguments"] for c in calls
+        ]
+    assert p.call_arguments(1) == '{"location": "Beijing", "date": "2025-12-02", "days": 1}'
+
+
 def test_default_ids_are_deepseek_style() -> None:
     r = parse_completion(WORKED, thinking=True)
     a, b = (c["id"] for c in r["tool_calls"])
