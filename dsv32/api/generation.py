@@ -433,6 +433,6 @@ class ChatRun:
         return last
 
     def finish_reason(self, engine_reason: str | None) -> str:
-        if (engine_reason == "stop" or self.done_early) and self.parser.result()["tool_calls"]:
+        if (engine_reason == "stop" or self.done_early) and self.parser.tool_call_count:
             return "tool_calls"
         return engine_reason or "stop"

@@ -413,9 +413,9 @@ async def completions(body: CompletionRequest, request: Request):
                 yield _sse({**head, "choices": [{"index": c.index, "text": c.echo, "logprobs": None,
                                                  "finish_reason": None}]})  # fmt: skip
         usages = {}
+        items = with_keepalive(merged_streams(streams), ctx.keepalive_s, ctx.start_timeout_s)
         try:
-            merged = merged_streams(streams)
-            async for item in with_keepalive(merged, ctx.keepalive_s, ctx.start_timeout_s):
+            async for item in items:
                 if item is None:
                     yield ": keep-alive\n\n"
                     continue
@@ -434,6 +434,8 @@ async def completions(body: CompletionRequest, request: Request):
         except Exception as e:  # in-band, then the stream closes (as for chat)
             yield _sse(stream_error(e).body())
             return
+        finally:
+            await items.aclose()  # closes the engine streams: a client that left aborts every prompt
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

@@ -117,13 +117,9 @@ class CompiledDecode(DecodeGraphs):
         log.info("compiled the CPU decode step (%s) in %.1f s", what, time.perf_counter() - t0)
         return out
 
-    def warm_up(self) -> None:
-        """Compile every form the context length allows now (each on a step of padding rows, which touch only
-        the scratch block)."""
-        topks = [ix.topk for ix in self._indexers]
-        longest = {1} | {k + 1 for k in topks if k < self.max_slots}
-        if topks and self.max_slots >= LONG_SORT_SLOTS:
+    def _warm_up_contexts(self) -> set[int]:
+        """``DecodeGraphs``' forms, and past ``LONG_SORT_SLOTS`` (where the context reaches it) a third."""
+        longest = super()._warm_up_contexts()
+        if self._indexers and self.max_slots >= LONG_SORT_SLOTS:
             longest.add(LONG_SORT_SLOTS // 2 + 2)  # its bucket: the first power of two past LONG_SORT_SLOTS
-        for n in sorted(longest):
-            with torch.inference_mode():
-                self._forward(self._step(1, n))
+        return longest

@@ -215,14 +215,18 @@ class DecodeGraphs:
             with torch._dynamo.config.patch(recompile_limit=64):
                 return self._compiled_step(step)
 
+    def _warm_up_contexts(self) -> set[int]:
+        """A context length of each form ``warm_up`` compiles: all slots visible, and past each indexer's top-k
+        (where the context allows)."""
+        return {1} | {ix.topk + 1 for ix in self._indexers if ix.topk < self.max_slots}
+
     def warm_up(self) -> None:
         """Compile (``compile``) and capture, before the first request, a step of each form the engine can
         meet: one row and more rows (where ``max_rows`` allows), all slots visible and past each indexer's
         top-k (where the context allows); each on padding rows, which touch only the scratch block."""
         rows = [1] + ([2] if self.row_buckets[-1] > 1 else [])
-        longest = {1} | {ix.topk + 1 for ix in self._indexers if ix.topk < self.max_slots}
         for r in rows:
-            for n in sorted(longest):
+            for n in sorted(self._warm_up_contexts()):
                 t0 = time.perf_counter()
                 with torch.inference_mode():
                     step = self._step(r, n)
