@@ -1,7 +1,9 @@
 """Part of the prepared GPU check (gpu_check.sh): where the engine's time goes on a GPU.
 
 Loads the benchmark model (bench-small, random weights) in bf16 on CUDA, then profiles with torch.profiler:
-a batch-1 decode step, a 16-request decode step and a 1024-token prefill. Prints, per case, the wall time,
+a batch-1 decode step, a 16-request decode step and a 1024-token prefill, eager and compiled around its
+attention (``EngineConfig.compile_prefill``; ``prefill`` as the second argument: only those). Prints, per
+case, the wall time,
 how many CUDA kernels were launched and how long the GPU was busy, and the ops that cost the most CPU time
 (on a small model the engine is bound by the host's launches, not by the GPU).
 """
@@ -44,7 +46,7 @@ def _report(name: str, prof, wall_s: float, reps: int) -> None:
         print(f"  {e.self_device_time_total / 1000 / reps:8.3f} ms gpu {e.count // reps:6d}x  {e.key[:90]}")
 
 
-def main(device: str = "cuda") -> int:
+def main(device: str = "cuda", only: str = "") -> int:
     tmp = Path(tempfile.mkdtemp())
     cfg = ModelConfig.from_dict(PRESETS["bench-small"])
     write_synthetic_checkpoint(cfg, tmp, seed=0, dtype=torch.bfloat16)
@@ -53,7 +55,7 @@ def main(device: str = "cuda") -> int:
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     reps = 10
-    for n in (1, 16):
+    for n in () if only == "prefill" else (1, 16):
         core = _engine(model, 16 * 400 + 4096, n, 2048)
         for i in range(n):
             core.add_request(f"r{i}", list(range(2 + i, 34 + i)), _greedy(300))
@@ -69,21 +71,24 @@ def main(device: str = "cuda") -> int:
         _report(f"decode step, {n} request(s)", prof, wall, reps)
         for i in range(n):
             core.abort(f"r{i}")
-    core = _engine(model, 8192, 1, 2048)
     g = torch.Generator().manual_seed(0)
-    for r in range(3):  # warm-up
-        _first_token(core, f"w{r}", torch.randint(2, cfg.vocab_size, (1024,), generator=g).tolist(), 1)
-        _drain(core)
-    sync()
-    with profile(activities=acts) as prof:
-        t0 = time.perf_counter()
-        for r in range(3):
-            _first_token(core, f"p{r}", torch.randint(2, cfg.vocab_size, (1024,), generator=g).tolist(), 1)
+    for compiled in (False, True):
+        core = _engine(model, 8192, 1, 2048, compiled_prefill=compiled)
+        for r in range(3):  # warm-up
+            _first_token(core, f"w{r}", torch.randint(2, cfg.vocab_size, (1024,), generator=g).tolist(), 1)
             _drain(core)
         sync()
-        wall = time.perf_counter() - t0
-    _report("prefill of 1024 tokens (first token)", prof, wall, 3)
-    _long_context_steps(tmp, device, acts, sync)
+        with profile(activities=acts) as prof:
+            t0 = time.perf_counter()
+            for r in range(3):
+                _first_token(core, f"p{r}", torch.randint(2, cfg.vocab_size, (1024,), generator=g).tolist(), 1)
+                _drain(core)
+            sync()
+            wall = time.perf_counter() - t0
+        how = "compiled around attention" if compiled else "eager"
+        _report(f"prefill of 1024 tokens (first token), {how}", prof, wall, 3)
+    if only != "prefill":
+        _long_context_steps(tmp, device, acts, sync)
     return 0
 
 
@@ -117,4 +122,4 @@ def _long_context_steps(tmp: Path, device: str, acts, sync, ctx: int = 16384) ->
 
 
 if __name__ == "__main__":
-    sys.exit(main(*sys.argv[1:2]))
+    sys.exit(main(*sys.argv[1:3]))

@@ -178,7 +178,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         "--compile", action="store_true",
         help="compile the decode step with torch.compile at start. CPU: the single-request step (up to "
         "~2 min; needs a C++ compiler; ~25%% faster batch-1 decode). GPU: every CUDA-graph step (~30 s a "
-        "form; ~1.7x batch-1 decode on an H100)",
+        "form; ~1.7x batch-1 decode on an H100), and the steps with prefill chunks around their attention",
     )  # fmt: skip
     p.add_argument(
         "--speculative-config", metavar="JSON", type=_speculative_config,
@@ -284,7 +284,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--enforce-eager", action="store_true", help="GPU: no CUDA graphs for decode steps")
     e.add_argument(
         "--compile", action="store_true",
-        help="also measure batch-1 decode with the compiled decode step (serve --compile)",
+        help="also measure batch-1 decode with the compiled decode step and the prefill compiled around its "
+        "attention (serve --compile)",
     )  # fmt: skip
     e.add_argument(
         "--quiet-wait", type=float, default=None, metavar="S",

@@ -32,7 +32,7 @@ class ServeOptions:
     max_concurrent_per_key: int | None = None
     chat_format: str | None = None  # override the family picked from config.json
     cuda_graphs: bool = True  # GPU: decode steps replayed from CUDA graphs (``--enforce-eager``: off)
-    compile_decode: bool = False  # the decode step compiled at start (``--compile``; EngineConfig)
+    compile_decode: bool = False  # the decode step (GPU: and the prefill) compiled at start (``--compile``)
     num_speculative_tokens: int = 0  # MTP drafts per step (``--speculative-config``)
     keepalive_s: float = 5.0
 
@@ -53,6 +53,8 @@ def build_context(opts: ServeOptions) -> ServingContext:
         cache_memory_gb=opts.cache_memory_gb, max_num_seqs=opts.max_num_seqs,
         max_num_batched_tokens=opts.max_num_batched_tokens, max_model_len=opts.max_model_len,
         cuda_graphs=opts.cuda_graphs, compile_decode=opts.compile_decode,
+        # on a GPU the prefill too (on the CPU the compiled prefill measured slower: EngineConfig)
+        compile_prefill=opts.compile_decode and torch.device(opts.device).type == "cuda",
         num_speculative_tokens=opts.num_speculative_tokens,
     )  # fmt: skip
     core = EngineCore(model, config, eos_id=tokenizer.eos_id)
@@ -115,6 +117,9 @@ def serve(opts: ServeOptions) -> None:
     if opts.compile_decode:
         compiled = ctx.engine.core.decode_step_compiled
         print(f"compiled decode step: {'yes' if compiled else 'no (see the warning above)'}", file=sys.stderr)
+        if ctx.engine.core.config.compile_prefill:
+            compiled = ctx.engine.core.prefill_compiled
+            print(f"compiled prefill: {'yes' if compiled else 'no (see the warning above)'}", file=sys.stderr)
     if opts.num_speculative_tokens:
         print(
             f"speculative decoding: the MTP layer drafts {opts.num_speculative_tokens} token per step",

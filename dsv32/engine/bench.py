@@ -20,7 +20,8 @@ weights (fp32, the threads torch has), as issue 5's "Benchmarks" acceptance asks
 
 Best of ``repeats`` rounds (HF and engine interleaved, so drift hits both; round 0 doubles as warm-up).
 With ``--compile`` each decode round also runs an engine with the compiled decode step (CPU: the compiled
-single-request step; GPU: CUDA graphs of the inductor-compiled step); with
+single-request step; GPU: CUDA graphs of the inductor-compiled step) and each prefill round one whose
+prefill is compiled around its attention (``compiled_layers``; ``serve --compile`` uses it on a GPU); with
 ``--llama-cpp DIR`` llama.cpp runs once in each round too, right after the engine: ``llama-bench`` for batch-1
 decode and prefill, a ``llama-server`` (started once, idle in between) for aggregate decode.
 Results go to ``benchmarks/results/bench_engine.{json,md,png}`` (the PNG needs matplotlib: the ``bench``
@@ -88,7 +89,7 @@ class Settings:
     dtype: str = "float32"  # both models' weights and activations ("bfloat16" on a GPU)
     llama_cpp: str | None = None  # a built llama.cpp tree: also measure it (see ``bench_llama_cpp``)
     cuda_graphs: bool = True  # on a GPU: decode steps replayed from CUDA graphs (False: eager)
-    compile_decode: bool = False  # batch-1 decode also measured with the compiled decode step
+    compile_decode: bool = False  # batch-1 decode and prefill also measured compiled (``serve --compile``)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -135,6 +136,7 @@ def _engine(
     cuda_graphs: bool = True,
     compiled: bool = False,
     max_model_len: int | None = None,
+    compiled_prefill: bool = False,
 ):
     from dsv32.engine.core import EngineConfig, EngineCore
 
@@ -142,6 +144,7 @@ def _engine(
     cfg = EngineConfig(
         block_size=BLOCK_SIZE, num_blocks=blocks, max_num_seqs=max_seqs, max_num_batched_tokens=max_batched,
         cuda_graphs=cuda_graphs, compile_decode=compiled, max_model_len=max_model_len,
+        compile_prefill=compiled_prefill,
     )  # fmt: skip
     return EngineCore(model, cfg, eos_id=None)
 
@@ -315,7 +318,17 @@ def _decode_and_prefill(
     need = s.prompt_tokens + s.decode_tokens + 2 + s.prefill_tokens + 2
     core = _engine(ours, need, 1, s.max_num_batched_tokens, s.cuda_graphs)
     t: dict[str, list[float]] = {
-        k: [] for k in ("hf_1", "hf_n", "eng_dec", "eng_dec_compiled", "replay", "hf_pre", "eng_pre")
+        k: []
+        for k in (
+            "hf_1",
+            "hf_n",
+            "eng_dec",
+            "eng_dec_compiled",
+            "replay",
+            "hf_pre",
+            "eng_pre",
+            "eng_pre_compiled",
+        )
     }
     toks: dict[str, list[int]] = {}
     compiled, compile_s = None, None
@@ -330,6 +343,16 @@ def _decode_and_prefill(
         if not compiled.decode_step_compiled:
             raise RuntimeError("--compile: the decode step could not be compiled (see the warning above)")
         _engine_decode(compiled, "warmup", prompt, 2)
+    cpre, cpre_start_s = None, None
+    if s.compile_decode and "prefill" in parts:
+        # the prefill compiled around its attention (what ``serve --compile`` adds on a GPU; measured here on
+        # the CPU too, where it is not used: see ``EngineConfig.compile_prefill``): an engine of its own
+        t0 = _now()
+        pneed = s.prefill_tokens + 2
+        cpre = _engine(ours, pneed, 1, s.max_num_batched_tokens, s.cuda_graphs, compiled_prefill=True)
+        cpre_start_s = _now() - t0
+        if not cpre.prefill_compiled:
+            raise RuntimeError("--compile: the prefill could not be compiled (see the warning above)")
     _hf_generate(hf, prompt, 3)  # warm-up (first calls pay one-off setup costs)
     _engine_decode(core, "warmup", prompt, 2)
     if torch.device(s.device).type == "cuda" and "prefill" in parts:
@@ -338,6 +361,9 @@ def _decode_and_prefill(
         _hf_generate(hf, long, 1)
         _first_token(core, "warmup-prefill", long, 1)
         _drain(core)
+        if cpre is not None:
+            _first_token(cpre, "warmup-prefill", long, 1)
+            _drain(cpre)
     recorded = []  # one decode step's packed matmuls, replayed alone in each round
     if "decode" in parts and torch.device(s.device).type == "cpu":
         recorded = _record_decode_matmuls(core, prompt)
@@ -363,9 +389,14 @@ def _decode_and_prefill(
             long = _prompt(gen, cfg.vocab_size, s.prefill_tokens)  # fresh each round: no prefix hits
             dt, _ = _hf_generate(hf, long, 1)
             t["hf_pre"].append(dt)
-            dt, _ = _first_token(core, f"pre{r}", long, 1)
+            dt, first = _first_token(core, f"pre{r}", long, 1)
             _drain(core)
             t["eng_pre"].append(dt)
+            if cpre is not None:  # the same prompt: no prefix hits in an engine of its own
+                dt, cfirst = _first_token(cpre, f"pre{r}", long, 1)
+                _drain(cpre)
+                t["eng_pre_compiled"].append(dt)
+                toks.setdefault("prefill_same_first", []).append(cfirst.new_token_ids == first.new_token_ids)
             if llama is not None:
                 llama.measure("prefill", s.prefill_tokens, 0, 0)
         print(f"  round {r}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in t.items() if v), flush=True)
@@ -420,6 +451,14 @@ def _decode_and_prefill(
             "llama_cpp_ratio": LLAMA_CPP_RATIO["prefill"],
             "ratio_to_readme_hf": p / min(t["eng_pre"]) / README_HF["prefill_tok_s"],
         }  # fmt: skip
+        if cpre is not None:
+            ct = min(t["eng_pre_compiled"])
+            out["prefill"]["compiled"] = {
+                "engine_ttft_s": ct, "engine_tok_s": p / ct, "ratio": min(t["hf_pre"]) / ct,
+                "vs_eager": min(t["eng_pre"]) / ct, "engine_start_s": cpre_start_s,
+                "same_first_token_as_eager": all(toks["prefill_same_first"]),
+            }  # fmt: skip
+            cpre.pool.assert_no_leaks()
     core.pool.assert_no_leaks()
     return out
 
@@ -872,6 +911,9 @@ def _targets(r: dict) -> list[dict]:
             TARGETS["decode"])  # fmt: skip
     n_pre = r.get("prefill", {}).get("prompt_tokens", r["settings"]["prefill_tokens"])
     add(f"prefill {n_pre} tokens vs HF", r.get("prefill", {}).get("ratio"), TARGETS["prefill"])
+    if "compiled" in r.get("prefill", {}):
+        add(f"prefill {n_pre} tokens vs HF, compiled around attention (`--compile`)",
+            r["prefill"]["compiled"]["ratio"], TARGETS["prefill"])  # fmt: skip
     c16 = [x for x in r.get("concurrency", {}).get("rows", []) if x["concurrency"] == 16]
     add("16-stream aggregate decode vs HF batch-1", c16[0].get("ratio_to_hf_batch1") if c16 else None,
         TARGETS["concurrency_16"])  # fmt: skip
@@ -1081,10 +1123,17 @@ def markdown(r: dict) -> str:
         if "prefill" in r:
             p = r["prefill"]
             lines.append(
-                f"| prefill {p['prompt_tokens']} tokens: TTFT s (tok/s) | {p['engine_ttft_s']:.2f} "
-                f"({p['engine_tok_s']:.0f}) | {p['hf_ttft_s']:.2f} ({p['hf_tok_s']:.0f}) | **{p['ratio']:.2f}×** |"
+                f"| prefill {p['prompt_tokens']} tokens: TTFT s (tok/s) | {p['engine_ttft_s']:.3f} "
+                f"({p['engine_tok_s']:.0f}) | {p['hf_ttft_s']:.3f} ({p['hf_tok_s']:.0f}) | **{p['ratio']:.2f}×** |"
                 + (f" {p['llama_cpp_ratio']:.1f}× |" if peers else "")
             )
+            if "compiled" in p:
+                c = p["compiled"]
+                lines.append(
+                    f"| the same, compiled around attention (`--compile`; engine start {c['engine_start_s']:.0f} s) "
+                    f"| {c['engine_ttft_s']:.3f} ({c['engine_tok_s']:.0f}) | {p['hf_ttft_s']:.3f} "
+                    f"({p['hf_tok_s']:.0f}) | **{c['ratio']:.2f}×** |" + (" – |" if peers else "")
+                )
         if "decode" in r:
             same = f"Same greedy tokens from engine and HF: {r['decode']['same_greedy_tokens']}"
             if "compiled" in r["decode"]:
@@ -1092,6 +1141,10 @@ def markdown(r: dict) -> str:
                 same += (f"; from the compiled step and HF: {c['same_greedy_tokens']}. The compiled step is "
                          f"{c['vs_eager']:.2f}× the uncompiled one (decodes alternate in each round)")  # fmt: skip
             lines += ["", same + "."]
+        if "compiled" in r.get("prefill", {}):
+            c = r["prefill"]["compiled"]
+            lines += ["", f"The compiled prefill is {c['vs_eager']:.2f}× the eager one (alternating in each round); "
+                      f"same first token as the eager engine in every round: {c['same_first_token_as_eager']}."]  # fmt: skip
         lines += _reference_lines(r)
     if "concurrency" in r:
         c = r["concurrency"]

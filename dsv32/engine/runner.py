@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from dsv32.engine.compiled_layers import CompiledLayers
 from dsv32.engine.cuda_graphs import DecodeGraphs, GraphCaptureError
 from dsv32.engine.paged_cache import PagedKVCache
 from dsv32.engine.scheduler import ScheduledChunk
@@ -138,6 +139,9 @@ class ModelRunner:
         self.block_size = cache.block_size
         self.device = model.device
         self.graphs: DecodeGraphs | None = None  # decode-only steps as fixed-shape (CUDA-graph) steps
+        self.compiled: CompiledLayers | None = (
+            None  # other steps' per-token work compiled (``compile_steps``)
+        )
         self.keep_hidden = False  # speculative decoding: keep the step's hidden states for ``draft``
         self._last: tuple[PagedContext, torch.Tensor, dict[int, list[int]]] | None = None
 
@@ -228,7 +232,7 @@ class ModelRunner:
         cos, sin = self.model.rotary(q_pos)
         ctx = PagedContext(self.cache, decodes, segments, torch.cat(new_slots), q_pos, cos, sin)
         input_ids = torch.tensor([ids], device=self.device)
-        hidden = self.model.forward_layers(self.model.model.embed_tokens(input_ids), ctx)
+        hidden = self._forward_layers(input_ids, ctx)
         if self.keep_hidden:
             self._last = (ctx, hidden, rows_of)
         rows = torch.tensor(
@@ -237,6 +241,30 @@ class ModelRunner:
             dtype=torch.long,
         )
         return self.model.logits(hidden[0, rows])
+
+    @torch.inference_mode()  # its inputs too: dynamo guards on inference tensors, as the steps make them
+    def compile_steps(self) -> bool:
+        """Compile the forward of the steps the decode graphs do not take (``CompiledLayers``) now, on a
+        two-token prefill in the cache's scratch block; False (logged: why) where that fails."""
+        self.compiled = CompiledLayers(self.model)
+        bs, scratch = self.block_size, self.cache.scratch_block
+        slots = scratch * bs + torch.arange(2, device=self.device) % bs
+        q_pos = torch.arange(2, device=self.device)
+        cos, sin = self.model.rotary(q_pos)
+        ctx = PagedContext(self.cache, [], [_Segment(slice(0, 2), q_pos, 0, slots)], slots, q_pos, cos, sin)
+        self._forward_layers(torch.zeros(1, 2, dtype=torch.long, device=self.device), ctx)
+        return self.compiled is not None
+
+    def _forward_layers(self, input_ids: torch.Tensor, ctx: PagedContext) -> torch.Tensor:
+        """The step's final hidden states: compiled around the attention (``compiled``) where it fits."""
+        if self.compiled is not None and self.compiled.fits(input_ids.shape[1]):
+            try:
+                return self.compiled.forward(input_ids, ctx)
+            except Exception as e:  # noqa: BLE001 - any compiler failure (no C++ compiler, an inductor bug)
+                # (the attention ops that ran wrote the same entries the eager forward writes again)
+                log.warning("the compiled step forward failed, steps stay eager: %s: %s", type(e).__name__, e)
+                self.compiled = None
+        return self.model.forward_layers(self.model.model.embed_tokens(input_ids), ctx)
 
     @torch.inference_mode()
     def draft(

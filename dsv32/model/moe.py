@@ -113,7 +113,8 @@ class MoE(nn.Module):
         xs = x.index_select(0, token_of)
         if grouped:
             routed = self._experts_grouped(xs, flat)
-        elif compiled_experts == "gathered" and stacked:
+        elif compiled_experts == "gathered" and stacked and isinstance(x.shape[0], int):
+            # (a static row count: a compiled decode step; a dynamic one may be a long prefill: the loop)
             routed = self._experts_gathered(xs, flat[order])
         elif compiled_experts is not None:  # sizes read on the host: one opaque op
             routed = torch.ops.dsv32.moe_experts_looped(xs, flat, id(self))  # see ``register_for_compile``
@@ -179,11 +180,13 @@ def register_for_compile(model: nn.Module, gathered: bool = False) -> None:
     """Let a ``torch.compile``d forward of ``model`` run its MoEs' routed experts (call before compiling):
     as the expert loop in one opaque op, or with ``gathered`` as traced reductions over the chosen experts'
     stacked weights (``MoE._experts_gathered``; stacks them, with no grouped matmuls in eager forwards).
-    Gathered suits steps of one or a few tokens: each (token, expert) pair reads its expert's weights."""
+    Gathered suits steps of one or a few tokens: each (token, expert) pair reads its expert's weights; a
+    compiled forward whose token count is dynamic always loops. Registering again never drops ``gathered``."""
     for m in model.modules():
         if isinstance(m, MoE):
             _LOOPED[id(m)] = m
-            m._compiled_experts = "looped"
+            if m._compiled_experts != "gathered":  # gathered steps (static, few rows) keep it
+                m._compiled_experts = "looped"
             if gathered:
                 try:
                     m.stack_experts(grouped=False)

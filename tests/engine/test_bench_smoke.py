@@ -64,3 +64,23 @@ def test_bench_spec_writes_results(tmp_path):
         assert b is None or b == pytest.approx(x["step_cost_ratio"] - 1, abs=1e-9)
         assert [p["acceptance"] for p in x["projected"]] == [0.85, 0.9]
     assert "break-even acceptance" in (tmp_path / "bench_spec.md").read_text() and r["rows"] == data["rows"]
+
+
+@pytest.mark.slow
+def test_bench_engine_compile_measures_the_compiled_prefill(tmp_path):
+    """``--compile`` with the prefill part: an engine whose prefill is compiled around its attention is
+    timed beside the eager one, with the same first token, and gets its own target row."""
+    from dataclasses import replace
+
+    from dsv32.engine.bench import Settings, bench_engine
+    from dsv32.presets import resolve_preset
+
+    s = replace(Settings.quick_run(), parts=("prefill",), compile_decode=True, repeats=2)
+    bench_engine(resolve_preset("tiny"), tmp_path, s)
+    data = json.loads((tmp_path / "bench_engine.json").read_text())
+    c = data["prefill"]["compiled"]
+    assert c["same_first_token_as_eager"] is True and c["engine_start_s"] > 0
+    assert c["ratio"] == pytest.approx(data["prefill"]["hf_ttft_s"] / c["engine_ttft_s"])
+    assert c["vs_eager"] == pytest.approx(data["prefill"]["engine_ttft_s"] / c["engine_ttft_s"])
+    md = (tmp_path / "bench_engine.md").read_text()
+    assert "compiled around attention (`--compile`)" in md and "The compiled prefill is" in md

@@ -52,12 +52,18 @@ def drive(
     check_logits=False,
     cache=None,
     graphs=None,
+    compiled=None,
 ):
     pool = BlockPool(num_blocks, block_size)
-    cache = cache or PagedKVCache(model.config, num_blocks, block_size, model.config.num_hidden_layers)
+    cache = cache or PagedKVCache(
+        model.config, num_blocks, block_size, model.config.num_hidden_layers, model.dtype, model.device
+    )
     sched = Scheduler(pool, max_num_seqs=max_seqs, max_num_batched_tokens=budget)
     runner = ModelRunner(model, cache)
     runner.graphs = graphs  # DecodeGraphs: decode-only steps as fixed-shape steps (test_cuda_graphs.py)
+    runner.compiled = (
+        compiled  # CompiledLayers: other steps compiled around attention (test_compiled_layers.py)
+    )
     reqs = [Request(f"r{i}", p, n_new, i) for i, p in enumerate(prompts)]
     for r in reqs:
         sched.add(r)
