@@ -16,7 +16,8 @@
 # then call the device tool's run with: command "bash benchmarks/gpu_check.sh", carry [".whl"],
 # timeout_s 540. Results come back under $OUT (bench_engine.md/json/png, bench_spec.*, gpu_profile.txt, log.txt).
 # gpu_profile.py prints where the engine's time goes there (kernel launches, GPU busy time, top ops).
-# Shorter: PROFILE=prefill profiles only the prefill (eager and compiled), SKIP_SPEC_SERVE=1 skips the last two.
+# Shorter: BENCH_PARTS=decode,prefill benches only those, PROFILE=prefill profiles only the prefill (eager and
+# compiled), SKIP_SPEC_SERVE=1 skips the last two.
 # The eager comparison (`--enforce-eager`) was run once (bench_engine_cuda_eager.md) and is left out to save time.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-check}
@@ -30,12 +31,12 @@ export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 python3 -c "import torch, transformers; print('torch', torch.__version__, '| transformers', transformers.__version__)"
 echo "== CUDA tests"
-timeout 200 python3 -m pytest -q -p no:cacheprovider -k cuda tests/model/test_forms.py tests/model/test_rope.py \
+timeout 260 python3 -m pytest -q -p no:cacheprovider -k cuda tests/model/test_forms.py tests/model/test_rope.py \
     tests/model/test_norm.py tests/engine/test_paged_runner.py tests/engine/test_cuda_graphs.py \
     tests/engine/test_compiled_decode.py tests/engine/test_compiled_layers.py
 echo "== bench engine (--compile: batch-1 decode also with the inductor-compiled graph step)"
 timeout "${BENCH_TIMEOUT:-240}" python3 -m dsv32.cli bench engine --device cuda --dtype bfloat16 --quiet-wait 5 \
-    --compile --out "$OUT"
+    --compile ${BENCH_PARTS:+--parts "$BENCH_PARTS"} --out "$OUT"
 echo "== profile"
 timeout 150 python3 benchmarks/gpu_profile.py cuda ${PROFILE:-} 2>&1 | grep -v -e USDT -e '^Loading' | tee "$OUT/gpu_profile.txt"
 if [ -n "${SKIP_SPEC_SERVE:-}" ]; then exit 0; fi

@@ -126,7 +126,7 @@ def test_grouped_experts_compiled_in_bf16_match_the_eager_forward(device):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_engine_with_compiled_prefill_on_gpu_gives_the_eager_engines_first_tokens():
+def test_engine_with_compiled_prefill_on_cuda_gives_the_eager_engines_first_tokens():
     """On a GPU, an engine with ``compile_prefill`` (beside CUDA graphs) gives the eager engine's first
     tokens for prompts past index_topk and leaks nothing."""
     model = _bf16_grouped_model("cuda")
