@@ -33,7 +33,8 @@ python3 -c "import torch, transformers; print('torch', torch.__version__, '| tra
 echo "== CUDA tests"
 timeout 260 python3 -m pytest -q -p no:cacheprovider -k cuda tests/model/test_forms.py tests/model/test_rope.py \
     tests/model/test_norm.py tests/engine/test_paged_runner.py tests/engine/test_cuda_graphs.py \
-    tests/engine/test_compiled_decode.py tests/engine/test_compiled_layers.py
+    tests/engine/test_compiled_decode.py tests/engine/test_compiled_layers.py \
+    tests/engine/test_prefill_graphs.py
 echo "== bench engine (--compile: batch-1 decode also with the inductor-compiled graph step)"
 timeout "${BENCH_TIMEOUT:-240}" python3 -m dsv32.cli bench engine --device cuda --dtype bfloat16 --quiet-wait 5 \
     --compile ${BENCH_PARTS:+--parts "$BENCH_PARTS"} --out "$OUT"

@@ -1,8 +1,9 @@
 """Part of the prepared GPU check (gpu_check.sh): where the engine's time goes on a GPU.
 
 Loads the benchmark model (bench-small, random weights) in bf16 on CUDA, then profiles with torch.profiler:
-a batch-1 decode step, a 16-request decode step and a 1024-token prefill, eager and compiled around its
-attention (``EngineConfig.compile_prefill``; ``prefill`` as the second argument: only those). Prints, per
+a batch-1 decode step, a 16-request decode step and a 1024-token prefill: from a CUDA graph (``PrefillGraphs``,
+the default), eager, and compiled around its attention (``EngineConfig.compile_prefill``; ``prefill`` as the
+second argument: only those). Prints, per
 case, the wall time,
 how many CUDA kernels were launched and how long the GPU was busy, and the ops that cost the most CPU time
 (on a small model the engine is bound by the host's launches, not by the GPU).
@@ -72,8 +73,12 @@ def main(device: str = "cuda", only: str = "") -> int:
         for i in range(n):
             core.abort(f"r{i}")
     g = torch.Generator().manual_seed(0)
-    for compiled in (False, True):
-        core = _engine(model, 8192, 1, 2048, compiled_prefill=compiled)
+    for how, kw in (
+        ("from a CUDA graph", {}),
+        ("eager", {"prefill_graphs": False}),
+        ("compiled around attention", {"prefill_graphs": False, "compiled_prefill": True}),
+    ):
+        core = _engine(model, 8192, 1, 2048, **kw)
         for r in range(3):  # warm-up
             _first_token(core, f"w{r}", torch.randint(2, cfg.vocab_size, (1024,), generator=g).tolist(), 1)
             _drain(core)
@@ -81,11 +86,12 @@ def main(device: str = "cuda", only: str = "") -> int:
         with profile(activities=acts) as prof:
             t0 = time.perf_counter()
             for r in range(3):
-                _first_token(core, f"p{r}", torch.randint(2, cfg.vocab_size, (1024,), generator=g).tolist(), 1)
+                _first_token(
+                    core, f"p{r}", torch.randint(2, cfg.vocab_size, (1024,), generator=g).tolist(), 1
+                )
                 _drain(core)
             sync()
             wall = time.perf_counter() - t0
-        how = "compiled around attention" if compiled else "eager"
         _report(f"prefill of 1024 tokens (first token), {how}", prof, wall, 3)
     if only != "prefill":
         _long_context_steps(tmp, device, acts, sync)
@@ -101,7 +107,7 @@ def _long_context_steps(tmp: Path, device: str, acts, sync, ctx: int = 16384) ->
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model = dsv32.load_model(tmp / "attn", dtype=dtype, device=device, progress=False)
     attns = [layer.self_attn for layer in model.model.layers]
-    core = _engine(model, ctx + 4096, 1, 4096)
+    core = _engine(model, ctx + 4096, 1, 4096, prefill_graphs=False)  # (the prefill only sets the context up)
     g = torch.Generator().manual_seed(1)
     _set_topk(attns, DENSE_TOPK)
     _first_token(core, "long", torch.randint(2, cfg.vocab_size, (ctx,), generator=g).tolist(), 400)

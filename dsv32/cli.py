@@ -172,7 +172,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-concurrent-per-key", type=int, help="in-flight requests per API key before 429")
     p.add_argument("--chat-format", choices=("v3.2", "v3.1", "v3"), help="override the prompt format")
     p.add_argument(
-        "--enforce-eager", action="store_true", help="GPU: run decode steps eagerly (no CUDA graphs)"
+        "--enforce-eager", action="store_true", help="GPU: run every step eagerly (no CUDA graphs)"
     )
     p.add_argument(
         "--compile", action="store_true",

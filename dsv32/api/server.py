@@ -31,7 +31,9 @@ class ServeOptions:
     max_waiting: int = 256
     max_concurrent_per_key: int | None = None
     chat_format: str | None = None  # override the family picked from config.json
-    cuda_graphs: bool = True  # GPU: decode steps replayed from CUDA graphs (``--enforce-eager``: off)
+    cuda_graphs: bool = (
+        True  # GPU: decode and one-chunk prefill steps from CUDA graphs (``--enforce-eager``: off)
+    )
     compile_decode: bool = False  # the decode step (GPU: and the prefill) compiled at start (``--compile``)
     num_speculative_tokens: int = 0  # MTP drafts per step (``--speculative-config``)
     keepalive_s: float = 5.0

@@ -88,7 +88,7 @@ class Settings:
     device: str = "cpu"  # where both models run ("cuda" on a GPU machine)
     dtype: str = "float32"  # both models' weights and activations ("bfloat16" on a GPU)
     llama_cpp: str | None = None  # a built llama.cpp tree: also measure it (see ``bench_llama_cpp``)
-    cuda_graphs: bool = True  # on a GPU: decode steps replayed from CUDA graphs (False: eager)
+    cuda_graphs: bool = True  # on a GPU: decode and one-chunk prefill steps from CUDA graphs (False: eager)
     compile_decode: bool = False  # batch-1 decode and prefill also measured compiled (``serve --compile``)
 
     @property
@@ -137,6 +137,7 @@ def _engine(
     compiled: bool = False,
     max_model_len: int | None = None,
     compiled_prefill: bool = False,
+    prefill_graphs: bool = True,
 ):
     from dsv32.engine.core import EngineConfig, EngineCore
 
@@ -144,7 +145,7 @@ def _engine(
     cfg = EngineConfig(
         block_size=BLOCK_SIZE, num_blocks=blocks, max_num_seqs=max_seqs, max_num_batched_tokens=max_batched,
         cuda_graphs=cuda_graphs, compile_decode=compiled, max_model_len=max_model_len,
-        compile_prefill=compiled_prefill,
+        compile_prefill=compiled_prefill, prefill_graphs=prefill_graphs,
     )  # fmt: skip
     return EngineCore(model, cfg, eos_id=None)
 
@@ -317,19 +318,8 @@ def _decode_and_prefill(
     prompt = _prompt(gen, cfg.vocab_size, s.prompt_tokens)
     need = s.prompt_tokens + s.decode_tokens + 2 + s.prefill_tokens + 2
     core = _engine(ours, need, 1, s.max_num_batched_tokens, s.cuda_graphs)
-    t: dict[str, list[float]] = {
-        k: []
-        for k in (
-            "hf_1",
-            "hf_n",
-            "eng_dec",
-            "eng_dec_compiled",
-            "replay",
-            "hf_pre",
-            "eng_pre",
-            "eng_pre_compiled",
-        )
-    }
+    names = "hf_1 hf_n eng_dec eng_dec_compiled replay hf_pre eng_pre eng_pre_compiled eng_pre_eager".split()
+    t: dict[str, list[float]] = {k: [] for k in names}
     toks: dict[str, list[int]] = {}
     compiled, compile_s = None, None
     if s.compile_decode and "decode" in parts:
@@ -349,10 +339,23 @@ def _decode_and_prefill(
         # the CPU too, where it is not used: see ``EngineConfig.compile_prefill``): an engine of its own
         t0 = _now()
         pneed = s.prefill_tokens + 2
-        cpre = _engine(ours, pneed, 1, s.max_num_batched_tokens, s.cuda_graphs, compiled_prefill=True)
+        cpre = _engine(
+            ours,
+            pneed,
+            1,
+            s.max_num_batched_tokens,
+            s.cuda_graphs,
+            compiled_prefill=True,
+            prefill_graphs=False,
+        )
         cpre_start_s = _now() - t0
         if not cpre.prefill_compiled:
             raise RuntimeError("--compile: the prefill could not be compiled (see the warning above)")
+    epre = None  # on a GPU, prefills replay from CUDA graphs: the eager prefill is timed beside them
+    if "prefill" in parts and core.runner.prefill_graphs is not None:
+        epre = _engine(
+            ours, s.prefill_tokens + 2, 1, s.max_num_batched_tokens, s.cuda_graphs, prefill_graphs=False
+        )
     _hf_generate(hf, prompt, 3)  # warm-up (first calls pay one-off setup costs)
     _engine_decode(core, "warmup", prompt, 2)
     if torch.device(s.device).type == "cuda" and "prefill" in parts:
@@ -361,9 +364,10 @@ def _decode_and_prefill(
         _hf_generate(hf, long, 1)
         _first_token(core, "warmup-prefill", long, 1)
         _drain(core)
-        if cpre is not None:
-            _first_token(cpre, "warmup-prefill", long, 1)
-            _drain(cpre)
+        for other in (cpre, epre):
+            if other is not None:
+                _first_token(other, "warmup-prefill", long, 1)
+                _drain(other)
     recorded = []  # one decode step's packed matmuls, replayed alone in each round
     if "decode" in parts and torch.device(s.device).type == "cpu":
         recorded = _record_decode_matmuls(core, prompt)
@@ -397,6 +401,13 @@ def _decode_and_prefill(
                 _drain(cpre)
                 t["eng_pre_compiled"].append(dt)
                 toks.setdefault("prefill_same_first", []).append(cfirst.new_token_ids == first.new_token_ids)
+            if epre is not None:
+                dt, efirst = _first_token(epre, f"pre{r}", long, 1)
+                _drain(epre)
+                t["eng_pre_eager"].append(dt)
+                toks.setdefault("prefill_graphs_same_first", []).append(
+                    efirst.new_token_ids == first.new_token_ids
+                )
             if llama is not None:
                 llama.measure("prefill", s.prefill_tokens, 0, 0)
         print(f"  round {r}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in t.items() if v), flush=True)
@@ -459,6 +470,14 @@ def _decode_and_prefill(
                 "same_first_token_as_eager": all(toks["prefill_same_first"]),
             }  # fmt: skip
             cpre.pool.assert_no_leaks()
+        if epre is not None:
+            et = min(t["eng_pre_eager"])
+            out["prefill"]["eager"] = {
+                "engine_ttft_s": et, "engine_tok_s": p / et, "ratio": min(t["hf_pre"]) / et,
+                "graphs_vs_eager": et / min(t["eng_pre"]),
+                "same_first_token_as_graphs": all(toks["prefill_graphs_same_first"]),
+            }  # fmt: skip
+            epre.pool.assert_no_leaks()
     core.pool.assert_no_leaks()
     return out
 
@@ -648,6 +667,10 @@ def _prefix(ours, cfg, s: Settings, gen: torch.Generator) -> dict:
     n = s.ttft_prompt_tokens
     core = _engine(ours, 2 * (n + BLOCK_SIZE), 1, s.max_num_batched_tokens, s.cuda_graphs)
     prompt = _prompt(gen, cfg.vocab_size, n)
+    graphs_warmed = core.runner.prefill_graphs is not None
+    if graphs_warmed:  # another prompt of the length first: the cold TTFT is not the graphs' capture
+        _first_token(core, "capture", _prompt(gen, cfg.vocab_size, n), 1)
+        _drain(core)
     waits: list[float] = []
     _settle(s, waits)
     cold, o = _first_token(core, "cold", prompt, 1)
@@ -667,6 +690,7 @@ def _prefix(ours, cfg, s: Settings, gen: torch.Generator) -> dict:
         "prompt_tokens": n, "cold_ttft_s": cold, "cold_cached_tokens": cold_cached,
         "cached_ttft_s": min(warm), "cached_tokens": cached, "ratio": cold / min(warm),
         "target": TARGETS["prefix"], "cold_runs": 1, "cached_runs": len(warm), "waited_s_between_runs": sum(waits),
+        "prefill_graphs_captured_first": graphs_warmed,
     }  # fmt: skip
 
 
@@ -755,7 +779,11 @@ def _dsa(config: dict, tmp: Path, s: Settings, gen: torch.Generator) -> dict:
     attns = [model.model.layers[i].self_attn for i in range(cfg.num_hidden_layers)]
     weights = decode_weight_bytes(model)
     elt = torch.empty((), dtype=model.dtype).element_size()
-    core = _engine(model, sum(contexts) + len(contexts) * (2 * K + 2), 1, s.long_prefill_chunk, s.cuda_graphs)
+    # (the long prefills only set the contexts up: eager, not captured as graphs for each length)
+    core = _engine(
+        model, sum(contexts) + len(contexts) * (2 * K + 2), 1, s.long_prefill_chunk, s.cuda_graphs,
+        prefill_graphs=False,
+    )  # fmt: skip
     prompt = _prompt(gen, cfg.vocab_size, max(contexts))
     rows, waits = [], []
     try:
@@ -1073,7 +1101,7 @@ def markdown(r: dict) -> str:
         + (
             ""
             if r.get("device", "cpu") == "cpu"
-            else f" (decode steps {'from CUDA graphs' if s.get('cuda_graphs', False) else 'eager'})"
+            else f" (decode and one-chunk prefill steps {'from CUDA graphs' if s.get('cuda_graphs', False) else 'eager'})"
         )
         + f"; {r['machine']['threads']} threads; "
         f"torch {r['machine']['torch']}; "
@@ -1127,6 +1155,13 @@ def markdown(r: dict) -> str:
                 f"({p['engine_tok_s']:.0f}) | {p['hf_ttft_s']:.3f} ({p['hf_tok_s']:.0f}) | **{p['ratio']:.2f}×** |"
                 + (f" {p['llama_cpp_ratio']:.1f}× |" if peers else "")
             )
+            if "eager" in p:
+                e = p["eager"]
+                lines.append(
+                    f"| the same, eager (no prefill graphs) | {e['engine_ttft_s']:.3f} ({e['engine_tok_s']:.0f}) "
+                    f"| {p['hf_ttft_s']:.3f} ({p['hf_tok_s']:.0f}) | **{e['ratio']:.2f}×** |"
+                    + (" – |" if peers else "")
+                )
             if "compiled" in p:
                 c = p["compiled"]
                 lines.append(
@@ -1141,6 +1176,11 @@ def markdown(r: dict) -> str:
                 same += (f"; from the compiled step and HF: {c['same_greedy_tokens']}. The compiled step is "
                          f"{c['vs_eager']:.2f}× the uncompiled one (decodes alternate in each round)")  # fmt: skip
             lines += ["", same + "."]
+        if "eager" in r.get("prefill", {}):
+            e = r["prefill"]["eager"]
+            lines += ["", f"The first row's prefill replays a CUDA graph (one-chunk prefills, `PrefillGraphs`): "
+                      f"{e['graphs_vs_eager']:.2f}× the eager prefill (alternating in each round); same first token "
+                      f"in every round: {e['same_first_token_as_graphs']}."]  # fmt: skip
         if "compiled" in r.get("prefill", {}):
             c = r["prefill"]["compiled"]
             lines += ["", f"The compiled prefill is {c['vs_eager']:.2f}× the eager one (alternating in each round); "
@@ -1167,7 +1207,9 @@ def markdown(r: dict) -> str:
         lines += ["", "## Prefix cache: TTFT of the same prompt cold and fully cached", "",
                   f"{p['prompt_tokens']}-token prompt; cold once ({p['cold_cached_tokens']} cached tokens), then "
                   f"resubmitted {p['cached_runs']}× (best shown; {p['cached_tokens']} prompt tokens reported "
-                  "cached — the engine always recomputes at least the last partial block).", "",
+                  "cached — the engine always recomputes at least the last partial block)."
+                  + (" Another prompt of the same length ran first, so the cold TTFT does not include capturing "
+                     "the prefill's CUDA graphs." if p.get("prefill_graphs_captured_first") else ""), "",
                   "| cold TTFT s | cached TTFT s | ratio |", "|---|---|---|",
                   f"| {p['cold_ttft_s']:.2f} | {p['cached_ttft_s']:.3f} | **{p['ratio']:.1f}×** |"]  # fmt: skip
     if "dsa" in r:

@@ -25,6 +25,7 @@ from dsv32.engine.compiled_decode import CompiledDecode
 from dsv32.engine.cuda_graphs import DecodeGraphs, GraphCaptureError
 from dsv32.engine.grammar import GrammarCompiler, GrammarMasker, GuidedState
 from dsv32.engine.paged_cache import PagedKVCache
+from dsv32.engine.prefill_graphs import PrefillGraphs
 from dsv32.engine.request import Request
 from dsv32.engine.runner import ModelRunner
 from dsv32.engine.sampler import Sampler, SamplingState
@@ -53,6 +54,9 @@ class EngineConfig:
     prepack_weights: bool = True
     # GPU: replay decode-only steps from CUDA graphs (``cuda_graphs.DecodeGraphs``); False: always eager
     cuda_graphs: bool = True
+    # GPU, with cuda_graphs: also steps of one prefill chunk (``prefill_graphs.PrefillGraphs``; not with
+    # speculative decoding), captured per bucket of tokens and slots when first met
+    prefill_graphs: bool = True
     # compile the decode step with torch.compile when the engine starts. CPU: single-request steps as one
     # compiled step (``compiled_decode``; ~107 s on bench-small's 32K context, needs a C++ compiler). GPU:
     # each CUDA-graph step compiled by inductor before its capture (``DecodeGraphs(compile=True)``; ~30 s a
@@ -138,6 +142,10 @@ class EngineCore:
             log.warning("on a GPU compile_decode compiles the CUDA-graph step: ignored without cuda_graphs")
         if cfg.cuda_graphs and model.device.type == "cuda":
             self.runner.graphs = self._decode_graphs(compiled=cfg.compile_decode and not k)
+            if self.runner.graphs is not None and cfg.prefill_graphs and not k:  # (the experts are stacked)
+                self.runner.prefill_graphs = PrefillGraphs(
+                    model, self.cache, cfg.max_num_batched_tokens, self.max_model_len
+                )
         if cfg.compile_decode and not k and model.device.type == "cpu":
             compiled = self._compiled_decode()
             if compiled is not None:

@@ -46,7 +46,22 @@ MIN_SLOTS = 256
 
 
 class GraphCaptureError(RuntimeError):
-    """A decode step could not be captured (the runner then stays eager)."""
+    """A step could not be captured (the runner then stays eager)."""
+
+
+def capture_graph(forward, pool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    """Record ``forward()`` (after two warm-up calls on a side stream) as a CUDA graph in memory pool
+    ``pool``: (the graph, the output it writes on each replay)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # first calls set up cuBLAS and the allocator outside the graph
+        for _ in range(2):
+            forward()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = forward()
+    return graph, out
 
 
 @dataclass
@@ -237,16 +252,7 @@ class DecodeGraphs:
                 )
 
     def _capture(self, forward) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # first calls set up cuBLAS and the allocator outside the graph
-            for _ in range(2):
-                forward()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            out = forward()
-        return graph, out
+        return capture_graph(forward, self.pool)
 
     def _context(self, step: _Step):
         """The paged attention context of the step's rows (one decode group)."""

@@ -23,6 +23,7 @@ import torch
 from dsv32.engine.compiled_layers import CompiledLayers
 from dsv32.engine.cuda_graphs import DecodeGraphs, GraphCaptureError
 from dsv32.engine.paged_cache import PagedKVCache
+from dsv32.engine.prefill_graphs import PrefillGraphs
 from dsv32.engine.scheduler import ScheduledChunk
 from dsv32.model.mla import MLA, MLAInputs
 from dsv32.model.transformer import DeepseekForCausalLM
@@ -139,9 +140,9 @@ class ModelRunner:
         self.block_size = cache.block_size
         self.device = model.device
         self.graphs: DecodeGraphs | None = None  # decode-only steps as fixed-shape (CUDA-graph) steps
-        self.compiled: CompiledLayers | None = (
-            None  # other steps' per-token work compiled (``compile_steps``)
-        )
+        self.prefill_graphs: PrefillGraphs | None = None  # one-chunk prefill steps as fixed-shape steps
+        # the other steps' forward compiled around their attention (``compile_steps``)
+        self.compiled: CompiledLayers | None = None
         self.keep_hidden = False  # speculative decoding: keep the step's hidden states for ``draft``
         self._last: tuple[PagedContext, torch.Tensor, dict[int, list[int]]] | None = None
 
@@ -191,6 +192,12 @@ class ModelRunner:
             except GraphCaptureError as e:
                 log.warning("%s; decode steps stay eager", e)
                 self.graphs = None
+        if self.prefill_graphs is not None and not self.keep_hidden and self.prefill_graphs.fits(chunks):
+            try:
+                return self.prefill_graphs.execute(chunks)
+            except GraphCaptureError as e:
+                log.warning("%s; prefill steps stay eager", e)
+                self.prefill_graphs = None
         ids, positions, new_slots, segments, decodes = [], [], [], [], []
         # id(chunk) -> the flattened row of each of its positions
         rows_of: dict[int, list[int]] = {id(c): [0] * c.num_rows for c in chunks}

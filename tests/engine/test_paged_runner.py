@@ -53,6 +53,7 @@ def drive(
     cache=None,
     graphs=None,
     compiled=None,
+    prefill_graphs=None,
 ):
     pool = BlockPool(num_blocks, block_size)
     cache = cache or PagedKVCache(
@@ -61,9 +62,8 @@ def drive(
     sched = Scheduler(pool, max_num_seqs=max_seqs, max_num_batched_tokens=budget)
     runner = ModelRunner(model, cache)
     runner.graphs = graphs  # DecodeGraphs: decode-only steps as fixed-shape steps (test_cuda_graphs.py)
-    runner.compiled = (
-        compiled  # CompiledLayers: other steps compiled around attention (test_compiled_layers.py)
-    )
+    runner.prefill_graphs = prefill_graphs  # PrefillGraphs: one-chunk prefills (test_prefill_graphs.py)
+    runner.compiled = compiled  # CompiledLayers: compiled around attention (test_compiled_layers.py)
     reqs = [Request(f"r{i}", p, n_new, i) for i, p in enumerate(prompts)]
     for r in reqs:
         sched.add(r)
