@@ -11,6 +11,10 @@ the step's new latent entries are written to their slots:
 * each prefill chunk on its own through the model's MLA core (``MLA.attend``: the cheaper form, DSA
   selection inside) over the entries it can see, gathered through its block table.
 ``draft`` then runs the MTP layer over the same rows (speculative decoding).
+
+On a GPU, decode-only steps (``cuda_graphs.DecodeGraphs``) and one-chunk prefill steps
+(``prefill_graphs.PrefillGraphs``) replay from CUDA graphs instead; with ``compile_steps`` the flattened
+step's forward runs compiled around its attention (``compiled_layers.CompiledLayers``).
 """
 
 from __future__ import annotations
