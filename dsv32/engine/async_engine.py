@@ -103,7 +103,8 @@ class AsyncEngine:
         q: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (loop, q)
         accepted: asyncio.Future = loop.create_future()  # resolved by the engine thread: None or the error
-        self._commands.put(("add", request_id, list(prompt_ids), params, loop, accepted))
+        arrival = self.metrics.clock()  # (the engine thread may be in a step now: the wait counts)
+        self._commands.put(("add", request_id, list(prompt_ids), params, loop, accepted, arrival))
         try:
             error = await accepted
         except asyncio.CancelledError:
@@ -152,14 +153,14 @@ class AsyncEngine:
     # ---- engine thread ---------------------------------------------------------------------
     def _handle(self, cmd: tuple) -> None:
         if cmd[0] == "add":
-            _, rid, prompt_ids, params, loop, accepted = cmd
+            _, rid, prompt_ids, params, loop, accepted, arrival = cmd
             error = None
             try:
                 if len(self.core.scheduler.waiting) >= self.max_waiting:
                     raise QueueFullError(f"the waiting queue is full ({self.max_waiting} requests)")
                 self.core.add_request(rid, prompt_ids, params)
                 self._processor.add(rid, params)
-                self.metrics.added(rid)
+                self.metrics.added(rid, arrival)
             except Exception as e:  # noqa: BLE001 - handed to the caller
                 error = e
             loop.call_soon_threadsafe(_resolve, accepted, error)

@@ -100,7 +100,7 @@ class RequestMetrics:
             registry=r,
         )  # fmt: skip
         self.ttft = Histogram(
-            "dsv32:time_to_first_token_seconds", "From arrival at the engine to the first token.",
+            "dsv32:time_to_first_token_seconds", "From submission to the engine to the first token.",
             buckets=_LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
         self.itl = Histogram(
@@ -108,7 +108,7 @@ class RequestMetrics:
             buckets=_LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
         self.e2e = Histogram(
-            "dsv32:e2e_request_latency_seconds", "From arrival at the engine to the last token.",
+            "dsv32:e2e_request_latency_seconds", "From submission to the engine to the last token.",
             buckets=_LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
         self.request_prompt = Histogram(
@@ -123,8 +123,10 @@ class RequestMetrics:
         )  # fmt: skip
         self._live: dict[str, _Live] = {}
 
-    def added(self, request_id: str) -> None:
-        self._live[request_id] = _Live(self.clock())
+    def added(self, request_id: str, arrival: float | None = None) -> None:
+        """``request_id`` was accepted; ``arrival``: when it was submitted (this metrics' clock; default now).
+        Latencies count from there, so time queued behind a running step is in the TTFT."""
+        self._live[request_id] = _Live(self.clock() if arrival is None else arrival)
 
     def output(self, out: RequestOutput) -> None:
         live = self._live.get(out.request_id)

@@ -110,13 +110,15 @@ def test_histograms_from_a_clock():
     m.output(RequestOutput("a", [8, 9], "yz", None, True, "stop", usage))  # two more, 1 s later
     m.output(RequestOutput("unknown", [1], "", None, True, "stop", usage))  # not added: ignored
     m.aborted("a")  # already finished: not an abort
+    m.added("b", arrival=100.0)  # submitted at 100.0, accepted (after a step) at 101.5
+    m.output(RequestOutput("b", [7], "x", None, True, "stop", Usage(10, 1, 0)))
     s = samples(m.render())
-    assert s[("dsv32:time_to_first_token_seconds_sum", ())] == 0.5
+    assert s[("dsv32:time_to_first_token_seconds_sum", ())] == 0.5 + 1.5
     assert s[("dsv32:inter_token_latency_seconds_count", ())] == 2
     assert s[("dsv32:inter_token_latency_seconds_sum", ())] == 1.0  # 0.5 s each
-    assert s[("dsv32:e2e_request_latency_seconds_sum", ())] == 1.5
-    assert s[("dsv32:generation_tokens_total", ())] == 3
-    assert s[("dsv32:prompt_tokens_total", ())] == 10 and s[("dsv32:prompt_tokens_cached_total", ())] == 4
-    assert s[("dsv32:request_success_total", (("finished_reason", "stop"),))] == 1
+    assert s[("dsv32:e2e_request_latency_seconds_sum", ())] == 1.5 + 1.5
+    assert s[("dsv32:generation_tokens_total", ())] == 3 + 1
+    assert s[("dsv32:prompt_tokens_total", ())] == 20 and s[("dsv32:prompt_tokens_cached_total", ())] == 4
+    assert s[("dsv32:request_success_total", (("finished_reason", "stop"),))] == 2
     assert ("dsv32:request_success_total", (("finished_reason", "abort"),)) not in s
     assert s[("dsv32:num_requests_waiting", ())] == 2 and s[("dsv32:kv_cache_usage_perc", ())] == 0.25
