@@ -18,6 +18,7 @@ from dsv32.engine.paged_cache import PagedKVCache
 from dsv32.engine.sampling_params import SamplingParams
 from dsv32.model.moe import MoE
 from dsv32.model.transformer import DeepseekForCausalLM
+from tests.engine.test_cuda_graphs import stacked_tiny_model
 from tests.engine.test_engine import run_all
 from tests.engine.test_paged_runner import alone, drive
 from tests.model.oracle import randomize_
@@ -149,14 +150,7 @@ def test_long_contexts_are_compiled_at_start_and_match_the_eager_step():
 
 def _bf16_graph_model(device: str = "cpu"):
     """index_topk 300: the 256-slot bucket attends densely, larger ones select (two forms)."""
-    torch.manual_seed(0)
-    model = DeepseekForCausalLM(tiny_config(index_topk=300)).eval()
-    randomize_(model, seed=8)
-    model = model.to(device, torch.bfloat16)  # before stacking: the stacks are made where the model is
-    for m in model.modules():
-        if isinstance(m, MoE):
-            m.stack_experts()  # grouped matmuls, as on a GPU (inductor traces them only in bf16)
-    return model
+    return stacked_tiny_model(300, seed=8, dtype=torch.bfloat16, device=device)
 
 
 def test_compiled_graph_step_matches_the_plain_step_in_every_bucket():

@@ -12,8 +12,8 @@ from torch._dynamo.utils import counters
 from dsv32.engine.compiled_layers import CompiledLayers
 from dsv32.engine.core import EngineConfig, EngineCore
 from dsv32.engine.sampling_params import SamplingParams
-from dsv32.model.moe import MoE
 from dsv32.model.transformer import DeepseekForCausalLM
+from tests.engine.test_cuda_graphs import stacked_tiny_model
 from tests.engine.test_engine import run_all
 from tests.engine.test_paged_runner import alone, drive
 from tests.model.oracle import randomize_
@@ -87,14 +87,7 @@ def test_engine_compiles_at_start_and_matches_running_alone(model):
 
 
 def _bf16_grouped_model(device: str) -> DeepseekForCausalLM:
-    torch.manual_seed(0)
-    model = DeepseekForCausalLM(tiny_config(index_topk=40)).eval()
-    randomize_(model, seed=8)
-    model = model.to(device, torch.bfloat16)  # before stacking: the stacks are made where the model is
-    for m in model.modules():
-        if isinstance(m, MoE):
-            m.stack_experts()  # grouped matmuls, as on a GPU (inductor traces them only in bf16)
-    return model
+    return stacked_tiny_model(40, seed=8, dtype=torch.bfloat16, device=device)
 
 
 @pytest.mark.parametrize(

@@ -17,8 +17,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from dsv32.engine.cuda_graphs import DecodeGraphs
 from dsv32.engine.paged_cache import PagedKVCache
 from dsv32.model.moe import MoE, grouped_matmul_available
+from dsv32.model.transformer import DeepseekForCausalLM
 from tests.engine.test_engine import run_all
 from tests.engine.test_paged_runner import alone, drive
+from tests.model.oracle import randomize_
+from tests.model.test_forms import tiny_config
 
 
 def stacked(model, dtype: torch.dtype = torch.float32):
@@ -30,6 +33,26 @@ def stacked(model, dtype: torch.dtype = torch.float32):
         if isinstance(layer.mlp, MoE):
             layer.mlp.stack_experts()
     return m
+
+
+def stacked_tiny_model(
+    index_topk: int,
+    seed: int,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+    model_type: str = "deepseek_v32",
+) -> DeepseekForCausalLM:
+    """A random tiny model on ``device`` in ``dtype``, its experts stacked for grouped matmuls as the engine
+    stacks them on a GPU (after the move: the stacks are made where the model is; in bf16 inductor can trace
+    them)."""
+    torch.manual_seed(0)
+    model = DeepseekForCausalLM(tiny_config(model_type=model_type, index_topk=index_topk)).eval()
+    randomize_(model, seed=seed)
+    model = model.to(device, dtype)
+    for m in model.modules():
+        if isinstance(m, MoE):
+            m.stack_experts()
+    return model
 
 
 def with_graphs(model, num_blocks, block_size, max_rows=8, max_context=256, capture=False):

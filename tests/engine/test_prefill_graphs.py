@@ -12,23 +12,13 @@ from dsv32.engine.core import EngineConfig, EngineCore
 from dsv32.engine.paged_cache import PagedKVCache
 from dsv32.engine.prefill_graphs import PrefillGraphs
 from dsv32.engine.sampling_params import SamplingParams
-from dsv32.model.moe import MoE
-from dsv32.model.transformer import DeepseekForCausalLM
+from tests.engine.test_cuda_graphs import stacked_tiny_model
 from tests.engine.test_engine import run_all
 from tests.engine.test_paged_runner import alone, drive
-from tests.model.oracle import randomize_
-from tests.model.test_forms import tiny_config
 
 
 def _stacked_model(model_type: str = "deepseek_v32", dtype=torch.float32, device="cpu", topk: int = 12):
-    torch.manual_seed(0)
-    model = DeepseekForCausalLM(tiny_config(model_type=model_type, index_topk=topk)).eval()
-    randomize_(model, seed=3)
-    model = model.to(device, dtype)
-    for m in model.modules():
-        if isinstance(m, MoE):
-            m.stack_experts()  # grouped matmuls, no host sync: as the engine does on a GPU
-    return model
+    return stacked_tiny_model(topk, seed=3, dtype=dtype, device=device, model_type=model_type)
 
 
 @pytest.mark.parametrize("model_type", ["deepseek_v32", "deepseek_v3"])
