@@ -6,9 +6,11 @@ validated by the chat encoder, which names the offending field.
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
 
 
 class StreamOptions(BaseModel):
@@ -82,3 +84,18 @@ class CompletionRequest(SamplingFields):
     suffix: str | None = None
     echo: bool | None = False
     logprobs: int | None = Field(default=None, ge=0, le=20)
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _token_id_lists(cls, v: Any) -> Any:
+        """A batch of token-id lists with a non-integer id: name that id (pydantic's union error would name an
+        item of another branch: "prompt[0]: should be a valid integer" for [["a"]])."""
+        if isinstance(v, list):
+            for i, ids in enumerate(v):
+                for k, t in enumerate(ids if isinstance(ids, list) else ()):
+                    if type(t) is not int:
+                        got = json.dumps(t)[:40]
+                        raise PydanticCustomError(
+                            "int_type", f"prompt[{i}][{k}] should be a token id, got {got}"
+                        )
+        return v

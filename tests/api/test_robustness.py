@@ -222,6 +222,8 @@ CLEAR = [
      "'prompt': expected a string or a list of token ids (got null)", "prompt"),
     ("a prompt id is a float", "/v1/completions", {"model": "deepseek-chat", "prompt": [1, 1.5]}, JSON, 422,
      "'prompt[1]': Input should be a valid integer", "prompt[1]"),
+    ("a batch's token id is a string", "/v1/completions", {"model": "deepseek-chat", "prompt": [[5], ["a"]]}, JSON,
+     422, 'prompt[1][0] should be a token id, got "a"', "prompt"),
     ("anthropic system is a number", "/anthropic/v1/messages", {**OK, "system": 5}, JSON, 400,
      "'system': expected a string or a list of objects (got 5)", None),
     ("message is null", "/v1/chat/completions", {**OK, "messages": [None]}, JSON, 400, "'messages[0]'", "messages[0]"),
