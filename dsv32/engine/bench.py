@@ -783,46 +783,29 @@ def _dsa(config: dict, tmp: Path, s: Settings, gen: torch.Generator) -> dict:
     weights = decode_weight_bytes(model)
     elt = torch.empty((), dtype=model.dtype).element_size()
     # (the long prefills only set the contexts up: eager, not captured as graphs for each length)
-    core = _engine(
-        model, sum(contexts) + len(contexts) * (2 * K + 2), 1, s.long_prefill_chunk, s.cuda_graphs,
-        prefill_graphs=False,
-    )  # fmt: skip
+    cap = sum(contexts) + len(contexts) * (2 * K + 2)
+    core = _engine(model, cap, 1, s.long_prefill_chunk, s.cuda_graphs, prefill_graphs=False)
     prompt = _prompt(gen, cfg.vocab_size, max(contexts))
-    rows, waits = [], []
+    waits: list[float] = []
     try:
-        for ctx in contexts:
-            _set_topk(attns, DENSE_TOPK)
-            prefill_s, o = _first_token(core, f"ctx{ctx}", prompt[:ctx], 2 * K + 1)
-            _settle(s, waits)
-            times: dict[str, list[float]] = {"dsa": [], "dense": []}
-            for i in range(K):  # alternate, and alternate which goes first
-                order = ("dsa", "dense") if i % 2 == 0 else ("dense", "dsa")
-                for mode in order:
-                    _set_topk(attns, topk if mode == "dsa" else DENSE_TOPK)
-                    t0 = _now()
-                    core.step()
-                    times[mode].append(_now() - t0)
-            _drain(core)
-            pred = predicted_bytes(cfg, cfg.num_hidden_layers, ctx, topk, elt, weights)
-            dsa_ms, dense_ms = 1000 * min(times["dsa"]), 1000 * min(times["dense"])
-            achieved = dense_ms / dsa_ms
-            row = {
-                "context": ctx, "prefill_s": prefill_s, "prefill_cached_tokens": o.cached_tokens,
-                "dsa_step_ms": dsa_ms, "dense_step_ms": dense_ms,
-                "dsa_step_ms_all": [1000 * x for x in times["dsa"]],
-                "dense_step_ms_all": [1000 * x for x in times["dense"]],
-                "achieved_ratio": achieved, "predicted_ratio": pred["ratio"],
-                "fraction_of_predicted": achieved / pred["ratio"],
-                "dense_bytes_per_step": pred["dense_bytes"], "dsa_bytes_per_step": pred["dsa_bytes"],
-            }  # fmt: skip
-            print(
-                f"  context {ctx}: prefill {prefill_s:.1f}s ({o.cached_tokens} cached); step DSA {dsa_ms:.1f} ms, "
-                f"dense {dense_ms:.1f} ms: {achieved:.2f}x vs {pred['ratio']:.2f}x predicted "
-                f"({100 * row['fraction_of_predicted']:.0f}%)",
-                flush=True,
-            )
-            rows.append(row)
+        rows = _dsa_rows(core, attns, cfg, contexts, prompt, s, waits, weights, elt, "")
         core.pool.assert_no_leaks()
+        del core
+        rows_compiled, compile_s = [], None
+        # the same steps compiled (``serve --compile``): fewer, fused kernels on both sides
+        if s.compile_decode:
+            t0 = _now()
+            compiled = _engine(
+                model, cap, 1, s.long_prefill_chunk, s.cuda_graphs, compiled=True, prefill_graphs=False,
+                max_model_len=max(contexts) + 2 * K + 2,
+            )  # fmt: skip
+            compile_s = _now() - t0
+            if not compiled.decode_step_compiled:
+                raise RuntimeError("--compile: the decode step could not be compiled (see the warning above)")
+            rows_compiled = _dsa_rows(
+                compiled, attns, cfg, contexts, prompt, s, waits, weights, elt, "compiled "
+            )
+            compiled.pool.assert_no_leaks()
     finally:
         _set_topk(attns, topk)
     return {
@@ -832,7 +815,49 @@ def _dsa(config: dict, tmp: Path, s: Settings, gen: torch.Generator) -> dict:
                                           "num_experts_per_tok", "moe_intermediate_size", "vocab_size")},
         "weight_bytes_per_step": weights, "decode_steps_timed": K, "prefill_chunk": s.long_prefill_chunk,
         "rows": rows, "target_fraction": TARGETS["dsa_fraction"], "waited_s_between_contexts": sum(waits),
+        **({"rows_compiled": rows_compiled, "compiled_engine_start_s": compile_s} if rows_compiled else {}),
     }  # fmt: skip
+
+
+def _dsa_rows(
+    core, attns, cfg, contexts, prompt, s: Settings, waits, weights: int, elt: int, tag: str
+) -> list[dict]:
+    """Each context prefilled (dense), then DSA and dense decode steps alternating: one row per context."""
+    topk, K = cfg.index_topk, s.long_decode_steps
+    rows = []
+    for ctx in contexts:
+        _set_topk(attns, DENSE_TOPK)
+        prefill_s, o = _first_token(core, f"ctx{ctx}", prompt[:ctx], 2 * K + 1)
+        _settle(s, waits)
+        times: dict[str, list[float]] = {"dsa": [], "dense": []}
+        for i in range(K):  # alternate, and alternate which goes first
+            order = ("dsa", "dense") if i % 2 == 0 else ("dense", "dsa")
+            for mode in order:
+                _set_topk(attns, topk if mode == "dsa" else DENSE_TOPK)
+                t0 = _now()
+                core.step()
+                times[mode].append(_now() - t0)
+        _drain(core)
+        pred = predicted_bytes(cfg, cfg.num_hidden_layers, ctx, topk, elt, weights)
+        dsa_ms, dense_ms = 1000 * min(times["dsa"]), 1000 * min(times["dense"])
+        achieved = dense_ms / dsa_ms
+        row = {
+            "context": ctx, "prefill_s": prefill_s, "prefill_cached_tokens": o.cached_tokens,
+            "dsa_step_ms": dsa_ms, "dense_step_ms": dense_ms,
+            "dsa_step_ms_all": [1000 * x for x in times["dsa"]],
+            "dense_step_ms_all": [1000 * x for x in times["dense"]],
+            "achieved_ratio": achieved, "predicted_ratio": pred["ratio"],
+            "fraction_of_predicted": achieved / pred["ratio"],
+            "dense_bytes_per_step": pred["dense_bytes"], "dsa_bytes_per_step": pred["dsa_bytes"],
+        }  # fmt: skip
+        print(
+            f"  {tag}context {ctx}: prefill {prefill_s:.1f}s ({o.cached_tokens} cached); step DSA {dsa_ms:.1f} ms, "
+            f"dense {dense_ms:.1f} ms: {achieved:.2f}x vs {pred['ratio']:.2f}x predicted "
+            f"({100 * row['fraction_of_predicted']:.0f}%)",
+            flush=True,
+        )
+        rows.append(row)
+    return rows
 
 
 # ---- the whole benchmark ------------------------------------------------------------------------
@@ -952,6 +977,9 @@ def _targets(r: dict) -> list[dict]:
     add(f"TTFT {n_ttft}-token prompt, cold / cached", r.get("prefix", {}).get("ratio"), TARGETS["prefix"])
     for row in r.get("dsa", {}).get("rows", []):
         add(f"DSA vs dense decode step at {row['context']} context, fraction of predicted",
+            row["fraction_of_predicted"], TARGETS["dsa_fraction"], "fraction")  # fmt: skip
+    for row in r.get("dsa", {}).get("rows_compiled", []):
+        add(f"DSA vs dense decode step at {row['context']} context, fraction of predicted, compiled (`--compile`)",
             row["fraction_of_predicted"], TARGETS["dsa_fraction"], "fraction")  # fmt: skip
     return rows
 
@@ -1236,6 +1264,17 @@ def markdown(r: dict) -> str:
                     f"| {x['context']} | {x['dsa_step_ms']:.1f} | {x['dense_step_ms']:.1f} | {x['achieved_ratio']:.2f}× "
                     f"| {x['predicted_ratio']:.2f}× | **{100 * x['fraction_of_predicted']:.0f}%** | {x['prefill_s']:.1f} |"
                 )
+            if d.get("rows_compiled"):
+                lines += ["", f"The same with the compiled decode step (`--compile`; engine start "
+                          f"{d['compiled_engine_start_s']:.0f} s; both sides compiled):", "",
+                          "| context | DSA step ms | dense step ms | achieved dense/DSA | predicted by bytes | fraction |",
+                          "|---|---|---|---|---|---|"]  # fmt: skip
+                for x in d["rows_compiled"]:
+                    lines.append(
+                        f"| {x['context']} | {x['dsa_step_ms']:.1f} | {x['dense_step_ms']:.1f} | "
+                        f"{x['achieved_ratio']:.2f}× | {x['predicted_ratio']:.2f}× | "
+                        f"**{100 * x['fraction_of_predicted']:.0f}%** |"
+                    )
     lines += _llama_cpp_lines(r)
     lines += ["", f"Plot: {r.get('plot', '–')}.", ""]
     return "\n".join(lines)

@@ -67,15 +67,16 @@ def test_bench_spec_writes_results(tmp_path):
 
 
 @pytest.mark.slow
-def test_bench_engine_compile_measures_the_compiled_prefill(tmp_path):
-    """``--compile`` with the prefill part: an engine whose prefill is compiled around its attention is
-    timed beside the eager one, with the same first token, and gets its own target row."""
+def test_bench_engine_compile_measures_the_compiled_prefill_and_dsa_steps(tmp_path):
+    """``--compile`` with the prefill and DSA parts: an engine whose prefill is compiled around its attention
+    is timed beside the eager one, with the same first token; the DSA part measures its contexts again with
+    the compiled decode step; each gets its own target rows."""
     from dataclasses import replace
 
     from dsv32.engine.bench import Settings, bench_engine
     from dsv32.presets import resolve_preset
 
-    s = replace(Settings.quick_run(), parts=("prefill",), compile_decode=True, repeats=2)
+    s = replace(Settings.quick_run(), parts=("prefill", "dsa"), compile_decode=True, repeats=2)
     bench_engine(resolve_preset("tiny"), tmp_path, s)
     data = json.loads((tmp_path / "bench_engine.json").read_text())
     c = data["prefill"]["compiled"]
@@ -84,3 +85,9 @@ def test_bench_engine_compile_measures_the_compiled_prefill(tmp_path):
     assert c["vs_eager"] == pytest.approx(data["prefill"]["engine_ttft_s"] / c["engine_ttft_s"])
     md = (tmp_path / "bench_engine.md").read_text()
     assert "compiled around attention (`--compile`)" in md and "The compiled prefill is" in md
+    d = data["dsa"]
+    assert [x["context"] for x in d["rows_compiled"]] == [x["context"] for x in d["rows"]]
+    assert all(x["dsa_step_ms"] > 0 and x["fraction_of_predicted"] > 0 for x in d["rows_compiled"])
+    names = [t["name"] for t in data["targets"]]
+    assert sum("compiled (`--compile`)" in n for n in names) == len(d["rows"])
+    assert "The same with the compiled decode step" in md
