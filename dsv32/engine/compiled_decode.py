@@ -32,7 +32,7 @@ import time
 import torch
 import torch._inductor.config
 
-from dsv32.engine.cuda_graphs import DecodeGraphs, GraphCaptureError, _Step
+from dsv32.engine.cuda_graphs import DecodeGraphs, GraphCaptureError, _Step, step_compile_config
 from dsv32.engine.paged_cache import PagedKVCache
 from dsv32.model.layers import Linear, frozen_weights
 from dsv32.model.moe import register_for_compile
@@ -97,7 +97,7 @@ class CompiledDecode(DecodeGraphs):
         # (the model, its frozen weights, the mode flags) does not change under an engine that owns the model.
         inductor = torch._inductor.config.patch(freezing=True, cpp_wrapper=True)
         stance = torch.compiler.set_stance("default", skip_guard_eval_unsafe=compiled_before)
-        with inductor, torch._dynamo.config.patch(recompile_limit=64), frozen_weights(), stance:
+        with inductor, step_compile_config(), frozen_weights(), stance:
             return self._compiled(step)
 
     def _forward(self, step: _Step) -> torch.Tensor:

@@ -21,6 +21,7 @@ import time
 
 import torch
 
+from dsv32.engine.cuda_graphs import step_compile_config
 from dsv32.model.mla import MLA, AttentionContext, MLAInputs
 from dsv32.model.moe import register_for_compile
 from dsv32.model.transformer import DeepseekForCausalLM
@@ -109,8 +110,7 @@ class CompiledLayers:
         t0 = None if self.ready else time.perf_counter()
         _CURRENT = (self.model, ctx)
         try:
-            # every engine's runner shares ``_forward``'s code, whose compiled forms dynamo counts together
-            with torch._dynamo.config.patch(recompile_limit=64):
+            with step_compile_config():
                 hidden = self._compiled(input_ids, ctx.q_pos, ctx.cos, ctx.sin)
         finally:
             _CURRENT = None

@@ -49,6 +49,16 @@ class GraphCaptureError(RuntimeError):
     """A step could not be captured (the runner then stays eager)."""
 
 
+def step_compile_config():
+    """The dynamo settings under which an engine's compiled steps run. Every engine's steps share their
+    functions' code, whose compiled forms dynamo counts together (hence the higher recompile limit), and a
+    process that compiles steps for models of other shapes (the benchmarks, the tests) must not have dynamo
+    make the dimensions that differ between the models dynamic ("automatic dynamic shapes": weights with
+    symbolic sizes, which inductor's C++ wrapper has failed to compile): each model's step compiles for its
+    own shapes, dynamic only where ``mark_dynamic`` says."""
+    return torch._dynamo.config.patch(recompile_limit=64, automatic_dynamic_shapes=False)
+
+
 def capture_graph(forward, pool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
     """Record ``forward()`` (after two warm-up calls on a side stream) as a CUDA graph in memory pool
     ``pool``: (the graph, the output it writes on each replay)."""
@@ -226,8 +236,7 @@ class DecodeGraphs:
         with torch.inference_mode():
             if self._compiled_step is None:
                 return self._forward(step)
-            # every engine's steps share ``_forward``'s code, whose compiled forms dynamo counts together
-            with torch._dynamo.config.patch(recompile_limit=64):
+            with step_compile_config():
                 return self._compiled_step(step)
 
     def _warm_up_contexts(self) -> set[int]:
