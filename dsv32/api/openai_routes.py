@@ -7,10 +7,12 @@ content | tool calls) → SSE chunks or one JSON body in the DeepSeek shape.
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -311,16 +313,58 @@ def _summed_usage(usages: list[dict[str, Any]]) -> dict[str, Any]:
     return total
 
 
-class _TextChoice:
-    """One prompt's choice of a text completion: its echo and the legacy logprobs' text offsets."""
+def _echo(ctx: ServingContext, prompt: str | list[int]) -> str:
+    """What echo repeats: the prompt's text (token ids decoded)."""
+    return prompt if isinstance(prompt, str) else ctx.tokenizer.decode(prompt)
 
-    def __init__(self, ctx: ServingContext, index: int, echo: str, logprobs: int | None):
+
+class _TextChoice:
+    """One prompt's choice of a text completion: its echo and the legacy logprobs' text offsets.
+
+    With echo and logprobs the prompt's tokens come first in the logprobs (their logprobs from the engine's
+    ``prompt_logprobs``; the first token has none), as vLLM and the legacy OpenAI API give them. With
+    ``max_tokens`` 0 (echo only) the one token the engine generated is left out."""
+
+    def __init__(
+        self,
+        ctx: ServingContext,
+        index: int,
+        echo: str,
+        logprobs: int | None,
+        prompt_ids: list[int] | None = None,
+        prompt_only: bool = False,
+    ):
         self.ctx, self.index, self.logprobs = ctx, index, logprobs
         self.echo = echo
+        self.prompt_ids = prompt_ids  # set when the prompt tokens' logprobs are returned
+        self.prompt_only = prompt_only
+        self.prompt_lp: dict[str, Any] | None = None  # the prompt tokens' legacy logprobs (first output)
         # text_offset: where each token's text starts in the choice's text (echo included)
         self.offset = len(echo)
         self.text, self.ids, self.lps = echo, [], []
         self.last: RequestOutput | None = None
+
+    def prompt_logprobs(self, out: RequestOutput) -> dict[str, Any] | None:
+        """The prompt tokens' legacy logprobs, from the request's first output (None when not asked for, or
+        already given); their text offsets count from the start of the echo."""
+        if self.prompt_ids is None or out.prompt_logprobs is None or self.prompt_lp is not None:
+            return None
+        lps = out.prompt_logprobs
+        # the first token has no logprob: its entry gives only its text
+        entries = _token_logprobs(
+            self.ctx, self.prompt_ids, [lp or {"logprob": 0.0, "top": []} for lp in lps]
+        )
+        tokens = [e["token"] for e in entries]
+        self.prompt_lp = {
+            "tokens": tokens,
+            "token_logprobs": [e["logprob"] if lp else None for e, lp in zip(entries, lps, strict=True)],
+            "top_logprobs": [
+                {t["token"]: t["logprob"] for t in e["top_logprobs"]} if lp else None
+                for e, lp in zip(entries, lps, strict=True)
+            ],
+            "text_offset": list(itertools.accumulate((len(t) for t in tokens[:-1]), initial=0)),
+        }
+        return self.prompt_lp
 
     def legacy_logprobs(self, ids: list[int], lps: list[dict]) -> dict[str, Any] | None:
         if self.logprobs is None:
@@ -338,13 +382,23 @@ class _TextChoice:
         }
 
     def add(self, out: RequestOutput) -> None:
-        self.text += out.text
-        self.ids += out.new_token_ids
-        self.lps += out.logprobs or []
+        self.prompt_logprobs(out)
+        if not self.prompt_only:
+            self.text += out.text
+            self.ids += out.new_token_ids
+            self.lps += out.logprobs or []
         self.last = out
+
+    def usage(self) -> dict[str, Any]:
+        usage = _usage(self.last, 0)
+        if self.prompt_only:  # the token the engine made is not returned, nor counted
+            usage["completion_tokens"], usage["total_tokens"] = 0, usage["prompt_tokens"]
+        return usage
 
     def reply(self) -> dict[str, Any]:
         lp = self.legacy_logprobs(self.ids, self.lps)
+        if lp is not None and self.prompt_lp is not None:
+            lp = {k: self.prompt_lp[k] + lp[k] for k in lp}
         return {
             "index": self.index,
             "text": self.text,
@@ -369,10 +423,20 @@ async def completions(body: CompletionRequest, request: Request):
     fields = [f"prompt[{i}]" if batch else "prompt" for i in range(len(prompts))]
     ids_list = [await _prompt_ids(ctx, p, body.suffix, f) for p, f in zip(prompts, fields, strict=True)]
     n_lp = body.logprobs or 0
+    prompt_only = body.max_tokens == 0
+    if prompt_only and not body.echo:
+        raise invalid_param(
+            "max_tokens 0 returns only the prompt: it needs echo (got max_tokens 0)", "max_tokens"
+        )
+    # echo + logprobs: the prompt tokens' logprobs too (the prompt is then computed, not read from the cache)
+    scored = body.echo and body.logprobs is not None
     params = [
-        sampling_params_for(
-            body, max_tokens_for(ctx, body.max_tokens, len(ids), (4096, 4096)), False,
-            logprobs=body.logprobs is not None, top_logprobs=n_lp,
+        replace(
+            sampling_params_for(
+                body, max_tokens_for(ctx, 1 if prompt_only else body.max_tokens, len(ids), (4096, 4096)), False,
+                logprobs=body.logprobs is not None, top_logprobs=n_lp,
+            ),
+            prompt_logprobs=n_lp if scored else None,
         )
         for ids in ids_list
     ]  # fmt: skip
@@ -388,8 +452,10 @@ async def completions(body: CompletionRequest, request: Request):
     head = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
             "system_fingerprint": ctx.system_fingerprint}  # fmt: skip
     choices = [
-        _TextChoice(ctx, i, p if (body.echo and isinstance(p, str)) else "", body.logprobs)
-        for i, p in enumerate(prompts)
+        _TextChoice(
+            ctx, i, _echo(ctx, p) if body.echo else "", body.logprobs, ids if scored else None, prompt_only
+        )
+        for i, (p, ids) in enumerate(zip(prompts, ids_list, strict=True))
     ]
 
     if not body.stream:
@@ -400,18 +466,22 @@ async def completions(body: CompletionRequest, request: Request):
             return choices
 
         def completion_reply(done: list[_TextChoice]) -> dict[str, Any]:
-            usage = _summed_usage([_usage(c.last, 0) for c in done])
+            usage = _summed_usage([c.usage() for c in done])
             return {**head, "choices": [c.reply() for c in done], "usage": usage}
 
         return await reply_when_done(request, run_to_end(), completion_reply, ctx.keepalive_s)
 
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
+    def echo_chunk(c: _TextChoice, lp: dict[str, Any] | None) -> str:
+        return _sse(
+            {**head, "choices": [{"index": c.index, "text": c.echo, "logprobs": lp, "finish_reason": None}]}
+        )
+
     async def events() -> AsyncIterator[str]:
         for c in choices:
-            if c.echo:
-                yield _sse({**head, "choices": [{"index": c.index, "text": c.echo, "logprobs": None,
-                                                 "finish_reason": None}]})  # fmt: skip
+            if c.echo and c.prompt_ids is None:  # (with the prompt's logprobs: once they are known)
+                yield echo_chunk(c, None)
         usages = {}
         items = with_keepalive(merged_streams(streams), ctx.keepalive_s, ctx.start_timeout_s)
         try:
@@ -420,11 +490,19 @@ async def completions(body: CompletionRequest, request: Request):
                     yield ": keep-alive\n\n"
                     continue
                 i, out = item
-                lp = choices[i].legacy_logprobs(out.new_token_ids, out.logprobs or [])
-                c = {**head, "choices": [{"index": i, "text": out.text, "logprobs": lp,
+                choice = choices[i]
+                prompt_lp = choice.prompt_logprobs(out)
+                if prompt_lp is not None:
+                    yield echo_chunk(choice, prompt_lp)
+                choice.last = out
+                if choice.prompt_only:
+                    text, lp = "", None
+                else:
+                    text, lp = out.text, choice.legacy_logprobs(out.new_token_ids, out.logprobs or [])
+                c = {**head, "choices": [{"index": i, "text": text, "logprobs": lp,
                                           "finish_reason": out.finish_reason if out.finished else None}]}  # fmt: skip
                 if out.finished:
-                    usages[i] = _usage(out, 0)
+                    usages[i] = choice.usage()
                 last = len(usages) == len(choices) and out.finished
                 if last:  # the usage of the whole request: on the last chunk, or a chunk of its own
                     c["usage"] = None if include_usage else _summed_usage(list(usages.values()))

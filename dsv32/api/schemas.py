@@ -81,6 +81,8 @@ class CompletionRequest(SamplingFields):
     # one prompt (text or token ids), or OpenAI's batch: a list of texts or of id lists (choice i answers
     # prompt i). The third branch's name is left out of validation errors ("a string or a list of token ids")
     prompt: str | list[int] | list[str | list[int]]
+    # 0 only with echo: the prompt alone, scored with ``logprobs`` (how evaluation harnesses read prompt logprobs)
+    max_tokens: int | None = Field(default=None, ge=0)
     suffix: str | None = None
     echo: bool | None = False
     logprobs: int | None = Field(default=None, ge=0, le=20)

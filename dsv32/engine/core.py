@@ -87,6 +87,8 @@ class TokenOutput:
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int
+    # with the request's first output when it asked for them: per prompt position {"logprob", "top"} (None at 0)
+    prompt_logprobs: list[dict | None] | None = None
 
 
 @dataclass
@@ -96,6 +98,7 @@ class _Live:
     state: SamplingState
     stop_ids: set[int] = field(default_factory=set)
     guided: GuidedState | None = None
+    prompt_logprobs_sent: bool = False
 
 
 class EngineCore:
@@ -250,6 +253,9 @@ class EngineCore:
                 )
             guided = self.grammar.new_state(params.guided)
         req = Request(request_id, list(prompt_ids), max_tokens, next(self._arrivals))
+        if params.prompt_logprobs is not None:
+            req.prompt_logprobs = [None] * n
+            req.prompt_top, req.prompt_logprobs_left = params.prompt_logprobs, n - 1
         stop_ids = set(params.stop_token_ids or [])
         if not params.ignore_eos and self.eos_id is not None:
             stop_ids.add(self.eos_id)
@@ -324,12 +330,15 @@ class EngineCore:
             self.drafter.propose(chunks, going_on, self._masker)
         results = []
         for c, toks, lps, reason in zip(sampling, tokens, logprobs, reasons, strict=True):
-            req = c.request
+            req, lv = c.request, self.live[c.request.request_id]
+            prompt_lps = None
+            if req.prompt_logprobs is not None and not lv.prompt_logprobs_sent:  # complete once it samples
+                prompt_lps, lv.prompt_logprobs_sent = list(req.prompt_logprobs), True
             results.append(
                 TokenOutput(
-                    req.request_id, toks, lps if self.live[req.request_id].params.logprobs else None,
+                    req.request_id, toks, lps if lv.params.logprobs else None,
                     reason is not None, reason, len(req.prompt_ids), len(req.output_ids),
-                    req.num_cached_prompt or 0,
+                    req.num_cached_prompt or 0, prompt_lps,
                 )
             )  # fmt: skip
         for r in results:

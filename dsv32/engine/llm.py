@@ -32,6 +32,9 @@ class CompletionOutput:
     logprobs: list[dict] | None = None
     finish_reason: str | None = None
     num_cached_tokens: int = 0
+    # with ``SamplingParams(prompt_logprobs=k)``: per prompt token {"logprob", "top": [(id, logprob), ...]}, None
+    # for the first
+    prompt_logprobs: list[dict | None] | None = None
     # ``LLM.chat`` only: the reply parsed as the API parses it (role, reasoning_content, content, tool_calls)
     message: dict[str, Any] | None = None
 
@@ -100,6 +103,8 @@ class LLM:
                     res.text += out.text
                     if out.logprobs is not None:
                         res.logprobs = (res.logprobs or []) + out.logprobs
+                    if out.prompt_logprobs is not None:
+                        res.prompt_logprobs = out.prompt_logprobs
                     res.num_cached_tokens = out.usage.cached_tokens
                     if out.finished:
                         res.finish_reason = out.finish_reason

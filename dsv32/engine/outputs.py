@@ -33,6 +33,8 @@ class RequestOutput:
     finish_reason: str | None  # "stop" | "length" | "abort"
     usage: Usage
     stop_sequence: str | None = None  # the stop string that ended the request, if one did
+    # in the first output, when asked for (``SamplingParams.prompt_logprobs``): one entry per prompt token
+    prompt_logprobs: list[dict | None] | None = None
 
 
 @dataclass
@@ -93,7 +95,9 @@ class OutputProcessor:
             usage = Usage(o.prompt_tokens, completion, o.cached_tokens)
             stop_str = st.stop.matched if st.stop is not None else None
             results.append(
-                RequestOutput(o.request_id, ids, delta, logprobs, finished, reason, usage, stop_str)
+                RequestOutput(
+                    o.request_id, ids, delta, logprobs, finished, reason, usage, stop_str, o.prompt_logprobs
+                )
             )
             if finished:
                 del self.states[o.request_id]

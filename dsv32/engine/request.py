@@ -35,6 +35,11 @@ class Request:
     num_preemptions: int = 0
     draft_ids: list[int] = field(default_factory=list)  # speculative tokens proposed for the next step
     finish_reason: str | None = None
+    # prompt logprobs (``SamplingParams.prompt_logprobs``): per prompt position its entry once computed (None
+    # before, and always at position 0), how many alternatives each holds, and how many are still missing
+    prompt_logprobs: list[dict | None] | None = None
+    prompt_top: int = 0
+    prompt_logprobs_left: int = 0
 
     @property
     def all_ids(self) -> list[int]:

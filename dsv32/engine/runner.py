@@ -68,6 +68,7 @@ class _Decodes:
 # slots x index_head_dim (DSA) or slots x (kv_lora_rank + qk_rope_head_dim) (dense MLA).
 DECODE_GROUP_SLOTS = 1 << 18
 SHORT_CONTEXT = 1024
+PROMPT_SCORE_ROWS = 128  # prompt positions scored at a time (each a full-vocabulary fp32 row)
 
 
 def next_token_ids(chunks: list[ScheduledChunk], rows_of: dict[int, list[int]], n_rows: int) -> list[int]:
@@ -190,13 +191,23 @@ class ModelRunner:
 
         With ``keep_hidden`` the step's final hidden states stay for ``draft`` (the MTP pass)."""
         self._last = None
-        if self.graphs is not None and self.graphs.fits(chunks):
+        # chunks whose prompt positions are scored (prompt logprobs): every row's logits are needed, which
+        # the fixed-shape steps do not return
+        scoring = [
+            c for c in chunks if c.request.prompt_logprobs_left and c.start < len(c.request.prompt_ids) - 1
+        ]
+        if not scoring and self.graphs is not None and self.graphs.fits(chunks):
             try:
                 return self.graphs.execute(chunks)
             except GraphCaptureError as e:
                 log.warning("%s; decode steps stay eager", e)
                 self.graphs = None
-        if self.prefill_graphs is not None and not self.keep_hidden and self.prefill_graphs.fits(chunks):
+        if (
+            not scoring
+            and self.prefill_graphs is not None
+            and not self.keep_hidden
+            and self.prefill_graphs.fits(chunks)
+        ):
             try:
                 return self.prefill_graphs.execute(chunks)
             except GraphCaptureError as e:
@@ -246,12 +257,41 @@ class ModelRunner:
         hidden = self._forward_layers(input_ids, ctx)
         if self.keep_hidden:
             self._last = (ctx, hidden, rows_of)
+        if scoring:
+            self._score_prompts(scoring, hidden[0], rows_of)
         rows = torch.tensor(
             [r for c in chunks if c.samples for r in rows_of[id(c)][c.num_tokens - 1 :]],
             device=self.device,
             dtype=torch.long,
         )
         return self.model.logits(hidden[0, rows])
+
+    def _score_prompts(
+        self, chunks: list[ScheduledChunk], hidden: torch.Tensor, rows_of: dict[int, list[int]]
+    ) -> None:
+        """Prompt logprobs of the positions these chunks computed (``Request.prompt_logprobs``): the row of
+        position p scores prompt token p + 1 under the model's raw distribution (fp32 log-softmax of the
+        logits), with the request's number of most likely alternatives. ``hidden`` [N, D]: the step's rows.
+        A position computed again (after a preemption) gets the same entry again."""
+        for c in chunks:
+            req, k = c.request, c.request.prompt_top
+            end = min(c.start + c.num_tokens, len(req.prompt_ids) - 1)  # positions [start, end) score a token
+            rows, targets = rows_of[id(c)][: end - c.start], req.prompt_ids[c.start + 1 : end + 1]
+            for s in range(0, len(rows), PROMPT_SCORE_ROWS):  # (full-vocabulary rows: a few at a time)
+                r = torch.tensor(rows[s : s + PROMPT_SCORE_ROWS], device=self.device)
+                lp = torch.log_softmax(self.model.logits(hidden.index_select(0, r)), dim=-1)  # fp32
+                t = torch.tensor(targets[s : s + PROMPT_SCORE_ROWS], device=self.device)
+                chosen = lp.gather(1, t[:, None])[:, 0].tolist()
+                top_v, top_i = lp.topk(k, dim=-1) if k else (lp[:, :0], lp[:, :0].long())
+                top_v, top_i = top_v.tolist(), top_i.tolist()
+                for j, value in enumerate(chosen):
+                    pos = c.start + s + j + 1
+                    if req.prompt_logprobs[pos] is None:
+                        req.prompt_logprobs_left -= 1
+                    req.prompt_logprobs[pos] = {
+                        "logprob": value,
+                        "top": list(zip(top_i[j], top_v[j], strict=True)),
+                    }
 
     @torch.inference_mode()  # its inputs too: dynamo guards on inference tensors, as the steps make them
     def compile_steps(self) -> bool:

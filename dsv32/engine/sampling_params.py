@@ -38,6 +38,10 @@ class SamplingParams:
     that many most likely alternatives (see ``Sampler`` for which distribution they describe).
     ``stop_strings_after`` (a token id): stop strings are matched only on the text after that token (the API
     sets ``</think>`` in thinking mode, so they apply to the content, not the reasoning).
+    ``prompt_logprobs`` (0-20, as vLLM): each prompt token's log-probability given the tokens before it, with
+    that many most likely alternatives, from the model's raw distribution (no temperature, penalties or
+    bias); the first token has none. The request's prompt is then computed in full, not read from the
+    prefix cache.
     ``guided`` constrains the output to a grammar (JSON mode, a JSON Schema, a Lark grammar, a regex; see
     ``dsv32.engine.grammar``): only tokens the grammar allows are sampled, and the request ends when it is
     complete.
@@ -62,6 +66,7 @@ class SamplingParams:
     top_logprobs: int = 0
     skip_special_tokens: bool = True
     guided: dict[str, Any] | None = None
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         # Accept the API's spellings: one stop string, and JSON object keys ("123") for logit_bias.
@@ -131,6 +136,12 @@ class SamplingParams:
         if not (_is_int(self.top_logprobs) and 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS):
             raise SamplingParamsError(
                 "top_logprobs", self.top_logprobs, f"an integer in [0, {MAX_TOP_LOGPROBS}]"
+            )
+        if self.prompt_logprobs is not None and not (
+            _is_int(self.prompt_logprobs) and 0 <= self.prompt_logprobs <= MAX_TOP_LOGPROBS
+        ):
+            raise SamplingParamsError(
+                "prompt_logprobs", self.prompt_logprobs, f"an integer in [0, {MAX_TOP_LOGPROBS}] or None"
             )
         if self.top_logprobs > 0 and not self.logprobs:
             raise SamplingParamsError("top_logprobs", self.top_logprobs, "0 unless logprobs is true")

@@ -147,6 +147,9 @@ class Scheduler:
     # ---- helpers ----------------------------------------------------------------------------
     def _take_prefix_hits(self, req: Request) -> int:
         """Take the cached blocks of the request's leading full blocks; returns how many blocks were looked up."""
+        if req.prompt_logprobs_left:  # every prompt position's logits are wanted: nothing read from the cache
+            req.block_table, req.block_hashes, req.num_computed = [], [], 0
+            return 0
         # at least one token must be computed, to have logits to sample from
         hashes = req.full_block_hashes(self.block_size, req.num_tokens - 1, self.hash_lookahead)
         blocks = self.pool.lookup_prefix(hashes)

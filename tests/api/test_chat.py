@@ -8,6 +8,7 @@ import json
 import httpx
 import openai
 import pytest
+import torch
 
 D = "｜DSML｜"
 WEATHER = {
@@ -303,18 +304,26 @@ def test_fim_completion(scripted_server, tokenizer):
 
 def test_completion_logprobs_have_text_offsets_streamed_or_not(engine_server):
     """api.md §6: legacy logprobs carry ``text_offset`` (where each token starts in the choice's text, after an
-    echoed prompt), and usage has ``completion_tokens_details``."""
+    echoed prompt), and usage has ``completion_tokens_details``. With echo the prompt's tokens come first
+    (the first without a logprob; offsets from the start of the echo), as the legacy OpenAI API and vLLM give
+    them; streamed, they come with the echo."""
     c = openai.OpenAI(base_url=engine_server.url + "/beta", api_key="k", max_retries=0)
     kw = dict(model="deepseek-chat", prompt="def f(x):", max_tokens=6, temperature=0, logprobs=2, echo=True)
     r = c.completions.create(**kw)
-    lp = r.choices[0].logprobs
-    assert r.choices[0].text.startswith("def f(x):") and len(lp.text_offset) == len(lp.tokens) == 6
-    starts = [len("def f(x):")]
-    for tok in lp.tokens[:-1]:
+    lp, n = r.choices[0].logprobs, r.usage.prompt_tokens
+    assert r.choices[0].text.startswith("def f(x):") and len(lp.text_offset) == len(lp.tokens) == n + 6
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert all(v <= 0 for v in lp.token_logprobs[1:]) and all(len(t) <= 2 for t in lp.top_logprobs[1:])
+    starts = [0]
+    for tok in lp.tokens[: n - 1]:
+        starts.append(starts[-1] + len(tok))
+    starts.append(len("def f(x):"))
+    for tok in lp.tokens[n:-1]:
         starts.append(starts[-1] + len(tok))
     assert lp.text_offset == starts
     assert r.usage.completion_tokens_details.reasoning_tokens == 0
     chunks = list(c.completions.create(**kw, stream=True))
+    assert chunks[0].choices[0].text == "def f(x):" and chunks[0].choices[0].logprobs.tokens == lp.tokens[:n]
     streamed = [
         off
         for ch in chunks
@@ -322,6 +331,47 @@ def test_completion_logprobs_have_text_offsets_streamed_or_not(engine_server):
         for off in ch.choices[0].logprobs.text_offset
     ]
     assert streamed == lp.text_offset
+
+
+def test_prompt_logprobs_score_token_id_prompts_as_evaluation_harnesses_ask(engine_server, tokenizer):
+    """What lm-eval's loglikelihood requests send (a batch of token-id prompts, echo, logprobs 1,
+    max_tokens 1, temperature 0): token_logprobs[1:n] are each prompt token's logprob under the model (the
+    full forward's log-softmax), top_logprobs hold the most likely token, and the same prompt sent again is
+    scored the same (computed, not read from the prefix cache). max_tokens 0 with echo returns the prompt
+    alone; without echo it is refused."""
+    c = openai.OpenAI(base_url=engine_server.url + "/v1", api_key="k", max_retries=0)
+    prompts = [tokenizer.encode(t, add_bos=True) for t in ("The capital of France is Paris", "1 2 3 4 5")]
+    kw = dict(model="deepseek-chat", prompt=prompts, temperature=0, logprobs=1, echo=True)
+    r = c.completions.create(max_tokens=1, **kw)
+    model = engine_server.ctx.engine.core.model
+    for choice, ids in zip(r.choices, prompts, strict=True):
+        lp, n = choice.logprobs, len(ids)
+        assert len(lp.token_logprobs) == n + 1 and lp.token_logprobs[0] is None
+        assert choice.text.startswith(tokenizer.decode(ids))
+        with torch.no_grad():
+            ref = torch.log_softmax(model(torch.tensor([ids]))[0].float(), dim=-1)
+        want = [ref[p - 1, ids[p]].item() for p in range(1, n)]
+        assert lp.token_logprobs[1:n] == pytest.approx(want, abs=1e-4)
+        for p in range(
+            1, n
+        ):  # the one alternative is the argmax: "is greedy" iff the token's logprob equals it
+            assert max(lp.top_logprobs[p].values()) == pytest.approx(ref[p - 1].max().item(), abs=1e-4)
+    again = c.completions.create(max_tokens=1, **kw)
+    assert [ch.logprobs.token_logprobs for ch in again.choices] == [
+        ch.logprobs.token_logprobs for ch in r.choices
+    ]
+    assert again.usage.prompt_cache_hit_tokens == 0
+    only = c.completions.create(max_tokens=0, **kw)
+    for choice, ids in zip(only.choices, prompts, strict=True):
+        assert choice.text == tokenizer.decode(ids) and len(choice.logprobs.tokens) == len(ids)
+        assert choice.logprobs.token_logprobs[1:] == pytest.approx(
+            r.choices[choice.index].logprobs.token_logprobs[1 : len(ids)], abs=1e-6
+        )
+    assert only.usage.completion_tokens == 0 and only.usage.total_tokens == only.usage.prompt_tokens
+    with pytest.raises(openai.UnprocessableEntityError, match="needs echo"):
+        c.completions.create(model="deepseek-chat", prompt="hi", max_tokens=0)
+    stats = httpx.get(engine_server.url + "/stats").json()
+    assert stats["running"] == 0 and stats["free_blocks"] == stats["total_blocks"]
 
 
 def test_usage_reports_cache_hits_on_a_repeated_long_prompt(engine_server):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 import dsv32
 from dsv32.engine.sampling_params import SamplingParams
@@ -39,6 +40,20 @@ def test_logprobs_when_asked(llm):
         assert len(lp["top"]) == 3 and lp["top"][0][0] == tok  # greedy: the chosen token is the top one
         assert lp["logprob"] == pytest.approx(lp["top"][0][1])
     assert llm.generate(["Hello"], _greedy(2))[0].logprobs is None
+
+
+def test_prompt_logprobs_when_asked(llm):
+    """vLLM's ``prompt_logprobs``: one entry per prompt token (None for the first), each the raw
+    distribution's logprob of that token with k alternatives; equal to the full forward's."""
+    out = llm.generate(["Hello there, world"], _greedy(1, prompt_logprobs=2))[0]
+    ids = out.prompt_token_ids
+    assert len(out.prompt_logprobs) == len(ids) and out.prompt_logprobs[0] is None
+    with torch.no_grad():
+        ref = torch.log_softmax(llm.model(torch.tensor([ids]))[0].float(), dim=-1)
+    for p in range(1, len(ids)):
+        e = out.prompt_logprobs[p]
+        assert e["logprob"] == pytest.approx(ref[p - 1, ids[p]].item(), abs=1e-4) and len(e["top"]) == 2
+    assert llm.generate(["Hello"], _greedy(1))[0].prompt_logprobs is None
 
 
 def test_bad_calls_are_errors_and_leave_no_blocks(llm):
