@@ -138,6 +138,12 @@ def test_random_mixed_traffic_under_a_tiny_cache(default_model_dir, tokenizer, s
             jobs.append(("/chat/completions", body, rng.randint(1, 4)))
         else:
             jobs.append((*(_chat(rng) if rng.random() < 0.6 else _other(rng)), None))
+    # two long streams that the workers take first (the queue is popped from the end): together they outgrow
+    # the 512 slots, so preemption happens however the random traffic's timing turns out
+    for _ in range(2):
+        body = {"model": "deepseek-chat", "messages": [{"role": "user", "content": _text(rng, 60)}],
+                "max_tokens": 250, "ignore_eos": True, "stream": True}  # fmt: skip
+        jobs.append(("/chat/completions", body, None))
     seen: dict = {"status": [], "hung_up": 0}
 
     async def main(base: str) -> None:
