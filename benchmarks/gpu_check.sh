@@ -13,11 +13,14 @@
 #     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux_2_31_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
 #       --platform manylinux2014_x86_64 -d .whl "$p"; done
-# then call the device tool's run with: command "bash benchmarks/gpu_check.sh", carry [".whl"],
-# timeout_s 540. Results come back under $OUT (bench_engine.md/json/png, bench_spec.*, gpu_profile.txt, log.txt).
+# then call the device tool's run with: command "PROFILE=prefill SKIP_SPEC_SERVE=1 bash benchmarks/gpu_check.sh",
+# carry [".whl"], timeout_s 560 (the whole script no longer fits one 600 s call: on an H200 the tests took 71 s,
+# the bench with --compile ~3 min incl. its DSA part compiled, the prefill profile ~40 s; the spec bench and
+# serve check, `benchmarks/gpu_serve_smoke.py cuda [serve args]`, go in a second call). Results come back under
+# $OUT (bench_engine.md/json/png, bench_spec.*, gpu_profile.txt, log.txt).
 # gpu_profile.py prints where the engine's time goes there (kernel launches, GPU busy time, top ops).
-# Shorter: BENCH_PARTS=decode,prefill benches only those, PROFILE=prefill profiles only the prefill (eager and
-# compiled), SKIP_SPEC_SERVE=1 skips the last two.
+# Shorter: BENCH_PARTS=decode,prefill benches only those, PROFILE=prefill profiles only the prefill (from a
+# graph, eager, compiled), SKIP_SPEC_SERVE=1 skips the last two.
 # The eager comparison (`--enforce-eager`) was run once (bench_engine_cuda_eager.md) and is left out to save time.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-check}
@@ -36,7 +39,7 @@ timeout 260 python3 -m pytest -q -p no:cacheprovider -k cuda tests/model/test_fo
     tests/engine/test_compiled_decode.py tests/engine/test_compiled_layers.py \
     tests/engine/test_prefill_graphs.py
 echo "== bench engine (--compile: batch-1 decode also with the inductor-compiled graph step)"
-timeout "${BENCH_TIMEOUT:-240}" python3 -m dsv32.cli bench engine --device cuda --dtype bfloat16 --quiet-wait 5 \
+timeout "${BENCH_TIMEOUT:-330}" python3 -m dsv32.cli bench engine --device cuda --dtype bfloat16 --quiet-wait 5 \
     --compile ${BENCH_PARTS:+--parts "$BENCH_PARTS"} --out "$OUT"
 echo "== profile"
 timeout 150 python3 benchmarks/gpu_profile.py cuda ${PROFILE:-} 2>&1 | grep -v -e USDT -e '^Loading' | tee "$OUT/gpu_profile.txt"
