@@ -368,6 +368,19 @@ def test_prompt_logprobs_score_token_id_prompts_as_evaluation_harnesses_ask(engi
             r.choices[choice.index].logprobs.token_logprobs[1 : len(ids)], abs=1e-4
         )
     assert only.usage.completion_tokens == 0 and only.usage.total_tokens == only.usage.prompt_tokens
+    streamed = list(
+        c.completions.create(max_tokens=0, stream=True, stream_options={"include_usage": True}, **kw)
+    )
+    texts, lps = ["", ""], [[], []]
+    for ch in streamed:
+        for choice in ch.choices:
+            texts[choice.index] += choice.text
+            lps[choice.index] += choice.logprobs.token_logprobs if choice.logprobs else []
+    assert texts == [ch.text for ch in only.choices]
+    assert [lp[1:] for lp in lps] == [
+        pytest.approx(ch.logprobs.token_logprobs[1:], abs=1e-4) for ch in only.choices
+    ]
+    assert streamed[-1].usage.completion_tokens == 0
     with pytest.raises(openai.UnprocessableEntityError, match="needs echo"):
         c.completions.create(model="deepseek-chat", prompt="hi", max_tokens=0)
     stats = httpx.get(engine_server.url + "/stats").json()
