@@ -138,6 +138,17 @@ def test_random_mixed_traffic_under_a_tiny_cache(default_model_dir, tokenizer, s
             jobs.append(("/chat/completions", body, rng.randint(1, 4)))
         else:
             jobs.append((*(_chat(rng) if rng.random() < 0.6 else _other(rng)), None))
+    # prompts scored for their logprobs (echo + logprobs; max_tokens 0: the prompt alone), text or token ids,
+    # as evaluation harnesses send them: computed in full beside the rest, under preemption
+    for _ in range(8):
+        prompt = (
+            _text(rng, rng.randint(1, 60))
+            if rng.random() < 0.5
+            else [0] + [rng.randint(2, 5000) for _ in range(rng.randint(1, 40))]
+        )  # (one prompt a request: /metrics counts engine requests, the test HTTP ones)
+        body = {"model": "deepseek-chat", "prompt": prompt, "echo": True, "logprobs": rng.randint(0, 3),
+                "max_tokens": rng.choice([0, 1, 8]), "temperature": 0, "stream": rng.random() < 0.5}  # fmt: skip
+        jobs.append(("/v1/completions", body, None))
     # two long streams that the workers take first (the queue is popped from the end): together they outgrow
     # the 512 slots, so preemption happens however the random traffic's timing turns out
     for _ in range(2):
