@@ -387,6 +387,7 @@ class ChatRun:
         self._in_reasoning = in_reasoning
         self.ids: list[int] = []
         self.logprobs: list[dict] = []
+        self.prompt_logprobs: list[dict | None] | None = None  # the prompt's, when asked for (first output)
         self.ctx = ctx
         # with ``parallel`` off: the first call is complete, so generation can stop (api.md §11: truncate
         # after the first invoke); set by ``feed``
@@ -401,6 +402,8 @@ class ChatRun:
         self.ids += out.new_token_ids
         if out.logprobs:
             self.logprobs += out.logprobs
+        if out.prompt_logprobs is not None:
+            self.prompt_logprobs = out.prompt_logprobs
         deltas = self.parser.feed(out.text)
         if out.finished:
             deltas += self.parser.finish()

@@ -95,6 +95,34 @@ def _token_logprobs(ctx: ServingContext, ids: list[int], lps: list[dict]) -> lis
     return out
 
 
+def _vllm_prompt_logprobs(
+    ctx: ServingContext, ids: list[int], lps: list[dict | None], k: int
+) -> list[dict[str, dict[str, Any]] | None]:
+    """vLLM's ``prompt_logprobs``: per prompt token (None for the first) {token id: {logprob, rank,
+    decoded_token}} for the token itself and its ``k`` most likely alternatives."""
+
+    def entry(tid: int, logprob: float, rank: int) -> dict[str, Any]:
+        return {"logprob": max(logprob, -9999.0), "rank": rank, "decoded_token": ctx.tokenizer.decode([tid])}
+
+    out: list[dict[str, dict[str, Any]] | None] = []
+    for tid, lp in zip(ids, lps, strict=True):
+        if lp is None:
+            out.append(None)
+            continue
+        d = {str(tid): entry(tid, lp["logprob"], lp["rank"])}
+        for r, (t, v) in enumerate(lp["top"][:k], start=1):
+            d.setdefault(str(t), entry(t, v, r))
+        out.append(d)
+    return out
+
+
+def _no_streamed_prompt_logprobs(body) -> None:
+    if body.prompt_logprobs is not None and body.stream:
+        raise bad_request(
+            "prompt_logprobs is not available with stream: true (as in vLLM)", "prompt_logprobs"
+        )
+
+
 def _sse(obj: Any) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
@@ -183,9 +211,11 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     max_tokens = max_tokens_for(
         ctx, getattr(body, field), len(prompt_ids), MODE_LIMITS[thinking], field=field
     )
+    _no_streamed_prompt_logprobs(body)
     params = sampling_params_for(
         body, max_tokens, thinking, logprobs=bool(body.logprobs), top_logprobs=body.top_logprobs or 0
     )
+    params = replace(params, prompt_logprobs=body.prompt_logprobs)
     params = with_guided(content_stop_strings(params, ctx.tokenizer, in_reasoning), guided)
     hide = bool(body.reasoning and body.reasoning.exclude)
     run = ChatRun(ctx, tools, thinking, hide, parallel=parallel, in_reasoning=in_reasoning)
@@ -208,7 +238,12 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
             "finish_reason": run.finish_reason(last.finish_reason),
         }
         usage = _usage(last, run.reasoning_tokens if thinking else None)
-        return {**head, "object": "chat.completion", "choices": [choice], "usage": usage}
+        reply = {**head, "object": "chat.completion", "choices": [choice], "usage": usage}
+        if body.prompt_logprobs is not None and run.prompt_logprobs is not None:  # (vLLM: at the top level)
+            reply["prompt_logprobs"] = _vllm_prompt_logprobs(
+                ctx, prompt_ids, run.prompt_logprobs, body.prompt_logprobs
+            )
+        return reply
 
     if not body.stream:
         return await reply_when_done(request, run.run_to_end(stream), chat_reply, ctx.keepalive_s)
@@ -331,13 +366,18 @@ class _TextChoice:
         index: int,
         echo: str,
         logprobs: int | None,
-        prompt_ids: list[int] | None = None,
+        prompt_ids: list[int],
         prompt_only: bool = False,
+        echo_scored: bool = False,
+        vllm_prompt_logprobs: int | None = None,
     ):
         self.ctx, self.index, self.logprobs = ctx, index, logprobs
         self.echo = echo
-        self.prompt_ids = prompt_ids  # set when the prompt tokens' logprobs are returned
+        self.prompt_ids = prompt_ids
         self.prompt_only = prompt_only
+        self.echo_scored = echo_scored  # the prompt tokens lead the legacy logprobs
+        self.vllm_k = vllm_prompt_logprobs  # vLLM's prompt_logprobs field, with this many alternatives
+        self.raw_prompt_logprobs: list[dict | None] | None = None
         self.prompt_lp: dict[str, Any] | None = None  # the prompt tokens' legacy logprobs (first output)
         # text_offset: where each token's text starts in the choice's text (echo included)
         self.offset = len(echo)
@@ -347,9 +387,12 @@ class _TextChoice:
     def prompt_logprobs(self, out: RequestOutput) -> dict[str, Any] | None:
         """The prompt tokens' legacy logprobs, from the request's first output (None when not asked for, or
         already given); their text offsets count from the start of the echo."""
-        if self.prompt_ids is None or out.prompt_logprobs is None or self.prompt_lp is not None:
+        if out.prompt_logprobs is not None:
+            self.raw_prompt_logprobs = out.prompt_logprobs
+        if not self.echo_scored or out.prompt_logprobs is None or self.prompt_lp is not None:
             return None
-        lps = out.prompt_logprobs
+        # (the engine may hold more alternatives, for vLLM's prompt_logprobs: legacy logprobs show `logprobs`)
+        lps = [lp and {**lp, "top": lp["top"][: self.logprobs]} for lp in out.prompt_logprobs]
         # the first token has no logprob: its entry gives only its text
         entries = _token_logprobs(
             self.ctx, self.prompt_ids, [lp or {"logprob": 0.0, "top": []} for lp in lps]
@@ -399,12 +442,17 @@ class _TextChoice:
         lp = self.legacy_logprobs(self.ids, self.lps)
         if lp is not None and self.prompt_lp is not None:
             lp = {k: self.prompt_lp[k] + lp[k] for k in lp}
-        return {
+        reply = {
             "index": self.index,
             "text": self.text,
             "logprobs": lp,
             "finish_reason": self.last.finish_reason,
         }
+        if self.vllm_k is not None and self.raw_prompt_logprobs is not None:
+            reply["prompt_logprobs"] = _vllm_prompt_logprobs(
+                self.ctx, self.prompt_ids, self.raw_prompt_logprobs, self.vllm_k
+            )
+        return reply
 
 
 async def completions(body: CompletionRequest, request: Request):
@@ -428,15 +476,18 @@ async def completions(body: CompletionRequest, request: Request):
         raise invalid_param(
             "max_tokens 0 returns only the prompt: it needs echo (got max_tokens 0)", "max_tokens"
         )
-    # echo + logprobs: the prompt tokens' logprobs too (the prompt is then computed, not read from the cache)
+    # echo + logprobs: the prompt tokens' logprobs too (the prompt is then computed, not read from the cache);
+    # vLLM's prompt_logprobs asks for them in its own shape
+    _no_streamed_prompt_logprobs(body)
     scored = body.echo and body.logprobs is not None
+    k_prompt = max(n_lp if scored else -1, -1 if body.prompt_logprobs is None else body.prompt_logprobs)
     params = [
         replace(
             sampling_params_for(
                 body, max_tokens_for(ctx, 1 if prompt_only else body.max_tokens, len(ids), (4096, 4096)), False,
                 logprobs=body.logprobs is not None, top_logprobs=n_lp,
             ),
-            prompt_logprobs=n_lp if scored else None,
+            prompt_logprobs=k_prompt if k_prompt >= 0 else None,
         )
         for ids in ids_list
     ]  # fmt: skip
@@ -453,8 +504,15 @@ async def completions(body: CompletionRequest, request: Request):
             "system_fingerprint": ctx.system_fingerprint}  # fmt: skip
     choices = [
         _TextChoice(
-            ctx, i, _echo(ctx, p) if body.echo else "", body.logprobs, ids if scored else None, prompt_only
-        )
+            ctx,
+            i,
+            _echo(ctx, p) if body.echo else "",
+            body.logprobs,
+            ids,
+            prompt_only,
+            scored,
+            body.prompt_logprobs,
+        )  # fmt: skip
         for i, (p, ids) in enumerate(zip(prompts, ids_list, strict=True))
     ]
 
@@ -480,7 +538,7 @@ async def completions(body: CompletionRequest, request: Request):
 
     async def events() -> AsyncIterator[str]:
         for c in choices:
-            if c.echo and c.prompt_ids is None:  # (with the prompt's logprobs: once they are known)
+            if c.echo and not c.echo_scored:  # (with the prompt's logprobs: once they are known)
                 yield echo_chunk(c, None)
         usages = {}
         items = with_keepalive(merged_streams(streams), ctx.keepalive_s, ctx.start_timeout_s)

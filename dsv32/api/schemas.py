@@ -47,6 +47,8 @@ class SamplingFields(BaseModel):
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
     top_k: int | None = Field(default=None, ge=-1)
+    # vLLM's extension: each prompt token's logprob (and rank) with this many alternatives; not streamed
+    prompt_logprobs: int | None = Field(default=None, ge=0, le=20)
     min_p: float | None = Field(default=None, ge=0, le=1)
     top_a: float | None = Field(default=None, ge=0, le=1)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)

@@ -281,17 +281,16 @@ class ModelRunner:
                 r = torch.tensor(rows[s : s + PROMPT_SCORE_ROWS], device=self.device)
                 lp = torch.log_softmax(self.model.logits(hidden.index_select(0, r)), dim=-1)  # fp32
                 t = torch.tensor(targets[s : s + PROMPT_SCORE_ROWS], device=self.device)
-                chosen = lp.gather(1, t[:, None])[:, 0].tolist()
+                chosen = lp.gather(1, t[:, None])  # [n, 1]
+                rank = ((lp > chosen).sum(-1) + 1).tolist()  # 1: the most likely token
                 top_v, top_i = lp.topk(k, dim=-1) if k else (lp[:, :0], lp[:, :0].long())
-                top_v, top_i = top_v.tolist(), top_i.tolist()
+                chosen, top_v, top_i = chosen[:, 0].tolist(), top_v.tolist(), top_i.tolist()
                 for j, value in enumerate(chosen):
                     pos = c.start + s + j + 1
                     if req.prompt_logprobs[pos] is None:
                         req.prompt_logprobs_left -= 1
-                    req.prompt_logprobs[pos] = {
-                        "logprob": value,
-                        "top": list(zip(top_i[j], top_v[j], strict=True)),
-                    }
+                    top = list(zip(top_i[j], top_v[j], strict=True))
+                    req.prompt_logprobs[pos] = {"logprob": value, "rank": rank[j], "top": top}
 
     @torch.inference_mode()  # its inputs too: dynamo guards on inference tensors, as the steps make them
     def compile_steps(self) -> bool:

@@ -38,8 +38,8 @@ class SamplingParams:
     that many most likely alternatives (see ``Sampler`` for which distribution they describe).
     ``stop_strings_after`` (a token id): stop strings are matched only on the text after that token (the API
     sets ``</think>`` in thinking mode, so they apply to the content, not the reasoning).
-    ``prompt_logprobs`` (0-20, as vLLM): each prompt token's log-probability given the tokens before it, with
-    that many most likely alternatives, from the model's raw distribution (no temperature, penalties or
+    ``prompt_logprobs`` (0-20, as vLLM): each prompt token's log-probability given the tokens before it (and
+    its rank, 1 for the most likely), with that many most likely alternatives, from the model's raw distribution (no temperature, penalties or
     bias); the first token has none. The request's prompt is then computed in full, not read from the
     prefix cache.
     ``guided`` constrains the output to a grammar (JSON mode, a JSON Schema, a Lark grammar, a regex; see

@@ -387,6 +387,48 @@ def test_prompt_logprobs_score_token_id_prompts_as_evaluation_harnesses_ask(engi
     assert stats["running"] == 0 and stats["free_blocks"] == stats["total_blocks"]
 
 
+def test_vllm_prompt_logprobs_on_completions_and_chat(engine_server, tokenizer):
+    """vLLM's ``prompt_logprobs`` extension: per prompt token (None first) {token id: {logprob, rank,
+    decoded_token}} holding the token itself and its k most likely alternatives (ranks 1..k); on
+    /completions per choice, on chat at the top level; the same numbers as the legacy echo logprobs; not
+    with stream (400, as vLLM)."""
+    c = openai.OpenAI(base_url=engine_server.url + "/v1", api_key="k", max_retries=0)
+    ids = tokenizer.encode("one two three four", add_bos=True)
+    r = c.completions.create(
+        model="deepseek-chat", prompt=ids, max_tokens=1, temperature=0, echo=True, logprobs=1,
+        extra_body={"prompt_logprobs": 3},
+    ).model_dump()  # fmt: skip
+    plp, legacy = r["choices"][0]["prompt_logprobs"], r["choices"][0]["logprobs"]
+    assert len(plp) == len(ids) and plp[0] is None
+    for p in range(1, len(ids)):
+        entry = plp[p]
+        own = entry[str(ids[p])]
+        assert own["logprob"] == pytest.approx(legacy["token_logprobs"][p], abs=1e-6)
+        assert own["decoded_token"] == tokenizer.decode([ids[p]])
+        ranked = sorted((v["rank"], v["logprob"]) for v in entry.values())
+        assert [rk for rk, _ in ranked][:3] == [1, 2, 3] and len(entry) in (3, 4)
+        assert own["rank"] >= 1 and (own["rank"] <= 3) == (len(entry) == 3)
+        assert [lp for _, lp in ranked] == sorted((lp for _, lp in ranked), reverse=True)
+        assert len(legacy["top_logprobs"][p]) == 1  # the legacy field keeps its own count
+    chat = c.chat.completions.create(
+        model="deepseek-chat", messages=[{"role": "user", "content": "hi there"}], max_tokens=1,
+        extra_body={"prompt_logprobs": 0},
+    ).model_dump()  # fmt: skip
+    assert (
+        len(chat["prompt_logprobs"]) == chat["usage"]["prompt_tokens"] and chat["prompt_logprobs"][0] is None
+    )
+    assert all(len(e) == 1 for e in chat["prompt_logprobs"][1:])  # the token itself only
+    for call in (
+        lambda: c.chat.completions.create(model="deepseek-chat", messages=[{"role": "user", "content": "x"}],
+                                          stream=True, extra_body={"prompt_logprobs": 1}),
+        lambda: c.completions.create(model="deepseek-chat", prompt="x", stream=True, extra_body={"prompt_logprobs": 1}),
+    ):  # fmt: skip
+        with pytest.raises(openai.BadRequestError, match="not available with stream"):
+            call()
+    with pytest.raises(openai.UnprocessableEntityError):
+        c.completions.create(model="deepseek-chat", prompt="x", extra_body={"prompt_logprobs": 21})
+
+
 def test_usage_reports_cache_hits_on_a_repeated_long_prompt(engine_server):
     c = client(engine_server)
     long = " ".join(f"word{i}" for i in range(400))
