@@ -239,14 +239,26 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         }
         usage = _usage(last, run.reasoning_tokens if thinking else None)
         reply = {**head, "object": "chat.completion", "choices": [choice], "usage": usage}
-        if body.prompt_logprobs is not None and run.prompt_logprobs is not None:  # (vLLM: at the top level)
-            reply["prompt_logprobs"] = _vllm_prompt_logprobs(
-                ctx, prompt_ids, run.prompt_logprobs, body.prompt_logprobs
-            )
+        if scored_prompt:  # (vLLM: at the top level)
+            reply["prompt_logprobs"] = scored_prompt[0]
         return reply
 
+    scored_prompt: list = []  # vLLM's prompt_logprobs, when asked for
+
+    async def run_to_end() -> RequestOutput:
+        last = await run.run_to_end(stream)
+        if (
+            body.prompt_logprobs is not None and run.prompt_logprobs is not None
+        ):  # (an entry per token: off the loop)
+            scored_prompt.append(
+                await run_in_threadpool(
+                    _vllm_prompt_logprobs, ctx, prompt_ids, run.prompt_logprobs, body.prompt_logprobs
+                )
+            )
+        return last
+
     if not body.stream:
-        return await reply_when_done(request, run.run_to_end(stream), chat_reply, ctx.keepalive_s)
+        return await reply_when_done(request, run_to_end(), chat_reply, ctx.keepalive_s)
 
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
@@ -384,15 +396,15 @@ class _TextChoice:
         self.text, self.ids, self.lps = echo, [], []
         self.last: RequestOutput | None = None
 
-    def prompt_logprobs(self, out: RequestOutput) -> dict[str, Any] | None:
-        """The prompt tokens' legacy logprobs, from the request's first output (None when not asked for, or
-        already given); their text offsets count from the start of the echo."""
-        if out.prompt_logprobs is not None:
-            self.raw_prompt_logprobs = out.prompt_logprobs
-        if not self.echo_scored or out.prompt_logprobs is None or self.prompt_lp is not None:
+    def set_prompt_logprobs(self, raw: list[dict | None]) -> dict[str, Any] | None:
+        """Keep the engine's prompt logprobs (the request's first output); with echo + logprobs return, once,
+        their legacy form, whose text offsets count from the start of the echo. An entry per prompt token and
+        alternative: for a long prompt, call it off the event loop."""
+        self.raw_prompt_logprobs = raw
+        if not self.echo_scored or self.prompt_lp is not None:
             return None
         # (the engine may hold more alternatives, for vLLM's prompt_logprobs: legacy logprobs show `logprobs`)
-        lps = [lp and {**lp, "top": lp["top"][: self.logprobs]} for lp in out.prompt_logprobs]
+        lps = [lp and {**lp, "top": lp["top"][: self.logprobs]} for lp in raw]
         # the first token has no logprob: its entry gives only its text
         entries = _token_logprobs(
             self.ctx, self.prompt_ids, [lp or {"logprob": 0.0, "top": []} for lp in lps]
@@ -425,7 +437,8 @@ class _TextChoice:
         }
 
     def add(self, out: RequestOutput) -> None:
-        self.prompt_logprobs(out)
+        if out.prompt_logprobs is not None:  # (converted in ``reply``, off the event loop)
+            self.raw_prompt_logprobs = out.prompt_logprobs
         if not self.prompt_only:
             self.text += out.text
             self.ids += out.new_token_ids
@@ -439,6 +452,9 @@ class _TextChoice:
         return usage
 
     def reply(self) -> dict[str, Any]:
+        """The choice (with a long prompt's logprobs, thousands of entries: call it off the event loop)."""
+        if self.raw_prompt_logprobs is not None:
+            self.set_prompt_logprobs(self.raw_prompt_logprobs)
         lp = self.legacy_logprobs(self.ids, self.lps)
         if lp is not None and self.prompt_lp is not None:
             lp = {k: self.prompt_lp[k] + lp[k] for k in lp}
@@ -518,14 +534,14 @@ async def completions(body: CompletionRequest, request: Request):
 
     if not body.stream:
 
-        async def run_to_end() -> list[_TextChoice]:
+        async def run_to_end() -> list[dict[str, Any]]:
             async for i, out in outputs(merged_streams(streams), ctx):
                 choices[i].add(out)
-            return choices
+            # (prompt logprobs: an entry per prompt token and alternative, off the event loop)
+            return await run_in_threadpool(lambda: [c.reply() for c in choices])
 
-        def completion_reply(done: list[_TextChoice]) -> dict[str, Any]:
-            usage = _summed_usage([c.usage() for c in done])
-            return {**head, "choices": [c.reply() for c in done], "usage": usage}
+        def completion_reply(replies: list[dict[str, Any]]) -> dict[str, Any]:
+            return {**head, "choices": replies, "usage": _summed_usage([c.usage() for c in choices])}
 
         return await reply_when_done(request, run_to_end(), completion_reply, ctx.keepalive_s)
 
@@ -549,7 +565,9 @@ async def completions(body: CompletionRequest, request: Request):
                     continue
                 i, out = item
                 choice = choices[i]
-                prompt_lp = choice.prompt_logprobs(out)
+                prompt_lp = None
+                if out.prompt_logprobs is not None:  # (an entry per prompt token: off the event loop)
+                    prompt_lp = await run_in_threadpool(choice.set_prompt_logprobs, out.prompt_logprobs)
                 if prompt_lp is not None:
                     yield echo_chunk(choice, prompt_lp)
                 choice.last = out
