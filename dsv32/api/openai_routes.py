@@ -224,7 +224,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     stream = await submit(ctx, prompt_ids, params, rid)
     head = {"id": rid, "created": created, "model": model, "system_fingerprint": ctx.system_fingerprint}
 
-    def chat_reply(last: RequestOutput) -> dict[str, Any]:
+    def chat_reply(done: tuple[RequestOutput, list | None]) -> dict[str, Any]:
+        last, prompt_logprobs = done
         msg = run.parser.result()
         message: dict[str, Any] = {"role": "assistant", "content": msg["content"]}
         if thinking and not hide:
@@ -239,23 +240,19 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         }
         usage = _usage(last, run.reasoning_tokens if thinking else None)
         reply = {**head, "object": "chat.completion", "choices": [choice], "usage": usage}
-        if scored_prompt:  # (vLLM: at the top level)
-            reply["prompt_logprobs"] = scored_prompt[0]
+        if prompt_logprobs is not None:  # (vLLM: at the top level)
+            reply["prompt_logprobs"] = prompt_logprobs
         return reply
 
-    scored_prompt: list = []  # vLLM's prompt_logprobs, when asked for
-
-    async def run_to_end() -> RequestOutput:
+    async def run_to_end() -> tuple[RequestOutput, list | None]:
+        """The last output, and vLLM's prompt_logprobs when asked for (an entry per token: off the loop)."""
         last = await run.run_to_end(stream)
-        if (
-            body.prompt_logprobs is not None and run.prompt_logprobs is not None
-        ):  # (an entry per token: off the loop)
-            scored_prompt.append(
-                await run_in_threadpool(
-                    _vllm_prompt_logprobs, ctx, prompt_ids, run.prompt_logprobs, body.prompt_logprobs
-                )
-            )
-        return last
+        if body.prompt_logprobs is None or run.prompt_logprobs is None:
+            return last, None
+        scored = await run_in_threadpool(
+            _vllm_prompt_logprobs, ctx, prompt_ids, run.prompt_logprobs, body.prompt_logprobs
+        )
+        return last, scored
 
     if not body.stream:
         return await reply_when_done(request, run_to_end(), chat_reply, ctx.keepalive_s)
@@ -496,14 +493,15 @@ async def completions(body: CompletionRequest, request: Request):
     # vLLM's prompt_logprobs asks for them in its own shape
     _no_streamed_prompt_logprobs(body)
     scored = body.echo and body.logprobs is not None
-    k_prompt = max(n_lp if scored else -1, -1 if body.prompt_logprobs is None else body.prompt_logprobs)
+    wanted = [k for k in (n_lp if scored else None, body.prompt_logprobs) if k is not None]
+    k_prompt = max(wanted) if wanted else None
     params = [
         replace(
             sampling_params_for(
                 body, max_tokens_for(ctx, 1 if prompt_only else body.max_tokens, len(ids), (4096, 4096)), False,
                 logprobs=body.logprobs is not None, top_logprobs=n_lp,
             ),
-            prompt_logprobs=k_prompt if k_prompt >= 0 else None,
+            prompt_logprobs=k_prompt,
         )
         for ids in ids_list
     ]  # fmt: skip

@@ -393,20 +393,14 @@ def _decode_and_prefill(
             long = _prompt(gen, cfg.vocab_size, s.prefill_tokens)  # fresh each round: no prefix hits
             dt, _ = _hf_generate(hf, long, 1)
             t["hf_pre"].append(dt)
-            cfirst = efirst = None
-            dt, first = _first_token(core, f"pre{r}", long, 1)
-            _drain(core)
-            t["eng_pre"].append(dt)
-            if cpre is not None:  # the same prompt: no prefix hits in an engine of its own
-                dt, cfirst = _first_token(cpre, f"pre{r}", long, 1)
-                _drain(cpre)
-                t["eng_pre_compiled"].append(dt)
-            if epre is not None:
-                dt, efirst = _first_token(epre, f"pre{r}", long, 1)
-                _drain(epre)
-                t["eng_pre_eager"].append(dt)
-            for name, o in (("graphs", first), ("compiled", cfirst), ("eager", efirst)):
-                toks.setdefault(f"prefill_first_{name}", []).extend(o.new_token_ids if o is not None else [])
+            # the same prompt in each engine (no prefix hits: each has a cache of its own)
+            for name, eng, key in (("graphs", core, "eng_pre"), ("compiled", cpre, "eng_pre_compiled"),
+                                   ("eager", epre, "eng_pre_eager")):  # fmt: skip
+                if eng is not None:
+                    dt, o = _first_token(eng, f"pre{r}", long, 1)
+                    _drain(eng)
+                    t[key].append(dt)
+                    toks.setdefault(f"prefill_first_{name}", []).extend(o.new_token_ids)
             if llama is not None:
                 llama.measure("prefill", s.prefill_tokens, 0, 0)
         print(f"  round {r}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in t.items() if v), flush=True)

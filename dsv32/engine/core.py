@@ -98,7 +98,6 @@ class _Live:
     state: SamplingState
     stop_ids: set[int] = field(default_factory=set)
     guided: GuidedState | None = None
-    prompt_logprobs_sent: bool = False
 
 
 class EngineCore:
@@ -331,9 +330,12 @@ class EngineCore:
         results = []
         for c, toks, lps, reason in zip(sampling, tokens, logprobs, reasons, strict=True):
             req, lv = c.request, self.live[c.request.request_id]
-            prompt_lps = None
-            if req.prompt_logprobs is not None and not lv.prompt_logprobs_sent:  # complete once it samples
-                prompt_lps, lv.prompt_logprobs_sent = list(req.prompt_logprobs), True
+            # with the request's first output (its prompt is complete once it samples; a preempted request's
+            # recomputed prompt is not sent again)
+            first_output = len(req.output_ids) == len(toks)
+            prompt_lps = (
+                list(req.prompt_logprobs) if req.prompt_logprobs is not None and first_output else None
+            )
             results.append(
                 TokenOutput(
                     req.request_id, toks, lps if lv.params.logprobs else None,
