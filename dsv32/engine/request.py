@@ -40,6 +40,8 @@ class Request:
     prompt_logprobs: list[dict | None] | None = None
     prompt_top: int = 0
     prompt_logprobs_left: int = 0
+    # chained hashes of the prompt's full blocks, once computed (``prompt_block_hashes``)
+    _prompt_hashes: list[bytes] | None = field(default=None, repr=False)
 
     @property
     def all_ids(self) -> list[int]:
@@ -63,6 +65,20 @@ class Request:
     @property
     def is_finished(self) -> bool:
         return self.status == Status.FINISHED
+
+    def prompt_block_hashes(self, block_size: int, lookahead: int = 0) -> list[bytes]:
+        """Chained hashes of the prompt's full blocks (each with its ``lookahead`` tokens inside the prompt), as
+        ``full_block_hashes`` gives them; computed once (the prompt never changes)."""
+        if self._prompt_hashes is None:
+            ids, hashes = self.prompt_ids, []
+            for b in range((len(ids) - lookahead) // block_size):
+                hashes.append(
+                    hash_block(
+                        hashes[-1] if hashes else None, ids[b * block_size : (b + 1) * block_size + lookahead]
+                    )
+                )
+            self._prompt_hashes = hashes
+        return self._prompt_hashes
 
     def full_block_hashes(self, block_size: int, upto: int, lookahead: int = 0) -> list[bytes]:
         """Chained hashes of the full blocks among the first ``upto`` tokens (extends ``block_hashes``).

@@ -6,6 +6,12 @@ are admitted in arrival order while budget, sequence slots and blocks last — s
 prefills share a step, and prefix hits simply start a request with some tokens already computed.
 When blocks run out, the newest running request is preempted (blocks freed, recomputed later).
 A waiting request that does not fit blocks the ones behind it, so none starves.
+
+Requests that share a prompt prefix and arrive together (``n`` samples of one prompt, a burst of requests
+with one system prompt) compute it once: a waiting request whose next uncached block is one that a
+running request's prefill is computing waits (holding nothing, not counted against ``max_num_seqs``) and
+is admitted once that block is in the prefix cache; requests behind it are admitted meanwhile. The one it
+waits for is running, so it never waits long: as long as that prefill's chunk, or until it is preempted.
 """
 
 from __future__ import annotations
@@ -104,10 +110,20 @@ class Scheduler:
             scheduled.add(id(req))
             budget -= n + len(draft)
             i += 1
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            req = self.waiting[0]
+        in_flight: set[bytes] | None = None  # prompt blocks that running requests are computing (when needed)
+        w = 0  # waiting requests before this one wait for a shared prefill
+        while w < len(self.waiting) and budget > 0 and len(self.running) < self.max_num_seqs:
+            req = self.waiting[w]
             # a waiting request holds no blocks (new, preempted or refused)
             looked_up = self._take_prefix_hits(req)
+            if looked_up > len(req.block_table) and not req.prompt_logprobs_left:
+                if in_flight is None:
+                    in_flight = self._in_flight_blocks(self.running)
+                k, prompt_hashes = len(req.block_table), self._prompt_hashes(req)
+                if k < len(prompt_hashes) and prompt_hashes[k] in in_flight:
+                    self._release(req)  # its next block is being computed: wait and read it from the cache
+                    w += 1
+                    continue
             n = min(req.num_tokens - req.num_computed, budget)
             if not self._ensure_blocks(req, req.num_computed + n):
                 self._release(req)  # give back prefix hits; try again next step
@@ -117,9 +133,11 @@ class Scheduler:
             self.pool.record_lookup(looked_up, req.num_computed // self.block_size)
             if req.num_cached_prompt is None:  # reported once, from the first admission
                 req.num_cached_prompt = min(req.num_computed, len(req.prompt_ids))
-            self.waiting.popleft()
+            del self.waiting[w]
             req.status = Status.RUNNING
             self.running.append(req)
+            if in_flight is not None:
+                in_flight |= self._in_flight_blocks([req])
             chunks.append(ScheduledChunk(req, req.num_computed, n))
             budget -= n
         return chunks
@@ -157,6 +175,17 @@ class Scheduler:
         req.block_hashes = hashes[: len(blocks)]
         req.num_computed = len(blocks) * self.block_size
         return len(hashes)
+
+    def _prompt_hashes(self, req: Request) -> list[bytes]:
+        return req.prompt_block_hashes(self.block_size, self.hash_lookahead)
+
+    def _in_flight_blocks(self, requests: list[Request]) -> set[bytes]:
+        """Hashes of the prompt blocks these requests have yet to compute (and will publish when they have)."""
+        blocks: set[bytes] = set()
+        for r in requests:
+            if r.num_computed < len(r.prompt_ids):
+                blocks.update(self._prompt_hashes(r)[r.num_computed // self.block_size :])
+        return blocks
 
     def _ensure_blocks(self, req: Request, n_tokens: int) -> bool:
         need = -(-n_tokens // self.block_size) - len(req.block_table)

@@ -255,3 +255,41 @@ def test_default_model_engine_equals_its_own_forward_past_index_topk():
     for i, p in enumerate(prompts):
         assert outs[str(i)] == alone(model, p, 12), f"request {i} ({len(p)} tokens)"
     core.pool.assert_no_leaks()
+
+
+def test_identical_prompts_arriving_together_compute_their_prefix_once(model):
+    """Four requests with one 38-token prompt (n samples of it, or a burst with one system prompt) and one
+    other, added together: the prompt runs through the model once plus each later copy's last partial block,
+    the copies report the shared blocks as cached, greedy copies equal running alone, seeded ones their own
+    seed's output, and nothing leaks."""
+    core = EngineCore(
+        model, EngineConfig(block_size=4, num_blocks=80, max_num_batched_tokens=64), eos_id=None
+    )
+    g = torch.Generator().manual_seed(3)
+    shared = torch.randint(2, 300, (38,), generator=g).tolist()
+    other = torch.randint(2, 300, (5,), generator=g).tolist()
+    computed: list[int] = []  # tokens run through the model per step
+    hook = model.model.embed_tokens.register_forward_hook(lambda m, i, o: computed.append(i[0].numel()))
+    greedy = SamplingParams(temperature=0.0, max_tokens=4)
+    seeded = [SamplingParams(temperature=1.0, seed=s, max_tokens=4) for s in (1, 2)]
+    try:
+        for rid, p, sp in [("g0", shared, greedy), ("g1", shared, greedy), ("s1", shared, seeded[0]),
+                           ("s2", shared, seeded[1]), ("o", other, greedy)]:  # fmt: skip
+            core.add_request(rid, list(p), sp)
+        outs = list(run_steps(core))
+    finally:
+        hook.remove()
+    toks: dict[str, list[int]] = {}
+    cached = {}
+    for o in outs:
+        toks.setdefault(o.request_id, []).extend(o.new_token_ids)
+        cached[o.request_id] = o.cached_tokens
+    assert toks["g0"] == toks["g1"] == alone(model, shared, 4) and toks["o"] == alone(model, other, 4)
+    assert cached == {"g0": 0, "g1": 36, "s1": 36, "s2": 36, "o": 0}
+    # prompts: 38 + 3 x 2 + 5 tokens; then 4 decodes... less the last token of each of the five
+    assert sum(computed) == 38 + 3 * 2 + 5 + 5 * 3
+    for rid, sp in (("s1", seeded[0]), ("s2", seeded[1])):  # a seed's draws do not depend on the batch
+        solo = EngineCore(model, EngineConfig(block_size=4, num_blocks=40), eos_id=None)
+        solo.add_request(rid, list(shared), sp)
+        assert [t for o in run_steps(solo) for t in o.new_token_ids] == toks[rid]
+    core.pool.assert_no_leaks()
