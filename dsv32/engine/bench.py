@@ -9,7 +9,9 @@ weights (fp32, the threads torch has), as issue 5's "Benchmarks" acceptance asks
 2. ``prefill`` — time to first token of a 1024-token prompt: engine vs HF ``generate(max_new_tokens=1)``.
 3. ``concurrency`` — aggregate decode tok/s at 1, 4, 16, 64 concurrent requests (short prompts, all
    prefilled first, then the steps while all of them decode), as ratios to HF batch-1 decode.
-4. ``prefix`` — TTFT of an 8K-token prompt cold, and again with the whole prompt in the prefix cache.
+4. ``prefix`` — TTFT of an 8K-token prompt cold, and again with the whole prompt in the prefix cache; and
+   the time until 4 copies of a fresh 1024-token prompt submitted together all have a first token, against
+   one alone (the shared prefill runs once).
 5. ``dsa`` — decode step time at 4K / 16K / 32K context with DSA vs the same model with the indexer
    disabled (``indexer.topk`` set past any context: dense MLA), on an attention-dominated variant of the
    config (2 layers, the same attention dims, 4 small experts, a 2048-token vocabulary: the 129K-entry
@@ -46,6 +48,7 @@ from typing import Any
 import torch
 
 PARTS = ("decode", "prefill", "concurrency", "prefix", "dsa")
+BURST_COPIES = 4  # the prefix part's burst of one prompt
 BLOCK_SIZE = 16
 DENSE_TOPK = 1 << 40  # an index_topk no context reaches: the indexer never selects, attention is dense
 
@@ -687,7 +690,40 @@ def _prefix(ours, cfg, s: Settings, gen: torch.Generator) -> dict:
         "prompt_tokens": n, "cold_ttft_s": cold, "cold_cached_tokens": cold_cached,
         "cached_ttft_s": min(warm), "cached_tokens": cached, "ratio": cold / min(warm),
         "target": TARGETS["prefix"], "cold_runs": 1, "cached_runs": len(warm), "waited_s_between_runs": sum(waits),
-        "prefill_graphs_captured_first": graphs_warmed,
+        "prefill_graphs_captured_first": graphs_warmed, "burst": _burst(ours, cfg, s, gen),
+    }  # fmt: skip
+
+
+def _burst(ours, cfg, s: Settings, gen: torch.Generator, copies: int = BURST_COPIES) -> dict:
+    """``copies`` requests with one fresh prompt submitted together (n samples of a prompt, a burst with one
+    system prompt) against that prompt's length alone: the time until all have their first token, and the
+    prompt tokens computed (the scheduler runs a shared prefill once; the others wait and read the cache)."""
+    n = s.prefill_tokens
+    core = _engine(ours, copies * (n + 2 * BLOCK_SIZE), copies, s.max_num_batched_tokens, s.cuda_graphs)
+    _first_token(core, "warmup", _prompt(gen, cfg.vocab_size, n), 1)  # GPU: the prefill graph's capture
+    _drain(core)
+    alone, together, computed, waits = [], [], 0, []
+    for r in range(s.repeats):
+        _settle(s, waits)
+        alone.append(_first_token(core, f"alone{r}", _prompt(gen, cfg.vocab_size, n), 1)[0])
+        _drain(core)
+        prompt = _prompt(gen, cfg.vocab_size, n)  # fresh: nothing of it cached
+        t0 = _now()
+        for i in range(copies):
+            core.add_request(f"burst{r}-{i}", list(prompt), _greedy(1))
+        firsts = {}
+        while len(firsts) < copies:
+            for o in core.step():
+                firsts.setdefault(o.request_id, o)
+        together.append(_now() - t0)
+        _drain(core)
+        computed = sum(o.prompt_tokens - o.cached_tokens for o in firsts.values())
+    core.pool.assert_no_leaks()
+    print(f"  {copies} copies of a {n}-token prompt together: {min(together):.2f}s, alone {min(alone):.2f}s",
+          flush=True)  # fmt: skip
+    return {
+        "copies": copies, "prompt_tokens": n, "alone_ttft_s": min(alone), "all_first_tokens_s": min(together),
+        "ratio_to_alone": min(together) / min(alone), "prompt_tokens_computed": computed, "rounds": len(alone),
     }  # fmt: skip
 
 
@@ -1237,6 +1273,16 @@ def markdown(r: dict) -> str:
                      "the prefill's CUDA graphs." if p.get("prefill_graphs_captured_first") else ""), "",
                   "| cold TTFT s | cached TTFT s | ratio |", "|---|---|---|",
                   f"| {p['cold_ttft_s']:.2f} | {p['cached_ttft_s']:.3f} | **{p['ratio']:.1f}×** |"]  # fmt: skip
+        if "burst" in p:
+            b = p["burst"]
+            lines += ["", f"{b['copies']} requests with one fresh {b['prompt_tokens']}-token prompt submitted together "
+                      "(as `n` samples of a prompt, or a burst with one system prompt) against the same length "
+                      "alone: the shared prefill runs once, the other copies wait for its blocks and read them "
+                      f"from the cache (best of {b['rounds']}).", "",
+                      "| alone: TTFT s | together: all first tokens s | ratio | prompt tokens computed |",
+                      "|---|---|---|---|",
+                      f"| {b['alone_ttft_s']:.2f} | {b['all_first_tokens_s']:.2f} | {b['ratio_to_alone']:.2f}× | "
+                      f"{b['prompt_tokens_computed']} of {b['copies'] * b['prompt_tokens']} |"]  # fmt: skip
     if "dsa" in r:
         d = r["dsa"]
         if "skipped" in d:

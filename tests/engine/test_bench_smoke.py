@@ -36,6 +36,9 @@ def test_bench_engine_quick_writes_results(tmp_path):
     assert all("ratio_to_hf_batch1" in x for x in data["concurrency"]["rows"])
     p = data["prefix"]
     assert p["cold_cached_tokens"] == 0 and p["cached_tokens"] >= p["prompt_tokens"] - 16
+    b = p["burst"]  # the copies' shared prefill ran once: each other copy computed under a block
+    assert b["prompt_tokens"] <= b["prompt_tokens_computed"] < b["prompt_tokens"] + b["copies"] * 16
+    assert "submitted together" in md
     rows = data["dsa"]["rows"]
     assert len(rows) == 2 and all(x["context"] > data["dsa"]["variant"]["index_topk"] for x in rows)
     assert rows[1]["prefill_cached_tokens"] > 0  # the longer context reused the shorter one
