@@ -233,6 +233,8 @@ class EngineCore:
         if bad:
             raise EngineError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})")
         params.validate(vocab)
+        if params.n != 1:
+            raise EngineError(f"one engine request samples once (n={params.n}): submit params.samples() each")
         n = len(prompt_ids)
         room = min(self.max_model_len, self.capacity_tokens) - n
         if room < 1:

@@ -3,7 +3,9 @@
     llm = dsv32.LLM()                                    # the embedded default model (random weights)
     outs = llm.generate(["Hello"], dsv32.SamplingParams(max_tokens=16))
     outs = llm.generate(prompt_token_ids=[[0, 123, 456]], sampling_params=params)
-    outs[0].text, outs[0].token_ids
+    outs[0].text, outs[0].token_ids                     # (or vLLM's outs[0].outputs[0].text)
+    outs = llm.generate(["Hello"], dsv32.SamplingParams(n=4, temperature=1.0, seed=0))
+    [o.text for o in outs[0].outputs]                    # 4 samples; their prompt computed once
     outs = llm.chat([{"role": "user", "content": "Hi"}], params, thinking=True)
     outs[0].message["reasoning_content"], outs[0].message["content"], outs[0].message["tool_calls"]
 
@@ -37,6 +39,14 @@ class CompletionOutput:
     prompt_logprobs: list[dict | None] | None = None
     # ``LLM.chat`` only: the reply parsed as the API parses it (role, reasoning_content, content, tool_calls)
     message: dict[str, Any] | None = None
+    index: int = 0  # which of the prompt's ``n`` samples this is
+    _more: list[CompletionOutput] = field(default_factory=list, repr=False)  # samples 1 .. n-1
+
+    @property
+    def outputs(self) -> list[CompletionOutput]:
+        """The prompt's ``SamplingParams.n`` samples, this one (sample 0) first: vLLM's ``RequestOutput.outputs``
+        (``outs[0].outputs[0].text`` reads as in vLLM)."""
+        return [self, *self._more]
 
 
 class LLM:
@@ -77,7 +87,8 @@ class LLM:
         *,
         prompt_token_ids: list[list[int]] | None = None,
     ) -> list[CompletionOutput]:
-        """One output per prompt, in order. Strings get BOS prepended; ids are used as given."""
+        """One output per prompt, in order (with ``n`` > 1 its samples in ``.outputs``, the output itself the
+        first). Strings get BOS prepended; ids are used as given."""
         if (prompts is None) == (prompt_token_ids is None):
             raise ValueError("give either prompts or prompt_token_ids")
         if prompts is not None:
@@ -92,13 +103,20 @@ class LLM:
             raise ValueError(f"{len(params)} sampling_params for {n} prompts")
         processor = OutputProcessor(self.tokenizer)
         results = [CompletionOutput(list(ids)) for ids in prompt_token_ids]
+        samples: dict[str, CompletionOutput] = {}  # by engine request id: each prompt's n samples
         try:
             for i, (ids, p) in enumerate(zip(prompt_token_ids, params, strict=True)):
-                self.engine.add_request(f"llm-{id(results)}-{i}", list(ids), p)
-                processor.add(f"llm-{id(results)}-{i}", p)
+                for j, sp in enumerate(p.samples()):  # (their shared prompt is computed once)
+                    res = results[i] if j == 0 else CompletionOutput(list(ids), index=j)
+                    if j:
+                        results[i]._more.append(res)
+                    rid = f"llm-{id(results)}-{i}-{j}"
+                    self.engine.add_request(rid, list(ids), sp)
+                    processor.add(rid, sp)
+                    samples[rid] = res
             while self.engine.has_work():
                 for out in processor.process(self.engine, self.engine.step()):
-                    res = results[int(out.request_id.rsplit("-", 1)[1])]
+                    res = samples[out.request_id]
                     res.token_ids.extend(out.new_token_ids)
                     res.text += out.text
                     if out.logprobs is not None:
@@ -109,8 +127,8 @@ class LLM:
                     if out.finished:
                         res.finish_reason = out.finish_reason
         finally:  # an error (or Ctrl-C) must not leave blocks behind
-            for i in range(n):
-                self.engine.abort(f"llm-{id(results)}-{i}")
+            for rid in samples:
+                self.engine.abort(rid)
         return results
 
     def chat(
@@ -141,7 +159,7 @@ class LLM:
             for conv in conversations
         ]
         outputs = self.generate(prompt_token_ids=ids, sampling_params=sampling_params)
-        for out in outputs:
+        for out in (sample for o in outputs for sample in o.outputs):
             parsed = parse_completion(out.text, tools=tools, thinking=thinking, family=self.chat_format)
             parsed.pop("problems", None)  # for a server's logs, not a reply
             out.message = parsed

@@ -8,11 +8,12 @@ A ``SamplingParams`` holds only builtins, so it crosses thread and process bound
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 MAX_STOP_STRINGS = 16  # api.md §3.1: stop takes at most 16 sequences
 MAX_TOP_LOGPROBS = 20
+MAX_N = 128  # samples of one prompt (OpenAI's limit for n)
 MAX_LOGIT_BIAS = 100.0
 _SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
 
@@ -42,6 +43,8 @@ class SamplingParams:
     its rank, 1 for the most likely), with that many most likely alternatives, from the model's raw distribution (no temperature, penalties or
     bias); the first token has none. The request's prompt is then computed in full, not read from the
     prefix cache.
+    ``n`` (as vLLM): that many samples of the prompt, each its own engine request (``samples``); the
+    engine's scheduler computes their shared prompt once.
     ``guided`` constrains the output to a grammar (JSON mode, a JSON Schema, a Lark grammar, a regex; see
     ``dsv32.engine.grammar``): only tokens the grammar allows are sampled, and the request ends when it is
     complete.
@@ -67,6 +70,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     guided: dict[str, Any] | None = None
     prompt_logprobs: int | None = None
+    n: int = 1
 
     def __post_init__(self) -> None:
         # Accept the API's spellings: one stop string, and JSON object keys ("123") for logit_bias.
@@ -79,6 +83,17 @@ class SamplingParams:
         if isinstance(self.logit_bias, dict):
             self.logit_bias = {_int_key(k): v for k, v in self.logit_bias.items()}
         self.validate()
+
+    def samples(self) -> list[SamplingParams]:
+        """The ``n`` requests that sample a prompt with these params, each with ``n`` 1; with a seed, sample i
+        gets seed + i (as vLLM: its own reproducible stream)."""
+        out = []
+        for i in range(self.n):
+            seed = self.seed
+            if seed is not None and i:
+                seed = seed + i if seed + i <= _SEED_RANGE[1] else seed + i - 2**64  # (torch: the same seed)
+            out.append(replace(self, n=1, seed=seed))
+        return out
 
     @property
     def greedy(self) -> bool:
@@ -143,6 +158,8 @@ class SamplingParams:
             raise SamplingParamsError(
                 "prompt_logprobs", self.prompt_logprobs, f"an integer in [0, {MAX_TOP_LOGPROBS}] or None"
             )
+        if not (_is_int(self.n) and 1 <= self.n <= MAX_N):
+            raise SamplingParamsError("n", self.n, f"an integer in [1, {MAX_N}]")
         if self.top_logprobs > 0 and not self.logprobs:
             raise SamplingParamsError("top_logprobs", self.top_logprobs, "0 unless logprobs is true")
         if self.guided is not None:

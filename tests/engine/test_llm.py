@@ -56,6 +56,35 @@ def test_prompt_logprobs_when_asked(llm):
     assert llm.generate(["Hello"], _greedy(1))[0].prompt_logprobs is None
 
 
+def test_n_samples_of_each_prompt(llm):
+    """``SamplingParams(n=k)`` (vLLM): each output holds k samples in ``.outputs`` (itself first); a seed
+    gives sample i seed + i, so each sample is what that seed alone gives; greedy samples agree; the
+    shared prompt is computed once (the others report its full blocks cached)."""
+    prompts = ["Once upon a time there was a", "Hello"]
+    outs = llm.generate(prompts, SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=5, ignore_eos=True))
+    assert [len(o.outputs) for o in outs] == [3, 3]
+    for o, prompt in zip(outs, prompts, strict=True):
+        assert o.outputs[0] is o and [s.index for s in o.outputs] == [0, 1, 2]
+        for i, sample in enumerate(o.outputs):
+            assert sample.prompt_token_ids == o.prompt_token_ids and len(sample.token_ids) == 5
+            alone = llm.generate(
+                prompt, SamplingParams(temperature=1.0, seed=7 + i, max_tokens=5, ignore_eos=True)
+            )
+            assert sample.token_ids == alone[0].token_ids and sample.text == alone[0].text
+        assert len({tuple(s.token_ids) for s in o.outputs}) > 1  # three seeds: not all the same sample
+    fresh = "A prompt nobody asked for before, long enough to fill a few blocks of the cache: " * 3
+    greedy = llm.generate(fresh, SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True, n=2))[0]
+    assert greedy.outputs[0].token_ids == greedy.outputs[1].token_ids
+    assert greedy.num_cached_tokens == 0 and greedy.outputs[1].num_cached_tokens > 0
+    chat = llm.chat(
+        [{"role": "user", "content": "Hi"}],
+        SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True, n=2),
+    )[0]
+    assert [s.message["content"] for s in chat.outputs] == [chat.message["content"]] * 2
+    assert llm.generate("Hello", _greedy(2))[0].outputs[0].index == 0
+    llm.engine.pool.assert_no_leaks()
+
+
 def test_bad_calls_are_errors_and_leave_no_blocks(llm):
     with pytest.raises(ValueError, match="either prompts or prompt_token_ids"):
         llm.generate(["a"], _greedy(2), prompt_token_ids=[[1, 2]])

@@ -74,6 +74,9 @@ BAD = [
     ("top_logprobs", 21, "[0, 20]"),
     ("top_logprobs", -1, "[0, 20]"),
     ("logit_bias", [1, 2], "token_id"),
+    ("n", 0, "[1, 128]"),
+    ("n", 129, "[1, 128]"),
+    ("n", 2.0, "[1, 128]"),
 ]
 
 
@@ -124,3 +127,14 @@ def test_validate_sees_later_mutation() -> None:
     p.temperature = 3.0
     with pytest.raises(SamplingParamsError, match="temperature"):
         p.validate()
+
+
+def test_n_samples_are_single_requests_with_seeds_of_their_own() -> None:
+    p = SamplingParams(n=3, seed=5, temperature=0.7, stop=["x"])
+    assert [(q.n, q.seed, q.temperature, q.stop) for q in p.samples()] == [
+        (1, s, 0.7, ["x"]) for s in (5, 6, 7)
+    ]
+    assert [q.seed for q in SamplingParams(n=2).samples()] == [None, None]  # unseeded: each draws its own
+    top = 2**64 - 1  # the largest seed: the next one wraps to the seed torch takes as the same
+    assert [q.seed for q in SamplingParams(n=2, seed=top).samples()] == [top, 0]
+    assert SamplingParams().samples() == [SamplingParams()]
