@@ -157,6 +157,7 @@ def sampling_params_for(
     """SamplingParams from a request; in thinking mode temperature, top_p and penalties are ignored."""
     kw: dict[str, Any] = dict(
         max_tokens=max_tokens,
+        n=getattr(req, "n", None) or 1,  # (the Anthropic route has no n)
         seed=req.seed,
         stop=req.stop,
         logit_bias=logit_bias_ids(req.logit_bias),

@@ -218,97 +218,136 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     params = replace(params, prompt_logprobs=body.prompt_logprobs)
     params = with_guided(content_stop_strings(params, ctx.tokenizer, in_reasoning), guided)
     hide = bool(body.reasoning and body.reasoning.exclude)
-    run = ChatRun(ctx, tools, thinking, hide, parallel=parallel, in_reasoning=in_reasoning)
+    n = body.n or 1  # choice j: sample j of the prompt (its prompt computed once: the scheduler shares it)
+    runs = [
+        ChatRun(ctx, tools, thinking, hide, parallel=parallel, in_reasoning=in_reasoning) for _ in range(n)
+    ]
     rid = f"{uuid.uuid4()}"
     created = int(time.time())
-    stream = await submit(ctx, prompt_ids, params, rid)
+    # vLLM's prompt_logprobs are the request's, not a choice's: the first sample scores the prompt
+    samples = [s if j == 0 else replace(s, prompt_logprobs=None) for j, s in enumerate(params.samples())]
+    streams = []
+    try:
+        for j, sample in enumerate(samples):
+            streams.append(await submit(ctx, prompt_ids, sample, rid if n == 1 else f"{rid}-{j}"))
+    except BaseException:
+        for st in streams:  # the samples the engine took before one was refused are aborted
+            await st.aclose()
+        raise
     head = {"id": rid, "created": created, "model": model, "system_fingerprint": ctx.system_fingerprint}
 
-    def chat_reply(done: tuple[RequestOutput, list | None]) -> dict[str, Any]:
-        last, prompt_logprobs = done
-        msg = run.parser.result()
-        message: dict[str, Any] = {"role": "assistant", "content": msg["content"]}
-        if thinking and not hide:
-            message["reasoning_content"] = msg["reasoning_content"] or ""
-        if run.tool_calls():
-            message["tool_calls"] = run.tool_calls()
-        choice = {
-            "index": 0,
-            "message": message,
-            "logprobs": {"content": _token_logprobs(ctx, run.ids, run.logprobs)} if body.logprobs else None,
-            "finish_reason": run.finish_reason(last.finish_reason),
-        }
-        usage = _usage(last, run.reasoning_tokens if thinking else None)
-        reply = {**head, "object": "chat.completion", "choices": [choice], "usage": usage}
+    def usage_of(j: int, last: RequestOutput) -> dict[str, Any]:
+        return _usage(last, runs[j].reasoning_tokens if thinking else None)
+
+    def chat_reply(done: tuple[list[RequestOutput], list | None]) -> dict[str, Any]:
+        lasts, prompt_logprobs = done
+        choices = []
+        for j, (run, last) in enumerate(zip(runs, lasts, strict=True)):
+            msg = run.parser.result()
+            message: dict[str, Any] = {"role": "assistant", "content": msg["content"]}
+            if thinking and not hide:
+                message["reasoning_content"] = msg["reasoning_content"] or ""
+            if run.tool_calls():
+                message["tool_calls"] = run.tool_calls()
+            lp = {"content": _token_logprobs(ctx, run.ids, run.logprobs)} if body.logprobs else None
+            choices.append({"index": j, "message": message, "logprobs": lp,
+                            "finish_reason": run.finish_reason(last.finish_reason)})  # fmt: skip
+        usage = _summed_usage([usage_of(j, last) for j, last in enumerate(lasts)], n)
+        reply = {**head, "object": "chat.completion", "choices": choices, "usage": usage}
         if prompt_logprobs is not None:  # (vLLM: at the top level)
             reply["prompt_logprobs"] = prompt_logprobs
         return reply
 
-    async def run_to_end() -> tuple[RequestOutput, list | None]:
-        """The last output, and vLLM's prompt_logprobs when asked for (an entry per token: off the loop)."""
-        last = await run.run_to_end(stream)
-        if body.prompt_logprobs is None or run.prompt_logprobs is None:
-            return last, None
+    async def ended(j: int, out: RequestOutput) -> bool:
+        """Whether sample j is done with ``out``: finished, or its reply complete early (its request is then
+        aborted)."""
+        if runs[j].done_early:
+            await streams[j].aclose()
+            return True
+        return out.finished
+
+    async def run_to_end() -> tuple[list[RequestOutput], list | None]:
+        """Each sample's last output, and vLLM's prompt_logprobs when asked for (an entry per token: off the
+        loop)."""
+        lasts: list[RequestOutput | None] = [None] * n
+        done: set[int] = set()
+        async for j, out in outputs(merged_streams(streams), ctx):  # (closing it closes every stream)
+            if j not in done:
+                runs[j].feed(out)
+                lasts[j] = out
+                if await ended(j, out):
+                    done.add(j)
+        if body.prompt_logprobs is None or runs[0].prompt_logprobs is None:
+            return lasts, None
         scored = await run_in_threadpool(
-            _vllm_prompt_logprobs, ctx, prompt_ids, run.prompt_logprobs, body.prompt_logprobs
+            _vllm_prompt_logprobs, ctx, prompt_ids, runs[0].prompt_logprobs, body.prompt_logprobs
         )
-        return last, scored
+        return lasts, scored
 
     if not body.stream:
         return await reply_when_done(request, run_to_end(), chat_reply, ctx.keepalive_s)
 
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
-    def chunk(delta: dict[str, Any], finish: str | None = None, usage=None, logprobs=None) -> str:
+    def chunk(j: int, delta: dict[str, Any], logprobs=None) -> str:
         c = {**head, "object": "chat.completion.chunk",
-             "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}  # fmt: skip
+             "choices": [{"index": j, "delta": delta, "logprobs": logprobs, "finish_reason": None}]}  # fmt: skip
         if include_usage:
-            c["usage"] = usage
+            c["usage"] = None
         return _sse(c)
 
     async def events() -> AsyncIterator[str]:
         first = {"role": "assistant", "content": None if thinking else ""}
         if thinking and not hide:
             first["reasoning_content"] = ""
-        yield chunk(first)
-        outs = with_keepalive(stream, ctx.keepalive_s, ctx.start_timeout_s)
+        for j in range(n):
+            yield chunk(j, dict(first))
+        usages: dict[int, dict[str, Any]] = {}  # each sample's, once it is done
+        items = with_keepalive(merged_streams(streams), ctx.keepalive_s, ctx.start_timeout_s)
         try:
-            async for out in outs:
-                for piece in chat_events(out):
+            async for item in items:
+                if item is None:
+                    yield ": keep-alive\n\n"
+                    continue
+                j, out = item
+                if j in usages:  # (an output queued before its sample ended early)
+                    continue
+                for piece in chat_events(j, out):
                     yield piece
-                if out is not None and run.done_early:
-                    break
+                if await ended(j, out):
+                    usages[j] = usage_of(j, out)
+                    for piece in final_events(j, out, usages):
+                        yield piece
         except Exception as e:  # the response has started: the error goes in-band, then the stream closes
             yield _sse(stream_error(e).body())
             return
         finally:
-            await outs.aclose()  # closes the engine stream: a request that stopped early is aborted
+            await items.aclose()  # closes the engine streams: a client that left aborts every sample
         yield "data: [DONE]\n\n"
 
-    def chat_events(out: RequestOutput | None) -> Iterator[str]:
-        if out is None:
-            yield ": keep-alive\n\n"
-            return
+    def chat_events(j: int, out: RequestOutput) -> Iterator[str]:
         lp = None
         if body.logprobs and out.logprobs:
             lp = {"content": _token_logprobs(ctx, out.new_token_ids, out.logprobs)}
-        deltas = run.feed(out)
+        deltas = runs[j].feed(out)
         for i, d in enumerate(deltas):
             # §5.2: in thinking mode the other field is null, as DeepSeek sends it
             if thinking and not hide and "tool_calls" not in d:
                 d = {"content": d.get("content"), "reasoning_content": d.get("reasoning_content")}
-            yield chunk(d, logprobs=lp if i == 0 else None)
+            yield chunk(j, d, logprobs=lp if i == 0 else None)
         if lp is not None and not deltas:
-            yield chunk({"content": ""}, logprobs=lp)
-        if out.finished or run.done_early:
-            usage = _usage(out, run.reasoning_tokens if thinking else None)
-            final = {**head, "object": "chat.completion.chunk",
-                     "choices": [{"index": 0, "delta": {"content": ""}, "logprobs": None,
-                                  "finish_reason": run.finish_reason(out.finish_reason)}]}  # fmt: skip
-            final["usage"] = None if include_usage else usage
-            yield _sse(final)
-            if include_usage:
-                yield _sse({**head, "object": "chat.completion.chunk", "choices": [], "usage": usage})
+            yield chunk(j, {"content": ""}, logprobs=lp)
+
+    def final_events(j: int, out: RequestOutput, usages: dict[int, dict[str, Any]]) -> Iterator[str]:
+        """Sample j's last chunk (its finish_reason); the request's usage with the last sample's."""
+        total = _summed_usage([usages[k] for k in sorted(usages)], n) if len(usages) == n else None
+        final = {**head, "object": "chat.completion.chunk",
+                 "choices": [{"index": j, "delta": {"content": ""}, "logprobs": None,
+                              "finish_reason": runs[j].finish_reason(out.finish_reason)}]}  # fmt: skip
+        final["usage"] = None if include_usage else total
+        yield _sse(final)
+        if include_usage and total is not None:
+            yield _sse({**head, "object": "chat.completion.chunk", "choices": [], "usage": total})
 
     return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
@@ -345,15 +384,29 @@ async def _prompt_ids(
     return ids
 
 
-def _summed_usage(usages: list[dict[str, Any]]) -> dict[str, Any]:
-    """One usage for a batch of prompts: every count summed."""
+def _summed_usage(usages: list[dict[str, Any]], n: int = 1) -> dict[str, Any]:
+    """One usage for a request's choices, ``n`` samples a prompt (consecutive): each prompt's tokens and cache
+    hits counted once (from its first sample, as OpenAI counts a prompt once whatever ``n``), every sample's
+    completion tokens; then summed over the prompts of a batch."""
 
     def add(a: Any, b: Any) -> Any:
         return {k: add(v, b[k]) for k, v in a.items()} if isinstance(a, dict) else a + b
 
-    total = usages[0]
-    for u in usages[1:]:
-        total = add(total, u)
+    def zero(v: Any) -> Any:
+        return {k: zero(x) for k, x in v.items()} if isinstance(v, dict) else 0
+
+    def completion_part(u: dict[str, Any]) -> dict[str, Any]:
+        """``u`` with its prompt counts 0."""
+        part = zero(u) | {k: v for k, v in u.items() if k.startswith("completion_")}
+        part["total_tokens"] = u["completion_tokens"]
+        return part
+
+    total = None
+    for first in range(0, len(usages), n):
+        u = usages[first]
+        for other in usages[first + 1 : first + n]:
+            u = add(u, completion_part(other))
+        total = u if total is None else add(total, u)
     return total
 
 
@@ -506,10 +559,13 @@ async def completions(body: CompletionRequest, request: Request):
         for ids in ids_list
     ]  # fmt: skip
     rid = f"{uuid.uuid4()}"
+    n = body.n or 1  # choice i * n + j: sample j of prompt i (its shared prompt computed once)
     streams = []
     try:
-        for i, (ids, p) in enumerate(zip(ids_list, params, strict=True)):
-            streams.append(await submit(ctx, ids, p, f"{rid}-{i}" if batch else rid))
+        for ids, p in zip(ids_list, params, strict=True):
+            for sample in p.samples():
+                k = len(streams)
+                streams.append(await submit(ctx, ids, sample, f"{rid}-{k}" if batch or n > 1 else rid))
     except BaseException:
         for st in streams:  # a batch the engine takes only in part: the part taken is aborted
             await st.aclose()
@@ -519,15 +575,15 @@ async def completions(body: CompletionRequest, request: Request):
     choices = [
         _TextChoice(
             ctx,
-            i,
-            _echo(ctx, p) if body.echo else "",
+            k,
+            _echo(ctx, prompts[k // n]) if body.echo else "",
             body.logprobs,
-            ids,
+            ids_list[k // n],
             prompt_only,
             scored,
             body.prompt_logprobs,
         )  # fmt: skip
-        for i, (p, ids) in enumerate(zip(prompts, ids_list, strict=True))
+        for k in range(len(streams))
     ]
 
     if not body.stream:
@@ -539,7 +595,7 @@ async def completions(body: CompletionRequest, request: Request):
             return await run_in_threadpool(lambda: [c.reply() for c in choices])
 
         def completion_reply(replies: list[dict[str, Any]]) -> dict[str, Any]:
-            return {**head, "choices": replies, "usage": _summed_usage([c.usage() for c in choices])}
+            return {**head, "choices": replies, "usage": _summed_usage([c.usage() for c in choices], n)}
 
         return await reply_when_done(request, run_to_end(), completion_reply, ctx.keepalive_s)
 
@@ -578,11 +634,12 @@ async def completions(body: CompletionRequest, request: Request):
                 if out.finished:
                     usages[i] = choice.usage()
                 last = len(usages) == len(choices) and out.finished
+                total = _summed_usage([usages[k] for k in sorted(usages)], n) if last else None
                 if last:  # the usage of the whole request: on the last chunk, or a chunk of its own
-                    c["usage"] = None if include_usage else _summed_usage(list(usages.values()))
+                    c["usage"] = None if include_usage else total
                 yield _sse(c)
                 if last and include_usage:
-                    yield _sse({**head, "choices": [], "usage": _summed_usage(list(usages.values()))})
+                    yield _sse({**head, "choices": [], "usage": total})
         except Exception as e:  # in-band, then the stream closes (as for chat)
             yield _sse(stream_error(e).body())
             return

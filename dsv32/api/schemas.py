@@ -12,6 +12,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
 
+from dsv32.engine.sampling_params import MAX_N
+
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)
@@ -59,7 +61,7 @@ class SamplingFields(BaseModel):
     stop: str | list[str] | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    n: int | None = Field(default=None, ge=1, le=1)
+    n: int | None = Field(default=None, ge=1, le=MAX_N)  # samples per prompt (choices)
     ignore_eos: bool | None = None  # vLLM extension: keep generating past EOS (benchmarks)
     user: str | None = None
 

@@ -20,6 +20,8 @@ from dsv32.engine.metrics import RequestMetrics
 from dsv32.engine.outputs import OutputProcessor, RequestOutput
 from dsv32.engine.sampling_params import SamplingParams
 
+_CLOSED = object()  # put in a stream's queue when it is closed: wakes a task waiting on it
+
 
 class RequestStream:
     """The outputs of one accepted request, as an async iterator; ``aclose`` aborts it if unfinished."""
@@ -36,6 +38,8 @@ class RequestStream:
         if self.finished or self._closed:
             raise StopAsyncIteration
         item = await self._q.get()
+        if item is _CLOSED:
+            raise StopAsyncIteration
         if isinstance(item, BaseException):
             self.finished = True
             await self.aclose()
@@ -47,9 +51,11 @@ class RequestStream:
         return item
 
     async def aclose(self) -> None:
+        """Abort the request if unfinished; a pending ``__anext__`` (another task's) ends the iteration."""
         if not self._closed:
             self._closed = True
             self.engine._close(self.request_id, self.finished)
+            self._q.put_nowait(_CLOSED)
 
     def __del__(self) -> None:  # a stream dropped without aclose must not keep its blocks
         if not self._closed:

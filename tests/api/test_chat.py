@@ -527,3 +527,92 @@ def test_a_batch_of_prompts_answers_each_as_alone(engine_server, tokenizer):
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 15
     stats = httpx.get(engine_server.url + "/stats").json()
     assert stats["running"] == 0 and stats["waiting"] == 0 and stats["free_blocks"] == stats["total_blocks"]
+
+
+def _metric(srv, name: str) -> float:
+    for line in httpx.get(srv.url + "/metrics").text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+def test_n_choices_are_n_samples_of_one_prompt(engine_server):
+    """``n`` (OpenAI, vLLM): choice j of a seeded request is what seed + j gives alone, streamed or not;
+    the prompt is counted once in usage and computed once (the other samples read its blocks from the prefix
+    cache); on /completions choice i * n + j is sample j of prompt i; nothing is left in the engine."""
+    c = client(engine_server)
+    msgs = [{"role": "user", "content": "Name three colours. " * 12}]  # ~100 tokens: whole blocks to share
+    kw = dict(model="deepseek-chat", messages=msgs, max_tokens=6, temperature=1.0)
+    before = _metric(engine_server, "dsv32:prompt_tokens_cached_total")
+    r = c.chat.completions.create(n=3, seed=11, **kw)
+    shared = _metric(engine_server, "dsv32:prompt_tokens_cached_total") - before
+    alone = [c.chat.completions.create(seed=11 + j, **kw) for j in range(3)]
+    assert [ch.index for ch in r.choices] == [0, 1, 2]
+    assert [ch.message.content for ch in r.choices] == [a.choices[0].message.content for a in alone]
+    assert len({ch.message.content for ch in r.choices}) > 1
+    p = alone[0].usage.prompt_tokens
+    assert shared >= 2 * (p - 1) // 16 * 16  # samples 1 and 2 read every full block of the prompt
+    assert (
+        r.usage.prompt_tokens == p and r.usage.prompt_cache_hit_tokens + r.usage.prompt_cache_miss_tokens == p
+    )
+    assert r.usage.completion_tokens == sum(a.usage.completion_tokens for a in alone)
+    assert r.usage.total_tokens == p + r.usage.completion_tokens
+    chunks = list(c.chat.completions.create(n=3, seed=11, stream=True, stream_options={"include_usage": True},
+                                            **kw))  # fmt: skip
+    text, finish = ["", "", ""], [None, None, None]
+    for ch in chunks:
+        for choice in ch.choices:
+            text[choice.index] += choice.delta.content or ""
+            finish[choice.index] = choice.finish_reason or finish[choice.index]
+    assert text == [ch.message.content for ch in r.choices] and finish == ["length"] * 3
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == r.usage.completion_tokens
+    # /completions: a batch of two prompts, two samples each
+    b = openai.OpenAI(base_url=engine_server.url + "/beta", api_key="k", max_retries=0)
+    ckw = dict(model="deepseek-chat", max_tokens=4, temperature=1.0)
+    prompts = ["def f(x):", "The quick brown fox"]
+    rb = b.completions.create(prompt=prompts, n=2, seed=3, **ckw)
+    assert [ch.index for ch in rb.choices] == [0, 1, 2, 3]
+    for i, prompt in enumerate(prompts):
+        solo = [b.completions.create(prompt=prompt, seed=3 + j, **ckw) for j in range(2)]
+        assert [rb.choices[2 * i + j].text for j in range(2)] == [s.choices[0].text for s in solo]
+        if i == 0:
+            prompt_tokens = solo[0].usage.prompt_tokens
+    assert (
+        rb.usage.prompt_tokens == prompt_tokens + solo[0].usage.prompt_tokens
+        and rb.usage.completion_tokens == 16
+    )
+    stats = httpx.get(engine_server.url + "/stats").json()
+    assert stats["running"] == 0 and stats["waiting"] == 0 and stats["free_blocks"] == stats["total_blocks"]
+
+
+def test_n_choices_each_parse_their_own_reply(scripted_server, tokenizer):
+    """Each choice is parsed on its own: one sample calls a tool (with parallel_tool_calls false its request
+    ends once the call is complete) while the other answers in text, streamed or not."""
+    c = client(scripted_server)
+    two = dsml_calls(("get_weather", {"location": "A"}), ("get_weather", {"location": "B"}))
+    kw = dict(model="deepseek-chat", messages=[{"role": "user", "content": "w?"}], tools=[WEATHER], n=2,
+              parallel_tool_calls=False)  # fmt: skip
+    scripted_server.engine.scripts = [two, "It is sunny."]
+    r = c.chat.completions.create(**kw)
+    assert r.choices[0].finish_reason == "tool_calls" and r.choices[1].finish_reason == "stop"
+    assert [json.loads(t.function.arguments)["location"] for t in r.choices[0].message.tool_calls] == ["A"]
+    assert r.choices[1].message.content == "It is sunny." and not r.choices[1].message.tool_calls
+    n_first = len(tokenizer.encode(dsml_calls(("get_weather", {"location": "A"}))))
+    n_text = len(tokenizer.encode("It is sunny.")) + 1  # and the EOS
+    assert n_text < r.usage.completion_tokens <= n_first + 2 + n_text
+    scripted_server.engine.scripts = [two, "It is sunny."]
+    chunks = list(c.chat.completions.create(stream=True, **kw))
+    calls, text, finish = [], "", {}
+    for ch in chunks:
+        for choice in ch.choices:
+            if choice.delta.tool_calls:
+                assert choice.index == 0
+                calls += [tc.function.arguments or "" for tc in choice.delta.tool_calls]
+            if choice.index == 1:
+                text += choice.delta.content or ""
+            if choice.finish_reason:
+                assert choice.index not in finish  # one last chunk per choice
+                finish[choice.index] = choice.finish_reason
+    assert json.loads("".join(calls)) == {"location": "A"} and text == "It is sunny."
+    assert finish == {0: "tool_calls", 1: "stop"}
+    assert chunks[-1].usage.completion_tokens == r.usage.completion_tokens
