@@ -122,6 +122,23 @@ def test_async_engine_streams_aborts_and_frees_blocks(model):
         assert not core.has_work()
         core.pool.assert_no_leaks()
 
+        # closing a stream that another task is waiting on (the API's merged streams of n samples) ends
+        # that task's iteration instead of leaving it waiting forever
+        stream = await engine.submit([60, 61], SamplingParams(temperature=0.0, max_tokens=200))
+        waiting = asyncio.ensure_future(stream.__anext__())
+        await asyncio.sleep(0)
+        await stream.aclose()
+        try:
+            await asyncio.wait_for(waiting, 10)
+        except StopAsyncIteration:
+            pass  # (or the output that came first)
+        for _ in range(100):
+            if not core.has_work():
+                break
+            await asyncio.sleep(0.01)
+        assert not core.has_work()
+        core.pool.assert_no_leaks()
+
         with pytest.raises(EngineError, match="outside the vocabulary"):
             async for _ in engine.generate([999], SamplingParams()):
                 pass
