@@ -252,13 +252,17 @@ async def merged_streams(streams: list[AsyncIterator[T]]) -> AsyncIterator[tuple
 
 
 async def outputs(stream: AsyncIterator[RequestOutput], ctx: ServingContext) -> AsyncIterator[RequestOutput]:
-    """A non-streamed request's engine outputs, under the start timeout (a 503 when it passes)."""
+    """A non-streamed request's engine outputs, under the start timeout (a 503 when it passes). Closing this
+    closes ``stream`` (the request is aborted if unfinished)."""
+    items = with_keepalive(stream, ctx.keepalive_s, ctx.start_timeout_s)
     try:
-        async for out in with_keepalive(stream, ctx.keepalive_s, ctx.start_timeout_s):
+        async for out in items:
             if out is not None:
                 yield out
     except StartTimeout as e:
         raise stream_error(e) from None
+    finally:
+        await items.aclose()
 
 
 async def _disconnected(request: Request) -> None:

@@ -271,12 +271,16 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         loop)."""
         lasts: list[RequestOutput | None] = [None] * n
         done: set[int] = set()
-        async for j, out in outputs(merged_streams(streams), ctx):  # (closing it closes every stream)
-            if j not in done:
-                runs[j].feed(out)
-                lasts[j] = out
-                if await ended(j, out):
-                    done.add(j)
+        outs = outputs(merged_streams(streams), ctx)
+        try:
+            async for j, out in outs:
+                if j not in done:
+                    runs[j].feed(out)
+                    lasts[j] = out
+                    if await ended(j, out):
+                        done.add(j)
+        finally:  # (a client that left cancels this: every sample is aborted)
+            await outs.aclose()
         if body.prompt_logprobs is None or runs[0].prompt_logprobs is None:
             return lasts, None
         scored = await run_in_threadpool(
@@ -589,8 +593,12 @@ async def completions(body: CompletionRequest, request: Request):
     if not body.stream:
 
         async def run_to_end() -> list[dict[str, Any]]:
-            async for i, out in outputs(merged_streams(streams), ctx):
-                choices[i].add(out)
+            outs = outputs(merged_streams(streams), ctx)
+            try:
+                async for i, out in outs:
+                    choices[i].add(out)
+            finally:  # (a client that left cancels this: every prompt is aborted)
+                await outs.aclose()
             # (prompt logprobs: an entry per prompt token and alternative, off the event loop)
             return await run_in_threadpool(lambda: [c.reply() for c in choices])
 
