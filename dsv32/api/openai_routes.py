@@ -40,7 +40,7 @@ from dsv32.api.generation import (
 )
 from dsv32.api.schemas import ChatCompletionRequest, CompletionRequest
 from dsv32.api.service import MODE_LIMITS, ServingContext
-from dsv32.api.structured import guided_for_chat, with_guided, with_response_format_slot
+from dsv32.api.structured import guided_for_chat, vllm_guided, with_guided, with_response_format_slot
 from dsv32.chat import encode_fim, encode_prompt
 from dsv32.chat.errors import ChatFormatError
 from dsv32.engine.outputs import RequestOutput
@@ -205,7 +205,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     guided = guided_for_chat(
         family=ctx.family, tokenizer=ctx.tokenizer, response_format=body.response_format, tools=body.tools,
         tool_choice=body.tool_choice, beta=beta, thinking=in_reasoning, parallel=parallel,
-        reasoning_max_tokens=body.reasoning.max_tokens if body.reasoning else None,
+        reasoning_max_tokens=body.reasoning.max_tokens if body.reasoning else None, vllm=vllm_guided(body),
     )  # fmt: skip
     field = "max_tokens" if body.max_completion_tokens is None else "max_completion_tokens"
     max_tokens = max_tokens_for(
@@ -562,6 +562,9 @@ async def completions(body: CompletionRequest, request: Request):
         )
         for ids in ids_list
     ]  # fmt: skip
+    guided = vllm_guided(body)
+    if guided is not None:
+        params = [with_guided(p, guided) for p in params]
     rid = f"{uuid.uuid4()}"
     n = body.n or 1  # choice i * n + j: sample j of prompt i (its shared prompt computed once)
     streams = []

@@ -63,6 +63,13 @@ class SamplingFields(BaseModel):
     stream_options: StreamOptions | None = None
     n: int | None = Field(default=None, ge=1, le=MAX_N)  # samples per prompt (choices)
     ignore_eos: bool | None = None  # vLLM extension: keep generating past EOS (benchmarks)
+    # vLLM's structured outputs (``dsv32.api.structured.vllm_guided``): the older fields and the newer object;
+    # ``structured_outputs: true`` is OpenRouter's flag beside response_format
+    guided_json: dict[str, Any] | bool | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    structured_outputs: bool | dict[str, Any] | None = None
     user: str | None = None
 
 

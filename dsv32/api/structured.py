@@ -16,6 +16,13 @@ What each request field guarantees (V3.2 / DSML chat format):
 - Thinking mode: the reasoning is free; the constraint starts after ``</think>``. OpenRouter's
   ``reasoning.max_tokens`` forces ``</think>`` after that many reasoning tokens.
 
+vLLM's structured-output request fields, on chat and ``/completions`` (``vllm_guided``): ``guided_json`` (a schema,
+or one as a JSON string), ``guided_regex``, ``guided_choice`` (the reply is exactly one of the strings),
+``guided_grammar`` (a Lark grammar, as llguidance reads it), and their newer spelling ``structured_outputs:
+{"json" | "regex" | "choice" | "grammar" | "json_object": ...}`` (``structured_outputs: true`` stays
+OpenRouter's flag beside ``response_format``). One constraint a request: with ``response_format`` or a tool
+grammar a 400.
+
 DeepSeek asks clients to mention "json" in the prompt when they use JSON mode (api.md §3.6); nothing is
 refused when they do not: the output is constrained anyway, and the response format is shown to the model
 through the V3.2 encoder's response-format slot of the system prompt.
@@ -74,6 +81,67 @@ def content_schema(response_format) -> dict[str, Any] | None:
     return schema
 
 
+_VLLM_FIELDS = ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
+_VLLM_KINDS = {
+    "json": "guided_json",
+    "regex": "guided_regex",
+    "choice": "guided_choice",
+    "grammar": "guided_grammar",
+}
+# structured_outputs options that hold here anyway: no fallback to another backend, compact JSON
+_VLLM_HELD_OPTIONS = ("disable_fallback", "disable_any_whitespace")
+
+
+def vllm_guided(body) -> dict[str, Any] | None:
+    """The ``guided`` spec of vLLM's structured-output fields (``guided_*`` or ``structured_outputs: {...}``),
+    or None when none is given. Raises APIError: 400 for more than one, 422 for a malformed one (naming it)."""
+    given = {f: getattr(body, f) for f in _VLLM_FIELDS if getattr(body, f, None) is not None}
+    so = getattr(body, "structured_outputs", None)
+    if isinstance(so, dict):
+        unknown = sorted(set(so) - set(_VLLM_KINDS) - {"json_object"} - set(_VLLM_HELD_OPTIONS))
+        if unknown:
+            raise invalid_param(
+                f"structured_outputs: not supported: {', '.join(unknown)}", "structured_outputs"
+            )
+        for key, field in _VLLM_KINDS.items():
+            if so.get(key) is not None:
+                given[f"structured_outputs.{key}"] = (field, so[key])
+        if so.get("json_object"):
+            given["structured_outputs.json_object"] = ("json_object", True)
+    if not given:
+        return None
+    if len(given) > 1:
+        raise bad_request(
+            f"give one structured output constraint, not {' and '.join(given)}", next(iter(given))
+        )
+    name, value = next(iter(given.items()))
+    kind, value = value if isinstance(value, tuple) else (name, value)
+    if kind == "json_object":
+        guided = {"json_object": True}
+    elif kind == "guided_json":
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except ValueError:
+                raise invalid_param(
+                    f"{name} must be a JSON Schema (an object, or one as a JSON string)", name
+                ) from None
+        guided = {"json_schema": value}
+    elif kind == "guided_choice":
+        if not (isinstance(value, list) and value and all(isinstance(c, str) and c for c in value)):
+            raise invalid_param(f"{name} must be a non-empty list of non-empty strings", name)
+        guided = {"lark": "start: " + " | ".join(json.dumps(c) for c in value)}
+    else:  # guided_regex, guided_grammar
+        if not (isinstance(value, str) and value):
+            raise invalid_param(f"{name} must be a non-empty string", name)
+        guided = {"regex" if kind == "guided_regex" else "lark": value}
+    try:
+        check_guided(guided)
+    except GuidedDecodingError as e:
+        raise invalid_param(f"{name}: {e}", name) from None
+    return guided
+
+
 def with_response_format_slot(messages: list[dict[str, Any]], response_format, family: str) -> list[dict]:
     """When no message mentions JSON, the V3.2 prompt shows the response format in the system prompt."""
     if family != "v3.2" or response_format is None or response_format.type == "text":
@@ -110,10 +178,13 @@ def guided_for_chat(
     thinking: bool,
     parallel: bool = True,
     reasoning_max_tokens: int | None = None,
+    vllm: dict[str, Any] | None = None,
 ) -> dict[str, Any] | None:
-    """The ``guided`` constraint of a chat request, or None when the output is free.
+    """The ``guided`` constraint of a chat request, or None when the output is free. ``vllm``: the request's
+    vLLM structured-output constraint (``vllm_guided``), which takes the place of ``response_format``.
 
-    Raises APIError: 422 naming a schema feature that cannot be enforced, or a malformed tool_choice."""
+    Raises APIError: 422 naming a schema feature that cannot be enforced, or a malformed tool_choice; 400 for
+    a vLLM constraint beside ``response_format`` or a tool grammar."""
     mode, name = parse_tool_choice(tool_choice, tools)
     schema = content_schema(response_format)
     functions = _functions(tools)
@@ -122,6 +193,12 @@ def guided_for_chat(
     tool_grammar = bool(functions) and (
         mode in ("required", "function", "none") or (mode == "auto" and strict)
     )
+    if vllm is not None and (schema is not None or tool_grammar):
+        what = "response_format" if schema is not None else "tool_choice / strict tools"
+        raise bad_request(
+            f"give one structured output constraint: vLLM's structured outputs or {what}",
+            "response_format" if schema is not None else "tools",
+        )
     if tool_grammar and family != "v3.2":
         if mode in ("required", "function"):
             raise invalid_param(f"tool_choice {mode!r} needs the V3.2 (DSML) chat format", "tool_choice")
@@ -143,6 +220,8 @@ def guided_for_chat(
             check_guided(guided)
         except GuidedDecodingError as e:
             raise invalid_param(f"response_format.json_schema: {e}", "response_format") from None
+    elif vllm is not None:
+        guided = dict(vllm)
     if thinking and (guided is not None or reasoning_max_tokens is not None):
         guided = dict(guided or {})
         guided["start_token"] = tokenizer.token_id(THINK_END)

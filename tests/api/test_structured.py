@@ -164,6 +164,76 @@ def test_thinking_mode_reasoning_is_free_then_the_schema_holds(engine_server):
     jsonschema.validate(json.loads(choice["message"]["content"]), schema)
 
 
+def test_vllm_structured_output_fields(engine_server):
+    """vLLM's request fields, both spellings, through the openai SDK's extra_body: the reply is one of
+    ``guided_choice``, matches ``guided_regex``, validates under ``guided_json``, parses under a Lark
+    ``guided_grammar``; on chat (also in thinking mode, after the reasoning) and /completions, with n > 1."""
+    client = OpenAI(base_url=engine_server.url, api_key="x", max_retries=0)
+    kw = dict(model="deepseek-chat", messages=MSGS, max_tokens=24, seed=5)
+    colours = ["red", "green", "deep blue"]
+    for extra in ({"guided_choice": colours}, {"structured_outputs": {"choice": colours}}):
+        r = client.chat.completions.create(n=3, extra_body=extra, **kw)
+        assert [c.message.content in colours for c in r.choices] == [True] * 3 and r.choices[
+            0
+        ].finish_reason == "stop"
+    for extra in (
+        {"guided_regex": r"[0-9]{3}-[a-z]{2}"},
+        {"structured_outputs": {"regex": r"[0-9]{3}-[a-z]{2}"}},
+    ):
+        text = client.chat.completions.create(extra_body=extra, **kw).choices[0].message.content
+        assert len(text) == 6 and text[:3].isdigit() and text[3] == "-" and text[4:].isalpha(), text
+    schema = SCHEMAS[1]
+    for extra in (
+        {"guided_json": schema},
+        {"guided_json": json.dumps(schema)},
+        {"structured_outputs": {"json": schema}},
+    ):
+        jsonschema.validate(
+            json.loads(client.chat.completions.create(extra_body=extra, **kw).choices[0].message.content),
+            schema,
+        )
+    assert isinstance(json.loads(client.chat.completions.create(extra_body={"structured_outputs": {"json_object": True}},
+                                                                 **kw).choices[0].message.content), dict)  # fmt: skip
+    grammar = 'start: "x=" NUM ";"\nNUM: /[1-9][0-9]?/'
+    text = (
+        client.chat.completions.create(extra_body={"guided_grammar": grammar}, **kw)
+        .choices[0]
+        .message.content
+    )
+    assert text.startswith("x=") and text.endswith(";") and 1 <= int(text[2:-1]) <= 99, text
+    thinking = client.chat.completions.create(  # the reasoning is free, the constraint holds after it
+        model="deepseek-reasoner", messages=MSGS, max_tokens=24, seed=2,
+        extra_body={"guided_choice": colours, "reasoning": {"max_tokens": 4}},
+    ).choices[0].message  # fmt: skip
+    assert thinking.reasoning_content and thinking.content in colours
+    done = client.completions.create(model="deepseek-chat", prompt="Pick one:", max_tokens=8, n=2,
+                                     extra_body={"guided_choice": colours})  # fmt: skip
+    assert [c.text in colours for c in done.choices] == [True, True]
+
+
+@pytest.mark.parametrize(
+    "body, status, words",
+    [
+        ({"guided_choice": ["a"], "guided_regex": "a"}, 400, "guided_regex and guided_choice"),
+        ({"guided_choice": ["a"], "response_format": {"type": "json_object"}}, 400, "response_format"),
+        ({"guided_regex": "a(", "max_tokens": 2}, 422, "guided_regex"),
+        ({"guided_choice": []}, 422, "guided_choice"),
+        ({"guided_json": "{not json"}, 422, "guided_json"),
+        ({"guided_json": {"type": "array", "uniqueItems": True}}, 422, "uniqueItems"),
+        ({"structured_outputs": {"structural_tag": "x"}}, 422, "structural_tag"),
+        ({"guided_grammar": "start: nope"}, 422, "guided_grammar"),
+    ],
+)  # fmt: skip
+def test_vllm_structured_output_refusals(engine_server, body, status, words):
+    for path, base in (("/chat/completions", {"messages": MSGS}), ("/completions", {"prompt": "x"})):
+        r = httpx.post(engine_server.url + path, json={"model": "deepseek-chat", "max_tokens": 2, **base, **body},
+                       timeout=60)  # fmt: skip
+        if path == "/completions" and "response_format" in body:
+            continue  # (no response_format there: an extra field)
+        assert r.status_code == status, r.text
+        assert words.lower() in r.json()["error"]["message"].lower(), r.text
+
+
 # ---- tools -------------------------------------------------------------------------------------------------
 
 WEATHER = {"type": "function", "function": {
