@@ -151,6 +151,25 @@ def logit_bias_ids(raw: dict[str, float] | None) -> dict[int, float] | None:
     return out
 
 
+# vLLM request extensions this server does not implement, with the value that asks for nothing (any other
+# value is a 422 saying so, not silently ignored)
+UNSUPPORTED_EXTRAS: dict[str, Any] = {
+    "min_tokens": 0, "best_of": 1, "use_beam_search": False, "include_stop_str_in_output": False,
+    "bad_words": [], "allowed_token_ids": None, "logits_processors": None, "truncate_prompt_tokens": None,
+}  # fmt: skip
+
+
+def refuse_unsupported_extras(body: BaseModel) -> None:
+    """A 422 for a vLLM extension this server does not implement, unless it has its no-op value (``best_of``
+    equal to ``n`` is one too)."""
+    extra = body.model_extra or {}
+    for name, noop in UNSUPPORTED_EXTRAS.items():
+        value = extra.get(name)
+        if value is None or value == noop or (name == "best_of" and value == (getattr(body, "n", None) or 1)):
+            continue
+        raise invalid_param(f"{name} is not supported by this server (got {json.dumps(value)[:60]})", name)
+
+
 def sampling_params_for(
     req, max_tokens: int, thinking: bool, *, logprobs: bool, top_logprobs: int
 ) -> SamplingParams:
@@ -161,6 +180,7 @@ def sampling_params_for(
         seed=req.seed,
         stop=req.stop,
         logit_bias=logit_bias_ids(req.logit_bias),
+        stop_token_ids=getattr(req, "stop_token_ids", None),
         logprobs=logprobs,
         top_logprobs=top_logprobs,
     )

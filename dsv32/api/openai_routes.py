@@ -31,6 +31,7 @@ from dsv32.api.generation import (
     merged_streams,
     opens_reasoning,
     outputs,
+    refuse_unsupported_extras,
     reject_lone_surrogates,
     reply_when_done,
     sampling_params_for,
@@ -53,12 +54,25 @@ def _ctx(request: Request) -> ServingContext:
 # ---- request -> (prompt ids, sampling params) ----------------------------------------------------
 
 
+_TEMPLATE_THINKING = ("thinking", "enable_thinking")  # vLLM's chat_template_kwargs spellings of the switch
+
+
 def _thinking(req: ChatCompletionRequest, default: bool) -> bool:
+    """Thinking mode: DeepSeek's ``thinking``, else OpenRouter's ``reasoning.enabled``, else vLLM's
+    ``chat_template_kwargs``, else the model name's default."""
+    kwargs = req.chat_template_kwargs or {}
+    unknown = sorted(set(kwargs) - set(_TEMPLATE_THINKING))
+    if unknown:
+        raise invalid_param(f"chat_template_kwargs: only thinking is known, got {', '.join(unknown)}",
+                            "chat_template_kwargs")  # fmt: skip
+    switch = [kwargs[k] for k in _TEMPLATE_THINKING if kwargs.get(k) is not None]
+    if any(not isinstance(v, bool) for v in switch):
+        raise invalid_param("chat_template_kwargs.thinking must be true or false", "chat_template_kwargs")
     if req.thinking is not None:
         return req.thinking.type == "enabled"
     if req.reasoning is not None and req.reasoning.enabled is not None:
         return req.reasoning.enabled
-    return default
+    return switch[0] if switch else default
 
 
 def _usage(out: RequestOutput, reasoning_tokens: int | None) -> dict[str, Any]:
@@ -160,6 +174,7 @@ def _model_object(name: str) -> dict[str, Any]:
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     ctx = _ctx(request)
     reject_lone_surrogates(body)
+    refuse_unsupported_extras(body)
     beta = request.url.path.startswith("/beta/")
     model, default_thinking = ctx.resolve_model(body.model)
     if not model:
@@ -528,6 +543,7 @@ class _TextChoice:
 async def completions(body: CompletionRequest, request: Request):
     ctx = _ctx(request)
     reject_lone_surrogates(body)
+    refuse_unsupported_extras(body)
     model, thinking = ctx.resolve_model(body.model)
     if not model:
         raise bad_request(

@@ -70,6 +70,7 @@ class SamplingFields(BaseModel):
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
     structured_outputs: bool | dict[str, Any] | None = None
+    stop_token_ids: list[int] | None = None  # vLLM extension: also stop on these tokens
     user: str | None = None
 
 
@@ -86,6 +87,8 @@ class ChatCompletionRequest(SamplingFields):
     tools: list[dict[str, Any]] | None = Field(default=None, max_length=128)
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
+    # vLLM's way to switch DeepSeek's thinking mode: {"thinking": true} ("enable_thinking" is taken too)
+    chat_template_kwargs: dict[str, Any] | None = None
 
 
 class CompletionRequest(SamplingFields):
