@@ -154,7 +154,7 @@ def logit_bias_ids(raw: dict[str, float] | None) -> dict[int, float] | None:
 # vLLM request extensions this server does not implement, with the value that asks for nothing (any other
 # value is a 422 saying so, not silently ignored)
 UNSUPPORTED_EXTRAS: dict[str, Any] = {
-    "min_tokens": 0, "best_of": 1, "use_beam_search": False, "include_stop_str_in_output": False,
+    "best_of": 1, "use_beam_search": False, "include_stop_str_in_output": False,
     "bad_words": [], "allowed_token_ids": None, "logits_processors": None, "truncate_prompt_tokens": None,
 }  # fmt: skip
 
@@ -188,8 +188,8 @@ def sampling_params_for(
         for name in ("temperature", "top_p", "frequency_penalty", "presence_penalty"):
             if getattr(req, name) is not None:
                 kw[name] = getattr(req, name)
-    for name in ("top_k", "min_p", "top_a", "repetition_penalty", "ignore_eos"):
-        if getattr(req, name) is not None:
+    for name in ("top_k", "min_p", "top_a", "repetition_penalty", "ignore_eos", "min_tokens"):
+        if getattr(req, name, None) is not None:  # (the Anthropic route has no min_tokens)
             kw[name] = getattr(req, name)
     try:
         return SamplingParams(**kw)

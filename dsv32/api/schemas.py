@@ -71,6 +71,7 @@ class SamplingFields(BaseModel):
     guided_grammar: str | None = None
     structured_outputs: bool | dict[str, Any] | None = None
     stop_token_ids: list[int] | None = None  # vLLM extension: also stop on these tokens
+    min_tokens: int | None = Field(default=None, ge=0)  # vLLM extension: no stop before this many tokens
     user: str | None = None
 
 

@@ -36,7 +36,7 @@ from typing import Any
 from dsv32.api.errors import APIError, bad_request, invalid_param
 from dsv32.chat.tokens import THINK_END
 from dsv32.engine.grammar import GuidedDecodingError, check_guided, dsml_tool_grammar
-from dsv32.engine.sampling_params import SamplingParams
+from dsv32.engine.sampling_params import SamplingParams, SamplingParamsError
 
 
 def parse_tool_choice(tool_choice: Any, tools: list[dict[str, Any]] | None) -> tuple[str, str | None]:
@@ -256,4 +256,6 @@ def with_guided(params: SamplingParams, guided: dict[str, Any] | None) -> Sampli
         params.validate()
     except GuidedDecodingError as e:  # checked above; kept as a safety net
         raise APIError(422, str(e), "response_format") from None
+    except SamplingParamsError as e:  # another field that cannot go with a constraint (min_tokens)
+        raise invalid_param(str(e), e.field) from None
     return params

@@ -353,6 +353,15 @@ class EngineCore:
     def _sample(self, logits: torch.Tensor, lives: list[_Live]) -> list[tuple[int, dict | None]]:
         """One token per row of ``logits`` [len(lives), V] (grammar masks applied first), with its logprobs
         entry where the request asked for logprobs."""
+        early = [  # rows that may not stop yet (min_tokens): their stop tokens cannot be sampled
+            (i, lv.stop_ids)
+            for i, lv in enumerate(lives)
+            if len(lv.request.output_ids) < lv.params.min_tokens and lv.stop_ids
+        ]
+        if early:
+            rows = [i for i, ids in early for _ in ids]
+            with torch.inference_mode():  # (the runner's logits are inference tensors)
+                logits[rows, [t for _, ids in early for t in ids]] = float("-inf")
         guided = [
             (i, lv.guided) for i, lv in enumerate(lives) if lv.guided is not None and lv.guided.needs_mask
         ]

@@ -42,6 +42,7 @@ class _TextState:
     detok: IncrementalDetokenizer
     stop: StopChecker | None = None
     stop_armed_by: int | None = None  # stop strings see only the text after this token
+    stop_after: int = 0  # ... and after this many output tokens (``min_tokens``)
 
 
 class OutputProcessor:
@@ -54,7 +55,9 @@ class OutputProcessor:
     def add(self, request_id: str, params: SamplingParams) -> None:
         detok = IncrementalDetokenizer(self.tokenizer, skip_special_tokens=params.skip_special_tokens)
         stop = StopChecker(params.stop) if params.stop else None
-        self.states[request_id] = _TextState(detok, stop, params.stop_strings_after if stop else None)
+        self.states[request_id] = _TextState(
+            detok, stop, params.stop_strings_after if stop else None, params.min_tokens
+        )
 
     def remove(self, request_id: str) -> None:
         self.states.pop(request_id, None)
@@ -73,11 +76,12 @@ class OutputProcessor:
                 # token by token: a step may bring two tokens (speculative decoding), and a stop string the
                 # first one completes ends the output there, as it would without the second
                 delta = ""
+                before = completion - len(ids)  # output tokens before this step's
                 for j in range(len(ids)):
                     last = j == len(ids) - 1
                     piece = st.detok.add(ids[j : j + 1]) + (st.detok.flush() if finished and last else "")
-                    if st.stop_armed_by is not None:  # not yet: the text before the arming token is passed
-                        delta += piece
+                    if st.stop_armed_by is not None or before + j < st.stop_after:
+                        delta += piece  # not yet: the text before the arming token (or min_tokens) is passed
                         if ids[j] == st.stop_armed_by:
                             st.stop_armed_by = None
                         continue

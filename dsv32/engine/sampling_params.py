@@ -43,6 +43,9 @@ class SamplingParams:
     its rank, 1 for the most likely), with that many most likely alternatives, from the model's raw distribution (no temperature, penalties or
     bias); the first token has none. The request's prompt is then computed in full, not read from the
     prefix cache.
+    ``min_tokens`` (as vLLM): until that many tokens are out, EOS and ``stop_token_ids`` cannot be sampled
+    (their logits are -inf, which logprobs show) and stop strings are not matched (text from the tokens after
+    it is); not with ``guided``, whose grammar decides where the output may end.
     ``n`` (as vLLM): that many samples of the prompt, each its own engine request (``samples``); the
     engine's scheduler computes their shared prompt once.
     ``guided`` constrains the output to a grammar (JSON mode, a JSON Schema, a Lark grammar, a regex; see
@@ -71,6 +74,7 @@ class SamplingParams:
     guided: dict[str, Any] | None = None
     prompt_logprobs: int | None = None
     n: int = 1
+    min_tokens: int = 0
 
     def __post_init__(self) -> None:
         # Accept the API's spellings: one stop string, and JSON object keys ("123") for logit_bias.
@@ -157,6 +161,18 @@ class SamplingParams:
         ):
             raise SamplingParamsError(
                 "prompt_logprobs", self.prompt_logprobs, f"an integer in [0, {MAX_TOP_LOGPROBS}] or None"
+            )
+        if not (_is_int(self.min_tokens) and self.min_tokens >= 0):
+            raise SamplingParamsError("min_tokens", self.min_tokens, "an integer >= 0")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise SamplingParamsError(
+                "min_tokens", self.min_tokens, f"at most max_tokens ({self.max_tokens})"
+            )
+        if self.min_tokens and self.guided is not None:
+            raise SamplingParamsError(
+                "min_tokens",
+                self.min_tokens,
+                "0 with a structured output constraint (its grammar decides the end)",
             )
         if not (_is_int(self.n) and 1 <= self.n <= MAX_N):
             raise SamplingParamsError("n", self.n, f"an integer in [1, {MAX_N}]")

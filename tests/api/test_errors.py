@@ -61,7 +61,8 @@ CASES = [
     ("n > 128", "/chat/completions", chat(n=129), 422, "n"),
     ("n 0", "/completions", {"model": "deepseek-chat", "prompt": "x", "n": 0}, 422, "n"),
     # vLLM extensions not implemented: refused by name unless they ask for nothing
-    ("min_tokens", "/chat/completions", chat(min_tokens=4), 422, "min_tokens is not supported"),
+    ("min_tokens over max_tokens", "/chat/completions", chat(min_tokens=4), 422, "min_tokens"),
+    ("min_tokens with a constraint", "/chat/completions", chat(min_tokens=1, response_format={"type": "json_object"}), 422, "min_tokens"),
     ("best_of above n", "/completions", {"model": "deepseek-chat", "prompt": "x", "best_of": 3}, 422, "best_of"),
     ("beam search", "/completions", {"model": "deepseek-chat", "prompt": "x", "use_beam_search": True}, 422, "use_beam_search"),
     ("stop str in output", "/chat/completions", chat(include_stop_str_in_output=True), 422, "include_stop_str_in_output"),

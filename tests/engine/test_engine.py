@@ -312,3 +312,61 @@ def test_identical_prompts_arriving_together_compute_their_prefix_once(model):
         solo.add_request(rid, list(shared), sp)
         assert [t for o in run_steps(solo) for t in o.new_token_ids] == toks[rid]
     core.pool.assert_no_leaks()
+
+
+def _alone_banned(model, prompt: list[int], n: int, banned: list[int], until: int) -> list[int]:
+    """Greedy from the plain forward, ``banned`` tokens impossible for the first ``until`` outputs."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for k in range(n):
+            logits = model(torch.tensor([ids]))[0, -1]
+            if k < until:
+                logits[banned] = float("-inf")
+            ids.append(int(logits.argmax()))
+    return ids[len(prompt) :]
+
+
+def test_min_tokens_holds_back_stop_tokens_and_stop_strings(model):
+    """vLLM's ``min_tokens``: until that many tokens are out a stop token cannot be sampled (the output is
+    greedy with it banned) and stop strings do not match; after that both stop as usual."""
+    from dsv32.engine.outputs import OutputProcessor
+
+    tok = load_tokenizer()
+
+    def run(params, prompt):
+        core = EngineCore(model, EngineConfig(block_size=4, num_blocks=60), eos_id=None)
+        proc = OutputProcessor(tok)
+        core.add_request("r", prompt, params)
+        proc.add("r", params)
+        outs = []
+        while core.has_work():
+            outs += proc.process(core, core.step())
+        core.pool.assert_no_leaks()
+        return outs
+
+    prompt = [3, 4, 5, 6]
+    first = alone(model, prompt, 3)
+    stop_ids = [first[1]]  # without min_tokens the request stops at its second token
+    for min_tokens in (0, 3):
+        outs = run(
+            SamplingParams(temperature=0.0, max_tokens=12, stop_token_ids=stop_ids, min_tokens=min_tokens),
+            prompt,
+        )
+        got = [t for o in outs for t in o.new_token_ids]
+        ref = _alone_banned(model, prompt, 12, stop_ids, min_tokens)
+        end = next((i + 1 for i, t in enumerate(ref) if t in stop_ids and i >= min_tokens), 12)
+        assert got == ref[:end] and len(got) > min_tokens, (min_tokens, got, ref)
+        assert outs[-1].finish_reason == ("stop" if end < 12 else "length")
+    assert len(run(SamplingParams(temperature=0.0, max_tokens=12, stop_token_ids=stop_ids), prompt)) == 2
+    # a stop string that the first token's text completes: matched at once, or only in the text after the
+    # first min_tokens tokens
+    free = run(SamplingParams(temperature=0.0, max_tokens=10), [40, 50, 60])
+    pieces = [o.text for o in free]
+    stop = pieces[0].strip() or pieces[0]
+    assert (
+        stop and run(SamplingParams(temperature=0.0, max_tokens=10, stop=[stop]), [40, 50, 60])[-1].text == ""
+    )
+    outs = run(SamplingParams(temperature=0.0, max_tokens=10, stop=[stop], min_tokens=2), [40, 50, 60])
+    text, rest = "".join(o.text for o in outs), "".join(pieces[2:])
+    expected = "".join(pieces[:2]) + (rest[: rest.index(stop)] if stop in rest else rest)
+    assert text == expected and outs[-1].finish_reason == ("stop" if stop in rest else "length")

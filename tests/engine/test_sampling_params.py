@@ -74,6 +74,8 @@ BAD = [
     ("top_logprobs", 21, "[0, 20]"),
     ("top_logprobs", -1, "[0, 20]"),
     ("logit_bias", [1, 2], "token_id"),
+    ("min_tokens", -1, ">= 0"),
+    ("min_tokens", 1.5, ">= 0"),
     ("n", 0, "[1, 128]"),
     ("n", 129, "[1, 128]"),
     ("n", 2.0, "[1, 128]"),
@@ -138,3 +140,11 @@ def test_n_samples_are_single_requests_with_seeds_of_their_own() -> None:
     top = 2**64 - 1  # the largest seed: the next one wraps to the seed torch takes as the same
     assert [q.seed for q in SamplingParams(n=2, seed=top).samples()] == [top, 0]
     assert SamplingParams().samples() == [SamplingParams()]
+
+
+def test_min_tokens_is_bounded_by_max_tokens_and_not_for_constrained_output() -> None:
+    with pytest.raises(SamplingParamsError, match=r"at most max_tokens \(3\)"):
+        SamplingParams(max_tokens=3, min_tokens=4)
+    with pytest.raises(SamplingParamsError, match="structured output"):
+        SamplingParams(min_tokens=1, guided={"json_object": True})
+    assert SamplingParams(max_tokens=3, min_tokens=3).min_tokens == 3
