@@ -97,6 +97,15 @@ def test_async_engine_streams_aborts_and_frees_blocks(model):
     core = EngineCore(model, EngineConfig(block_size=4, num_blocks=60), eos_id=None)
     engine = AsyncEngine(core, load_tokenizer(), max_waiting=64)
 
+    async def idle_and_no_leaks():
+        """Wait (up to a second) for the engine thread to take the abort; then every block is free."""
+        for _ in range(100):
+            if not core.has_work():
+                break
+            await asyncio.sleep(0.01)
+        assert not core.has_work()
+        core.pool.assert_no_leaks()
+
     async def main():
         async def collect(prompt, n):
             toks, text = [], ""
@@ -115,12 +124,7 @@ def test_async_engine_streams_aborts_and_frees_blocks(model):
         agen = engine.generate([50, 51], SamplingParams(temperature=0.0, max_tokens=40))
         await agen.__anext__()
         await agen.aclose()
-        for _ in range(100):
-            if not core.has_work():
-                break
-            await asyncio.sleep(0.01)
-        assert not core.has_work()
-        core.pool.assert_no_leaks()
+        await idle_and_no_leaks()
 
         # closing a stream that another task is waiting on (the API's merged streams of n samples) ends
         # that task's iteration instead of leaving it waiting forever
@@ -132,12 +136,7 @@ def test_async_engine_streams_aborts_and_frees_blocks(model):
             await asyncio.wait_for(waiting, 10)
         except StopAsyncIteration:
             pass  # (or the output that came first)
-        for _ in range(100):
-            if not core.has_work():
-                break
-            await asyncio.sleep(0.01)
-        assert not core.has_work()
-        core.pool.assert_no_leaks()
+        await idle_and_no_leaks()
 
         with pytest.raises(EngineError, match="outside the vocabulary"):
             async for _ in engine.generate([999], SamplingParams()):
