@@ -40,8 +40,8 @@ class Request:
     prompt_logprobs: list[dict | None] | None = None
     prompt_top: int = 0
     prompt_logprobs_left: int = 0
-    # chained hashes of the prompt's full blocks, once computed (``prompt_block_hashes``)
-    _prompt_hashes: list[bytes] | None = field(default=None, repr=False)
+    # ((block size, lookahead), chained hashes of the prompt's full blocks), once computed (``prompt_block_hashes``)
+    _prompt_hashes: tuple[tuple[int, int], list[bytes]] | None = field(default=None, repr=False)
 
     @property
     def all_ids(self) -> list[int]:
@@ -69,25 +69,27 @@ class Request:
     def prompt_block_hashes(self, block_size: int, lookahead: int = 0) -> list[bytes]:
         """Chained hashes of the prompt's full blocks (each with its ``lookahead`` tokens inside the prompt), as
         ``full_block_hashes`` gives them; computed once (the prompt never changes)."""
-        if self._prompt_hashes is None:
+        key = (block_size, lookahead)
+        if self._prompt_hashes is None or self._prompt_hashes[0] != key:
             ids, hashes = self.prompt_ids, []
             for b in range((len(ids) - lookahead) // block_size):
-                hashes.append(
-                    hash_block(
-                        hashes[-1] if hashes else None, ids[b * block_size : (b + 1) * block_size + lookahead]
-                    )
-                )
-            self._prompt_hashes = hashes
-        return self._prompt_hashes
+                chunk = ids[b * block_size : (b + 1) * block_size + lookahead]
+                hashes.append(hash_block(hashes[-1] if hashes else None, chunk))
+            self._prompt_hashes = (key, hashes)
+        return self._prompt_hashes[1]
 
     def full_block_hashes(self, block_size: int, upto: int, lookahead: int = 0) -> list[bytes]:
         """Chained hashes of the full blocks among the first ``upto`` tokens (extends ``block_hashes``).
 
         With ``lookahead`` each hash also covers that many tokens after its block (those the block's cache
         entries were computed with: the MTP layer's entry at a block's last position reads the next token);
-        a block whose lookahead tokens are not known yet gets no hash yet."""
-        ids = self.all_ids
+        a block whose lookahead tokens are not known yet gets no hash yet. The prompt's blocks come from
+        ``prompt_block_hashes`` (a request looked up step after step, waiting or refused, is hashed once)."""
         hashes = list(self.block_hashes)
+        prompt = self.prompt_block_hashes(block_size, lookahead)
+        if len(hashes) < len(prompt):
+            hashes = prompt[: max(len(hashes), min(len(prompt), upto // block_size))]
+        ids = self.all_ids
         for b in range(len(hashes), upto // block_size):
             end = (b + 1) * block_size
             if end + lookahead > len(ids):
