@@ -14,7 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from dsv32.api import anthropic_routes, openai_routes
+from dsv32.api import anthropic_routes, openai_routes, tokenize_routes
 from dsv32.api.anthropic_routes import anthropic_error_body, is_anthropic_path
 from dsv32.api.errors import APIError
 from dsv32.api.service import ServingContext
@@ -143,6 +143,7 @@ def create_app(ctx: ServingContext) -> FastAPI:
     router = APIRouter()
     openai_routes.register(router)
     anthropic_routes.register(router)
+    tokenize_routes.register(router)
     app.include_router(router)
 
     @app.get("/health")

@@ -151,6 +151,28 @@ def logit_bias_ids(raw: dict[str, float] | None) -> dict[int, float] | None:
     return out
 
 
+_TEMPLATE_THINKING = ("thinking", "enable_thinking")  # vLLM's chat_template_kwargs spellings of the switch
+
+
+def thinking_mode(req, default: bool) -> bool:
+    """Thinking mode of a chat request (or a chat /tokenize): DeepSeek's ``thinking``, else OpenRouter's
+    ``reasoning.enabled``, else vLLM's ``chat_template_kwargs``, else the model name's default."""
+    kwargs = req.chat_template_kwargs or {}
+    unknown = sorted(set(kwargs) - set(_TEMPLATE_THINKING))
+    if unknown:
+        raise invalid_param(f"chat_template_kwargs: only thinking is known, got {', '.join(unknown)}",
+                            "chat_template_kwargs")  # fmt: skip
+    switch = [kwargs[k] for k in _TEMPLATE_THINKING if kwargs.get(k) is not None]
+    if any(not isinstance(v, bool) for v in switch):
+        raise invalid_param("chat_template_kwargs.thinking must be true or false", "chat_template_kwargs")
+    if getattr(req, "thinking", None) is not None:
+        return req.thinking.type == "enabled"
+    reasoning = getattr(req, "reasoning", None)
+    if reasoning is not None and reasoning.enabled is not None:
+        return reasoning.enabled
+    return switch[0] if switch else default
+
+
 # vLLM request extensions this server does not implement, with the value that asks for nothing (any other
 # value is a 422 saying so, not silently ignored)
 UNSUPPORTED_EXTRAS: dict[str, Any] = {

@@ -37,6 +37,7 @@ from dsv32.api.generation import (
     sampling_params_for,
     stream_error,
     submit,
+    thinking_mode,
     with_keepalive,
 )
 from dsv32.api.schemas import ChatCompletionRequest, CompletionRequest
@@ -52,27 +53,6 @@ def _ctx(request: Request) -> ServingContext:
 
 
 # ---- request -> (prompt ids, sampling params) ----------------------------------------------------
-
-
-_TEMPLATE_THINKING = ("thinking", "enable_thinking")  # vLLM's chat_template_kwargs spellings of the switch
-
-
-def _thinking(req: ChatCompletionRequest, default: bool) -> bool:
-    """Thinking mode: DeepSeek's ``thinking``, else OpenRouter's ``reasoning.enabled``, else vLLM's
-    ``chat_template_kwargs``, else the model name's default."""
-    kwargs = req.chat_template_kwargs or {}
-    unknown = sorted(set(kwargs) - set(_TEMPLATE_THINKING))
-    if unknown:
-        raise invalid_param(f"chat_template_kwargs: only thinking is known, got {', '.join(unknown)}",
-                            "chat_template_kwargs")  # fmt: skip
-    switch = [kwargs[k] for k in _TEMPLATE_THINKING if kwargs.get(k) is not None]
-    if any(not isinstance(v, bool) for v in switch):
-        raise invalid_param("chat_template_kwargs.thinking must be true or false", "chat_template_kwargs")
-    if req.thinking is not None:
-        return req.thinking.type == "enabled"
-    if req.reasoning is not None and req.reasoning.enabled is not None:
-        return req.reasoning.enabled
-    return switch[0] if switch else default
 
 
 def _usage(out: RequestOutput, reasoning_tokens: int | None) -> dict[str, Any]:
@@ -181,7 +161,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         raise bad_request(
             f"Model Not Exist: {body.model!r} (available: {', '.join(ctx.model_names())})", "model"
         )
-    thinking = _thinking(body, default_thinking)
+    thinking = thinking_mode(body, default_thinking)
     if thinking and ctx.family == "v3":
         raise bad_request("this model has no thinking mode", "thinking")
     if any(isinstance(m, dict) and m.get("prefix") for m in body.messages) and not beta:

@@ -95,6 +95,10 @@ class Tokenizer:
         """Text of ``ids``; ``skip_special_tokens`` drops tokens flagged special (BOS, EOS, pad, ...)."""
         return self._full.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+    def token_strs(self, ids: list[int]) -> list[str | None]:
+        """Each id's token as the vocabulary spells it (byte-level BPE: ``Ġ`` for a space), None past it."""
+        return [self._full.id_to_token(i) for i in ids]
+
     def encode_plain_batch(self, texts: list[str]) -> list[list[int]]:
         """``encode(t)`` for each text, in one call (the library spreads the batch over threads)."""
         return _encode_batch(self._plain, texts)
