@@ -372,6 +372,33 @@ async def submit(ctx: ServingContext, prompt_ids: list[int], params: SamplingPar
         raise engine_error(e) from None
 
 
+async def submit_all(ctx: ServingContext, requests: list[tuple[list[int], SamplingParams, str]]) -> list:
+    """Hand several requests (n samples, a batch of prompts) to the engine together: their commands reach the
+    engine thread at once (one after another, each waiting for the one before to be taken, would wait a step
+    each on a busy engine), in order. If the engine refuses one, or the caller is cancelled, the ones it took
+    are aborted and the refusal (or the cancellation) raised."""
+    tasks = [asyncio.ensure_future(submit(ctx, ids, p, rid)) for ids, p, rid in requests]
+    try:
+        await asyncio.wait(tasks)
+    except asyncio.CancelledError:
+        for t in tasks:
+            t.cancel()
+        await asyncio.wait(tasks)
+        await _close_accepted(tasks)
+        raise
+    refused = [t.exception() for t in tasks if t.exception() is not None]
+    if refused:
+        await _close_accepted(tasks)
+        raise refused[0]
+    return [t.result() for t in tasks]
+
+
+async def _close_accepted(tasks: list[asyncio.Task]) -> None:
+    for t in tasks:
+        if not t.cancelled() and t.exception() is None:
+            await t.result().aclose()
+
+
 def engine_error(e: Exception) -> APIError:
     if isinstance(e, QueueFullError):
         return APIError(503, f"Server overloaded: {e}")

@@ -36,7 +36,7 @@ from dsv32.api.generation import (
     reply_when_done,
     sampling_params_for,
     stream_error,
-    submit,
+    submit_all,
     thinking_mode,
     with_keepalive,
 )
@@ -221,14 +221,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     created = int(time.time())
     # vLLM's prompt_logprobs are the request's, not a choice's: the first sample scores the prompt
     samples = [s if j == 0 else replace(s, prompt_logprobs=None) for j, s in enumerate(params.samples())]
-    streams = []
-    try:
-        for j, sample in enumerate(samples):
-            streams.append(await submit(ctx, prompt_ids, sample, rid if n == 1 else f"{rid}-{j}"))
-    except BaseException:
-        for st in streams:  # the samples the engine took before one was refused are aborted
-            await st.aclose()
-        raise
+    streams = await submit_all(
+        ctx, [(prompt_ids, sample, rid if n == 1 else f"{rid}-{j}") for j, sample in enumerate(samples)]
+    )
     head = {"id": rid, "created": created, "model": model, "system_fingerprint": ctx.system_fingerprint}
 
     def usage_of(j: int, last: RequestOutput) -> dict[str, Any]:
@@ -563,16 +558,11 @@ async def completions(body: CompletionRequest, request: Request):
         params = [with_guided(p, guided) for p in params]
     rid = f"{uuid.uuid4()}"
     n = body.n or 1  # choice i * n + j: sample j of prompt i (its shared prompt computed once)
-    streams = []
-    try:
-        for ids, p in zip(ids_list, params, strict=True):
-            for sample in p.samples():
-                k = len(streams)
-                streams.append(await submit(ctx, ids, sample, f"{rid}-{k}" if batch or n > 1 else rid))
-    except BaseException:
-        for st in streams:  # a batch the engine takes only in part: the part taken is aborted
-            await st.aclose()
-        raise
+    requests = [(ids, sample) for ids, p in zip(ids_list, params, strict=True) for sample in p.samples()]
+    streams = await submit_all(  # (a batch the engine takes only in part: the part taken is aborted)
+        ctx,
+        [(ids, sample, f"{rid}-{k}" if batch or n > 1 else rid) for k, (ids, sample) in enumerate(requests)],
+    )
     head = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
             "system_fingerprint": ctx.system_fingerprint}  # fmt: skip
     choices = [

@@ -551,7 +551,7 @@ def test_n_choices_are_n_samples_of_one_prompt(engine_server):
     assert [ch.message.content for ch in r.choices] == [a.choices[0].message.content for a in alone]
     assert len({ch.message.content for ch in r.choices}) > 1
     p = alone[0].usage.prompt_tokens
-    assert shared >= 2 * (p - 1) // 16 * 16  # samples 1 and 2 read every full block of the prompt
+    assert shared >= 2 * ((p - 1) // 16 * 16)  # samples 1 and 2 read every full block of the prompt
     assert (
         r.usage.prompt_tokens == p and r.usage.prompt_cache_hit_tokens + r.usage.prompt_cache_miss_tokens == p
     )

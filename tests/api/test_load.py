@@ -188,3 +188,27 @@ def test_full_queue_is_503_and_anthropic_errors_keep_their_shape(default_model_d
             assert r.status_code == 503 and "queue is full" in r.json()["error"]["message"]
     finally:
         engine.shutdown()
+
+
+def test_samples_the_engine_takes_only_in_part_are_all_aborted(default_model_dir, tokenizer):
+    """n samples reach the engine together; when it refuses one (its waiting queue holds one request here),
+    the reply is the refusal and the samples it took are aborted: nothing runs on, no block is held."""
+    model = load_model(default_model_dir, dtype=torch.float32, progress=False)
+    core = EngineCore(model, EngineConfig(num_blocks=256), eos_id=tokenizer.eos_id)
+    engine = AsyncEngine(core, tokenizer, max_waiting=1)
+    ctx = ServingContext(engine=engine, tokenizer=tokenizer, family="v3.2", max_model_len=2048)
+    body = {"model": "deepseek-chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 200}
+    try:
+        with RunningServer(ctx) as srv:
+            for path, extra in (("/chat/completions", {}), ("/completions", {"prompt": ["a", "b"]})):
+                r = httpx.post(srv.url + path, json={**body, **extra, "n": 3}, timeout=60)
+                assert r.status_code == 503 and "queue is full" in r.json()["error"]["message"], r.text
+                for _ in range(100):
+                    if not core.has_work():
+                        break
+                    time.sleep(0.01)
+                assert not core.has_work()
+                core.pool.assert_no_leaks()
+            assert httpx.post(srv.url + "/chat/completions", json={**body, "max_tokens": 2}).status_code == 200
+    finally:
+        engine.shutdown()
