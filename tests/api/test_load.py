@@ -209,6 +209,8 @@ def test_samples_the_engine_takes_only_in_part_are_all_aborted(default_model_dir
                     time.sleep(0.01)
                 assert not core.has_work()
                 core.pool.assert_no_leaks()
-            assert httpx.post(srv.url + "/chat/completions", json={**body, "max_tokens": 2}).status_code == 200
+            assert (
+                httpx.post(srv.url + "/chat/completions", json={**body, "max_tokens": 2}).status_code == 200
+            )
     finally:
         engine.shutdown()
