@@ -242,8 +242,12 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
             lp = {"content": _token_logprobs(ctx, run.ids, run.logprobs)} if body.logprobs else None
             choices.append({"index": j, "message": message, "logprobs": lp,
                             "finish_reason": run.finish_reason(last.finish_reason)})  # fmt: skip
+            if body.return_token_ids:  # (vLLM)
+                choices[-1]["token_ids"] = list(run.ids)
         usage = _summed_usage([usage_of(j, last) for j, last in enumerate(lasts)], n)
         reply = {**head, "object": "chat.completion", "choices": choices, "usage": usage}
+        if body.return_token_ids:
+            reply["prompt_token_ids"] = prompt_ids
         if prompt_logprobs is not None:  # (vLLM: at the top level)
             reply["prompt_logprobs"] = prompt_logprobs
         return reply
@@ -283,9 +287,11 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
 
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
-    def chunk(j: int, delta: dict[str, Any], logprobs=None) -> str:
-        c = {**head, "object": "chat.completion.chunk",
+    def chunk(j: int, delta: dict[str, Any], logprobs=None, token_ids: list[int] | None = None, **top) -> str:
+        c = {**head, "object": "chat.completion.chunk", **top,
              "choices": [{"index": j, "delta": delta, "logprobs": logprobs, "finish_reason": None}]}  # fmt: skip
+        if body.return_token_ids:  # (vLLM: each chunk's new token ids; the prompt's in the stream's first)
+            c["choices"][0]["token_ids"] = token_ids or []
         if include_usage:
             c["usage"] = None
         return _sse(c)
@@ -295,7 +301,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         if thinking and not hide:
             first["reasoning_content"] = ""
         for j in range(n):
-            yield chunk(j, dict(first))
+            top = {"prompt_token_ids": prompt_ids} if j == 0 and body.return_token_ids else {}
+            yield chunk(j, dict(first), **top)
         usages: dict[int, dict[str, Any]] = {}  # each sample's, once it is done
         items = with_keepalive(merged_streams(streams), ctx.keepalive_s, ctx.start_timeout_s)
         try:
@@ -328,9 +335,11 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
             # §5.2: in thinking mode the other field is null, as DeepSeek sends it
             if thinking and not hide and "tool_calls" not in d:
                 d = {"content": d.get("content"), "reasoning_content": d.get("reasoning_content")}
-            yield chunk(j, d, logprobs=lp if i == 0 else None)
-        if lp is not None and not deltas:
-            yield chunk(j, {"content": ""}, logprobs=lp)
+            yield chunk(
+                j, d, logprobs=lp if i == 0 else None, token_ids=out.new_token_ids if i == 0 else None
+            )
+        if (lp is not None or body.return_token_ids) and not deltas:  # (tokens whose text is held back)
+            yield chunk(j, {"content": ""}, logprobs=lp, token_ids=out.new_token_ids)
 
     def final_events(j: int, out: RequestOutput, usages: dict[int, dict[str, Any]]) -> Iterator[str]:
         """Sample j's last chunk (its finish_reason); the request's usage with the last sample's."""
@@ -338,6 +347,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         final = {**head, "object": "chat.completion.chunk",
                  "choices": [{"index": j, "delta": {"content": ""}, "logprobs": None,
                               "finish_reason": runs[j].finish_reason(out.finish_reason)}]}  # fmt: skip
+        if body.return_token_ids:
+            final["choices"][0]["token_ids"] = []
         final["usage"] = None if include_usage else total
         yield _sse(final)
         if include_usage and total is not None:
@@ -426,6 +437,7 @@ class _TextChoice:
         prompt_only: bool = False,
         echo_scored: bool = False,
         vllm_prompt_logprobs: int | None = None,
+        token_ids: bool = False,
     ):
         self.ctx, self.index, self.logprobs = ctx, index, logprobs
         self.echo = echo
@@ -433,6 +445,7 @@ class _TextChoice:
         self.prompt_only = prompt_only
         self.echo_scored = echo_scored  # the prompt tokens lead the legacy logprobs
         self.vllm_k = vllm_prompt_logprobs  # vLLM's prompt_logprobs field, with this many alternatives
+        self.token_ids = token_ids  # vLLM's return_token_ids: the prompt's and the completion's ids too
         self.raw_prompt_logprobs: list[dict | None] | None = None
         self.prompt_lp: dict[str, Any] | None = None  # the prompt tokens' legacy logprobs (first output)
         # text_offset: where each token's text starts in the choice's text (echo included)
@@ -508,6 +521,8 @@ class _TextChoice:
             "logprobs": lp,
             "finish_reason": self.last.finish_reason,
         }
+        if self.token_ids:
+            reply["prompt_token_ids"], reply["token_ids"] = self.prompt_ids, list(self.ids)
         if self.vllm_k is not None and self.raw_prompt_logprobs is not None:
             reply["prompt_logprobs"] = _vllm_prompt_logprobs(
                 self.ctx, self.prompt_ids, self.raw_prompt_logprobs, self.vllm_k
@@ -575,6 +590,7 @@ async def completions(body: CompletionRequest, request: Request):
             prompt_only,
             scored,
             body.prompt_logprobs,
+            bool(body.return_token_ids),
         )  # fmt: skip
         for k in range(len(streams))
     ]
@@ -598,10 +614,20 @@ async def completions(body: CompletionRequest, request: Request):
 
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
+    prompt_ids_sent: set[int] = set()
+
+    def with_ids(choice: dict[str, Any], token_ids: list[int]) -> dict[str, Any]:
+        """vLLM's return_token_ids: a chunk's new token ids, and the prompt's in a choice's first chunk."""
+        if body.return_token_ids:
+            choice["token_ids"] = token_ids
+            if choice["index"] not in prompt_ids_sent:
+                prompt_ids_sent.add(choice["index"])
+                choice["prompt_token_ids"] = choices[choice["index"]].prompt_ids
+        return choice
+
     def echo_chunk(c: _TextChoice, lp: dict[str, Any] | None) -> str:
-        return _sse(
-            {**head, "choices": [{"index": c.index, "text": c.echo, "logprobs": lp, "finish_reason": None}]}
-        )
+        choice = {"index": c.index, "text": c.echo, "logprobs": lp, "finish_reason": None}
+        return _sse({**head, "choices": [with_ids(choice, [])]})
 
     async def events() -> AsyncIterator[str]:
         for c in choices:
@@ -626,8 +652,9 @@ async def completions(body: CompletionRequest, request: Request):
                     text, lp = "", None
                 else:
                     text, lp = out.text, choice.legacy_logprobs(out.new_token_ids, out.logprobs or [])
-                c = {**head, "choices": [{"index": i, "text": text, "logprobs": lp,
-                                          "finish_reason": out.finish_reason if out.finished else None}]}  # fmt: skip
+                ids = [] if choice.prompt_only else out.new_token_ids
+                c = {**head, "choices": [with_ids({"index": i, "text": text, "logprobs": lp,
+                                          "finish_reason": out.finish_reason if out.finished else None}, ids)]}  # fmt: skip
                 if out.finished:
                     usages[i] = choice.usage()
                 last = len(usages) == len(choices) and out.finished

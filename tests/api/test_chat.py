@@ -639,3 +639,55 @@ def test_vllm_request_extensions_reach_the_engine(scripted_server, tokenizer):
     b.completions.create(model="deepseek-chat", prompt="x", max_tokens=2, n=2, extra_body={"best_of": 2,
                          "stop_token_ids": [7]})  # fmt: skip
     assert [p.stop_token_ids for p in eng.params[-2:]] == [[7], [7]]
+
+
+def test_return_token_ids_as_vllm_gives_them(engine_server, tokenizer):
+    """vLLM's ``return_token_ids``: the prompt's ids (what /tokenize gives for the same messages) and each
+    choice's generated ids, whose text is the reply; streamed, each chunk's new ids add up to the same."""
+    c = client(engine_server)
+    msgs = [{"role": "user", "content": "Count to three."}]
+    kw = dict(
+        model="deepseek-chat",
+        messages=msgs,
+        max_tokens=6,
+        temperature=0,
+        extra_body={"return_token_ids": True},
+    )
+    r = c.chat.completions.create(**kw).model_dump()
+    prompt = httpx.post(engine_server.url + "/tokenize", json={"messages": msgs}).json()["tokens"]
+    assert (
+        r["prompt_token_ids"] == prompt
+        and len(r["choices"][0]["token_ids"]) == r["usage"]["completion_tokens"]
+    )
+    assert (
+        tokenizer.decode(r["choices"][0]["token_ids"], skip_special_tokens=True)
+        == r["choices"][0]["message"]["content"]
+    )
+    chunks = [ch.model_dump() for ch in c.chat.completions.create(stream=True, **kw)]
+    assert chunks[0]["prompt_token_ids"] == prompt
+    assert [t for ch in chunks for choice in ch["choices"] for t in choice["token_ids"]] == r["choices"][0][
+        "token_ids"
+    ]
+    b = openai.OpenAI(base_url=engine_server.url, api_key="k", max_retries=0)
+    ckw = dict(
+        model="deepseek-chat",
+        prompt=["1, 2,", "a b"],
+        max_tokens=4,
+        temperature=0,
+        extra_body={"return_token_ids": True},
+    )
+    rc = b.completions.create(**ckw).model_dump()
+    for choice, text in zip(rc["choices"], ["1, 2,", "a b"], strict=True):
+        assert (
+            choice["prompt_token_ids"] == tokenizer.encode(text, add_bos=True)
+            and len(choice["token_ids"]) == 4
+        )
+    got: dict[int, list[int]] = {0: [], 1: []}
+    firsts = set()
+    for ch in b.completions.create(stream=True, **ckw):
+        for choice in ch.model_dump()["choices"]:
+            got[choice["index"]] += choice["token_ids"]
+            if choice.get("prompt_token_ids"):
+                firsts.add(choice["index"])
+    assert got == {i: rc["choices"][i]["token_ids"] for i in (0, 1)} and firsts == {0, 1}
+    assert "token_ids" not in c.chat.completions.create(**{**kw, "extra_body": {}}).model_dump()["choices"][0]
