@@ -171,6 +171,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-waiting", type=int, default=256, help="queued requests before answering 503")
     p.add_argument("--max-concurrent-per-key", type=int, help="in-flight requests per API key before 429")
     p.add_argument("--chat-format", choices=("v3.2", "v3.1", "v3"), help="override the prompt format")
+    p.add_argument("--scheduling-policy", choices=("fcfs", "priority"), default="fcfs",
+                   help="fcfs: arrival order; priority: requests' priority field first (lower first), as vLLM")  # fmt: skip
     p.add_argument(
         "--enforce-eager", action="store_true", help="GPU: run every step eagerly (no CUDA graphs)"
     )
@@ -207,7 +209,7 @@ def _serve(args: argparse.Namespace) -> int:
             max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
             max_waiting=args.max_waiting, max_concurrent_per_key=args.max_concurrent_per_key,
             chat_format=args.chat_format, cuda_graphs=not args.enforce_eager, compile_decode=args.compile,
-            num_speculative_tokens=args.speculative_config or 0,
+            num_speculative_tokens=args.speculative_config or 0, scheduling_policy=args.scheduling_policy,
         )
     )  # fmt: skip
     return 0

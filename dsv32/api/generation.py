@@ -210,7 +210,7 @@ def sampling_params_for(
         for name in ("temperature", "top_p", "frequency_penalty", "presence_penalty"):
             if getattr(req, name) is not None:
                 kw[name] = getattr(req, name)
-    for name in ("top_k", "min_p", "top_a", "repetition_penalty", "ignore_eos", "min_tokens"):
+    for name in ("top_k", "min_p", "top_a", "repetition_penalty", "ignore_eos", "min_tokens", "priority"):
         if getattr(req, name, None) is not None:  # (the Anthropic route has no min_tokens)
             kw[name] = getattr(req, name)
     try:

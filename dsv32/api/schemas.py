@@ -73,6 +73,7 @@ class SamplingFields(BaseModel):
     stop_token_ids: list[int] | None = None  # vLLM extension: also stop on these tokens
     min_tokens: int | None = Field(default=None, ge=0)  # vLLM extension: no stop before this many tokens
     return_token_ids: bool | None = None  # vLLM extension: the prompt's and each choice's token ids too
+    priority: int | None = None  # vLLM extension: lower first, with serve --scheduling-policy priority
     user: str | None = None
 
 

@@ -36,6 +36,7 @@ class ServeOptions:
     )
     compile_decode: bool = False  # the decode step (GPU: and the prefill) compiled at start (``--compile``)
     num_speculative_tokens: int = 0  # MTP drafts per step (``--speculative-config``)
+    scheduling_policy: str = "fcfs"  # or "priority": requests' ``priority`` field orders them
     keepalive_s: float = 5.0
 
 
@@ -57,7 +58,7 @@ def build_context(opts: ServeOptions) -> ServingContext:
         cuda_graphs=opts.cuda_graphs, compile_decode=opts.compile_decode,
         # on a GPU the prefill too (on the CPU the compiled prefill measured slower: EngineConfig)
         compile_prefill=opts.compile_decode and torch.device(opts.device).type == "cuda",
-        num_speculative_tokens=opts.num_speculative_tokens,
+        num_speculative_tokens=opts.num_speculative_tokens, scheduling_policy=opts.scheduling_policy,
     )  # fmt: skip
     core = EngineCore(model, config, eos_id=tokenizer.eos_id)
     engine = AsyncEngine(core, tokenizer, max_waiting=opts.max_waiting)

@@ -73,6 +73,9 @@ class EngineConfig:
     # draft; up to 4: chained on its own output, as vLLM does). On a GPU the drafted decode steps and the
     # first MTP pass replay from CUDA graphs; compiled steps (``compile_decode``) are not used with drafts.
     num_speculative_tokens: int = 0
+    # "fcfs" (arrival order) or "priority" (``SamplingParams.priority``, lower first, then arrival: the order
+    # of admission, and the reverse order of preemption), as vLLM's --scheduling-policy
+    scheduling_policy: str = "fcfs"
 
 
 @dataclass
@@ -127,7 +130,11 @@ class EngineCore:
         self.pool = BlockPool(num_blocks, cfg.block_size)
         self.cache = PagedKVCache(mcfg, num_blocks, cfg.block_size, n_layers, model.dtype, model.device)
         self.scheduler = Scheduler(
-            self.pool, cfg.max_num_seqs, cfg.max_num_batched_tokens, hash_lookahead=1 if k else 0
+            self.pool,
+            cfg.max_num_seqs,
+            cfg.max_num_batched_tokens,
+            hash_lookahead=1 if k else 0,
+            policy=cfg.scheduling_policy,
         )
         self.runner = ModelRunner(model, self.cache)
         self.runner.keep_hidden = bool(k)
@@ -235,6 +242,11 @@ class EngineCore:
         params.validate(vocab)
         if params.n != 1:
             raise EngineError(f"one engine request samples once (n={params.n}): submit params.samples() each")
+        if params.priority and self.scheduler.policy != "priority":
+            raise EngineError(
+                f"priority {params.priority} needs the priority scheduling policy (the engine schedules "
+                f"{self.scheduler.policy}; dsv32 serve --scheduling-policy priority)"
+            )
         n = len(prompt_ids)
         room = min(self.max_model_len, self.capacity_tokens) - n
         if room < 1:
@@ -253,7 +265,7 @@ class EngineCore:
                     "constrained decoding needs the engine's tokenizer (EngineCore.attach_tokenizer)"
                 )
             guided = self.grammar.new_state(params.guided)
-        req = Request(request_id, list(prompt_ids), max_tokens, next(self._arrivals))
+        req = Request(request_id, list(prompt_ids), max_tokens, next(self._arrivals), params.priority)
         if params.prompt_logprobs is not None:
             req.prompt_logprobs = [None] * n
             req.prompt_top, req.prompt_logprobs_left = params.prompt_logprobs, n - 1

@@ -86,9 +86,11 @@ class LLM:
         sampling_params: SamplingParams | list[SamplingParams] | None = None,
         *,
         prompt_token_ids: list[list[int]] | None = None,
+        priority: list[int] | None = None,
     ) -> list[CompletionOutput]:
         """One output per prompt, in order (with ``n`` > 1 its samples in ``.outputs``, the output itself the
-        first). Strings get BOS prepended; ids are used as given."""
+        first). Strings get BOS prepended; ids are used as given. ``priority`` (one per prompt, as vLLM) needs
+        an engine with ``scheduling_policy="priority"``."""
         if (prompts is None) == (prompt_token_ids is None):
             raise ValueError("give either prompts or prompt_token_ids")
         if prompts is not None:
@@ -101,6 +103,10 @@ class LLM:
         params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * n
         if len(params) != n:
             raise ValueError(f"{len(params)} sampling_params for {n} prompts")
+        if priority is not None:  # (vLLM's argument; needs EngineConfig(scheduling_policy="priority"))
+            if len(priority) != n:
+                raise ValueError(f"{len(priority)} priorities for {n} prompts")
+            params = [replace(p, priority=q) for p, q in zip(params, priority, strict=True)]
         processor = OutputProcessor(self.tokenizer)
         results = [CompletionOutput(list(ids)) for ids in prompt_token_ids]
         samples: dict[str, CompletionOutput] = {}  # by engine request id: each prompt's n samples

@@ -26,6 +26,7 @@ class Request:
     prompt_ids: list[int]
     max_tokens: int  # resolved: never past the model's context
     arrival: int  # monotonically increasing submission number (FIFO order, "newest" for preemption)
+    priority: int = 0  # lower first (the scheduler's "priority" policy; 0 under "fcfs")
     output_ids: list[int] = field(default_factory=list)
     status: Status = Status.WAITING
     block_table: list[int] = field(default_factory=list)

@@ -46,6 +46,8 @@ class SamplingParams:
     ``min_tokens`` (as vLLM): until that many tokens are out, EOS and ``stop_token_ids`` cannot be sampled
     (their logits are -inf, which logprobs show) and stop strings are not matched (text from the tokens after
     it is); not with ``guided``, whose grammar decides where the output may end.
+    ``priority`` (as vLLM): with the engine's ``scheduling_policy="priority"``, a lower value is admitted
+    first and preempted last (ties: arrival order); 0 under the default first-come-first-served policy.
     ``n`` (as vLLM): that many samples of the prompt, each its own engine request (``samples``); the
     engine's scheduler computes their shared prompt once.
     ``guided`` constrains the output to a grammar (JSON mode, a JSON Schema, a Lark grammar, a regex; see
@@ -75,6 +77,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     n: int = 1
     min_tokens: int = 0
+    priority: int = 0
 
     def __post_init__(self) -> None:
         # Accept the API's spellings: one stop string, and JSON object keys ("123") for logit_bias.
@@ -174,6 +177,8 @@ class SamplingParams:
                 self.min_tokens,
                 "0 with a structured output constraint (its grammar decides the end)",
             )
+        if not _is_int(self.priority):
+            raise SamplingParamsError("priority", self.priority, "an integer")
         if not (_is_int(self.n) and 1 <= self.n <= MAX_N):
             raise SamplingParamsError("n", self.n, f"an integer in [1, {MAX_N}]")
         if self.top_logprobs > 0 and not self.logprobs:

@@ -4,7 +4,9 @@ The scheduler only decides; the runner executes. Each step every running request
 it has that the cache lacks (a prompt chunk, or the one token sampled last step), and waiting requests
 are admitted in arrival order while budget, sequence slots and blocks last — so decodes and chunked
 prefills share a step, and prefix hits simply start a request with some tokens already computed.
-When blocks run out, the newest running request is preempted (blocks freed, recomputed later).
+When blocks run out, the newest running request is preempted (blocks freed, recomputed later). Under the
+"priority" policy (vLLM's) the order is (priority, arrival) instead of arrival: a lower priority value is
+admitted first and preempted last; a request already running is not preempted to admit a waiting one.
 A waiting request that does not fit blocks the ones behind it, so none starves.
 
 Requests that share a prompt prefix and arrive together (``n`` samples of one prompt, a burst of requests
@@ -21,6 +23,8 @@ from dataclasses import dataclass, field
 
 from dsv32.engine.block_pool import BlockPool
 from dsv32.engine.request import Request, Status
+
+POLICIES = ("fcfs", "priority")
 
 
 @dataclass
@@ -51,9 +55,16 @@ class Scheduler:
         max_num_seqs: int = 64,
         max_num_batched_tokens: int = 2048,
         hash_lookahead: int = 0,
+        policy: str = "fcfs",
     ):
         """``hash_lookahead``: tokens after a full block that its prefix-cache identity covers (1 when the MTP
-        layer keeps a cache: its entry at a block's last position is computed with the next token)."""
+        layer keeps a cache: its entry at a block's last position is computed with the next token).
+        ``policy``: "fcfs" (arrival order) or "priority" (``Request.priority`` first, lower first; then arrival
+        order): the order waiting requests are admitted in, and the reverse of the order running ones are
+        preempted in."""
+        if policy not in POLICIES:
+            raise ValueError(f"scheduling policy must be one of {', '.join(POLICIES)}, got {policy!r}")
+        self.policy = policy
         if max_num_seqs < 1 or max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
         self.pool = pool
@@ -67,7 +78,19 @@ class Scheduler:
 
     # ---- queue ----------------------------------------------------------------------------
     def add(self, req: Request) -> None:
-        self.waiting.append(req)
+        self._enqueue(req)
+
+    def _rank(self, req: Request) -> tuple[int, int]:
+        """Admission order (smaller first); preemption takes the largest."""
+        return (req.priority if self.policy == "priority" else 0), req.arrival
+
+    def _enqueue(self, req: Request) -> None:
+        """Into the waiting queue at its rank (a preempted request goes back before later arrivals)."""
+        rank = self._rank(req)
+        i = len(self.waiting)
+        while i and self._rank(self.waiting[i - 1]) > rank:
+            i -= 1
+        self.waiting.insert(i, req)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -103,7 +126,7 @@ class Scheduler:
                 draft = []
             if not self._ensure_blocks(req, req.num_computed + n):
                 # preempt the newest running request that is not already in this step, then retry
-                victim = max((r for r in self.running if id(r) not in scheduled), key=lambda r: r.arrival)
+                victim = max((r for r in self.running if id(r) not in scheduled), key=self._rank)
                 self._preempt(victim)
                 continue  # self.running shrank; re-check index i (it may have been the victim)
             chunks.append(ScheduledChunk(req, req.num_computed, n, list(draft)))
@@ -208,4 +231,4 @@ class Scheduler:
         req.status = Status.WAITING
         req.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.appendleft(req)
+        self._enqueue(req)

@@ -620,8 +620,8 @@ def test_n_choices_each_parse_their_own_reply(scripted_server, tokenizer):
 
 def test_vllm_request_extensions_reach_the_engine(scripted_server, tokenizer):
     """vLLM's ``chat_template_kwargs: {"thinking": ...}`` switches thinking mode (the prompt ends in <think>
-    or </think>; DeepSeek's own ``thinking`` field wins over it), ``stop_token_ids`` and ``min_tokens`` reach
-    the engine, and
+    or </think>; DeepSeek's own ``thinking`` field wins over it), ``stop_token_ids``, ``min_tokens`` and
+    ``priority`` reach the engine, and
     extensions asked for with their no-op value pass."""
     c = client(scripted_server)
     eng = scripted_server.engine
@@ -633,8 +633,9 @@ def test_vllm_request_extensions_reach_the_engine(scripted_server, tokenizer):
         last.append(tokenizer.decode(eng.prompts[-1][-1:], skip_special_tokens=False))
     assert last == ["<think>", "<think>", "</think>", "</think>"]
     c.chat.completions.create(extra_body={"stop_token_ids": [5, 6], "min_tokens": 2, "best_of": 1,
-                                          "use_beam_search": False}, **kw)  # fmt: skip
+                                          "use_beam_search": False, "priority": -3}, **kw)  # fmt: skip
     assert eng.params[-1].stop_token_ids == [5, 6] and eng.params[-1].min_tokens == 2
+    assert eng.params[-1].priority == -3
     b = openai.OpenAI(base_url=scripted_server.url, api_key="k", max_retries=0)
     b.completions.create(model="deepseek-chat", prompt="x", max_tokens=2, n=2, extra_body={"best_of": 2,
                          "stop_token_ids": [7]})  # fmt: skip

@@ -66,6 +66,7 @@ CASES = [
     ("best_of above n", "/completions", {"model": "deepseek-chat", "prompt": "x", "best_of": 3}, 422, "best_of"),
     ("beam search", "/completions", {"model": "deepseek-chat", "prompt": "x", "use_beam_search": True}, 422, "use_beam_search"),
     ("stop str in output", "/chat/completions", chat(include_stop_str_in_output=True), 422, "include_stop_str_in_output"),
+    ("priority without its policy", "/chat/completions", chat(priority=1), 400, "priority"),
     ("stop token id outside vocab", "/chat/completions", chat(stop_token_ids=[10**9]), 422, "stop_token_ids"),
     ("template kwarg unknown", "/chat/completions", chat(chat_template_kwargs={"tools_first": True}), 422, "tools_first"),
     ("template thinking not bool", "/chat/completions", chat(chat_template_kwargs={"thinking": "yes"}), 422, "thinking"),

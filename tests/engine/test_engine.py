@@ -73,6 +73,8 @@ def test_bad_requests_are_errors_not_crashes(model):
         core.add_request("x", [5] * 10, SamplingParams(max_tokens=40))  # cache holds 32 tokens
     with pytest.raises(EngineError, match=r"samples\(\)"):  # n samples are n requests (LLM, the API)
         core.add_request("x", [5], SamplingParams(n=2))
+    with pytest.raises(EngineError, match="priority scheduling policy"):  # (this engine schedules fcfs)
+        core.add_request("x", [5], SamplingParams(priority=1))
     core.add_request("x", [5], SamplingParams(max_tokens=2))
     with pytest.raises(EngineError, match="already in use"):
         core.add_request("x", [5], SamplingParams())

@@ -142,3 +142,23 @@ def test_speculative_config_gives_the_same_outputs(llm):
     spec.engine.pool.assert_no_leaks()
     with pytest.raises(ValueError, match="num_speculative_tokens must be"):
         dsv32.LLM(speculative_config='{"method": "mtp", "num_speculative_tokens": 9}')
+
+
+def test_priority_orders_prompts_under_the_priority_policy():
+    """vLLM's ``priority`` argument: with one sequence at a time, the lower value runs first (its first token
+    is out before the other is admitted); the default first-come-first-served engine refuses it."""
+    from dsv32.engine.core import EngineConfig
+
+    llm = dsv32.LLM(engine_config=EngineConfig(max_num_seqs=1, scheduling_policy="priority"))
+    outs = llm.generate(["first", "second"], _greedy(2), priority=[5, -5])
+    assert [o.token_ids for o in outs] == [
+        llm.generate(p, _greedy(2))[0].token_ids for p in ("first", "second")
+    ]
+    order = []
+    for rid, p, prio in (("a", [0, 11, 12], 5), ("b", [0, 21, 22], -5)):
+        llm.engine.add_request(rid, p, _greedy(2, priority=prio))
+    while llm.engine.has_work():
+        order += [o.request_id for o in llm.engine.step() if o.finished]
+    assert order == ["b", "a"]
+    with pytest.raises(Exception, match="priority scheduling policy"):
+        dsv32.LLM().generate(["x"], _greedy(1), priority=[1])

@@ -48,3 +48,35 @@ def test_a_shared_prefill_preempted_and_resumed_still_serves_the_waiting_request
     assert not sched.has_work() and a.num_preemptions >= 1
     assert b_chunks == [(12, 1), (13, 1)] and b.num_cached_prompt == 12
     pool.assert_no_leaks()
+
+
+def test_priority_policy_admits_lower_values_first_and_preempts_the_highest():
+    """vLLM's "priority" policy: waiting requests are admitted by (priority, arrival), and when blocks run out
+    the running request with the largest (priority, arrival) is preempted; "fcfs" keeps arrival order."""
+    for policy, admitted in (("fcfs", ["a", "b", "c"]), ("priority", ["c", "a", "b"])):
+        pool = BlockPool(32, 4)
+        sched = Scheduler(pool, max_num_seqs=1, max_num_batched_tokens=64, policy=policy)
+        for i, (rid, prio) in enumerate((("a", 5), ("b", 5), ("c", -1))):
+            sched.add(Request(rid, [10 + i, 11, 12], 1, i, prio if policy == "priority" else 0))
+        order = [rid for _ in range(3) for rid, _, _ in _step(sched)]
+        assert order == admitted and not sched.has_work()
+        pool.assert_no_leaks()
+    # two running in three blocks: when the newer needs a block, the older (priority 3) is preempted
+    pool = BlockPool(3, 4)
+    sched = Scheduler(pool, max_num_seqs=2, max_num_batched_tokens=64, policy="priority")
+    old, new = Request("old", [1, 2, 3, 4], 6, 0, 3), Request("new", [5, 6, 7], 6, 1, 0)
+    sched.add(old)
+    sched.add(new)
+    for _ in range(3):  # both prefill, then decode until new needs a block none has free
+        _step(sched)
+    assert old.num_preemptions == 1 and new.num_preemptions == 0 and list(sched.waiting) == [old]
+    while sched.has_work():
+        _step(sched)
+    pool.assert_no_leaks()
+
+
+def test_an_unknown_policy_is_refused():
+    import pytest
+
+    with pytest.raises(ValueError, match="fcfs, priority"):
+        Scheduler(BlockPool(4, 4), policy="lifo")
