@@ -151,6 +151,15 @@ def logit_bias_ids(raw: dict[str, float] | None) -> dict[int, float] | None:
     return out
 
 
+def served_model(ctx: ServingContext, name: str) -> tuple[str, bool]:
+    """``ctx.resolve_model``: (the id echoed in responses, thinking by default); a name the server does not
+    serve is a 400 listing the ones it does."""
+    model, thinking = ctx.resolve_model(name)
+    if not model:
+        raise bad_request(f"Model Not Exist: {name!r} (available: {', '.join(ctx.model_names())})", "model")
+    return model, thinking
+
+
 _TEMPLATE_THINKING = ("thinking", "enable_thinking")  # vLLM's chat_template_kwargs spellings of the switch
 
 

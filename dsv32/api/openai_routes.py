@@ -35,6 +35,7 @@ from dsv32.api.generation import (
     reject_lone_surrogates,
     reply_when_done,
     sampling_params_for,
+    served_model,
     stream_error,
     submit_all,
     thinking_mode,
@@ -156,11 +157,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     reject_lone_surrogates(body)
     refuse_unsupported_extras(body)
     beta = request.url.path.startswith("/beta/")
-    model, default_thinking = ctx.resolve_model(body.model)
-    if not model:
-        raise bad_request(
-            f"Model Not Exist: {body.model!r} (available: {', '.join(ctx.model_names())})", "model"
-        )
+    model, default_thinking = served_model(ctx, body.model)
     thinking = thinking_mode(body, default_thinking)
     if thinking and ctx.family == "v3":
         raise bad_request("this model has no thinking mode", "thinking")
@@ -534,11 +531,7 @@ async def completions(body: CompletionRequest, request: Request):
     ctx = _ctx(request)
     reject_lone_surrogates(body)
     refuse_unsupported_extras(body)
-    model, thinking = ctx.resolve_model(body.model)
-    if not model:
-        raise bad_request(
-            f"Model Not Exist: {body.model!r} (available: {', '.join(ctx.model_names())})", "model"
-        )
+    model, thinking = served_model(ctx, body.model)
     if thinking:
         raise bad_request(
             "FIM / text completion is not supported in thinking mode (use deepseek-chat)", "model"

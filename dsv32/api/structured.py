@@ -81,8 +81,7 @@ def content_schema(response_format) -> dict[str, Any] | None:
     return schema
 
 
-_VLLM_FIELDS = ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
-_VLLM_KINDS = {
+_VLLM_KINDS = {  # structured_outputs key: the older field of the same constraint
     "json": "guided_json",
     "regex": "guided_regex",
     "choice": "guided_choice",
@@ -95,7 +94,8 @@ _VLLM_HELD_OPTIONS = ("disable_fallback", "disable_any_whitespace")
 def vllm_guided(body) -> dict[str, Any] | None:
     """The ``guided`` spec of vLLM's structured-output fields (``guided_*`` or ``structured_outputs: {...}``),
     or None when none is given. Raises APIError: 400 for more than one, 422 for a malformed one (naming it)."""
-    given = {f: getattr(body, f) for f in _VLLM_FIELDS if getattr(body, f, None) is not None}
+    # where each constraint was given: (its kind, by the older field's name; its value)
+    given = {f: (f, getattr(body, f)) for f in _VLLM_KINDS.values() if getattr(body, f, None) is not None}
     so = getattr(body, "structured_outputs", None)
     if isinstance(so, dict):
         unknown = sorted(set(so) - set(_VLLM_KINDS) - {"json_object"} - set(_VLLM_HELD_OPTIONS))
@@ -114,8 +114,7 @@ def vllm_guided(body) -> dict[str, Any] | None:
         raise bad_request(
             f"give one structured output constraint, not {' and '.join(given)}", next(iter(given))
         )
-    name, value = next(iter(given.items()))
-    kind, value = value if isinstance(value, tuple) else (name, value)
+    name, (kind, value) = next(iter(given.items()))
     if kind == "json_object":
         guided = {"json_object": True}
     elif kind == "guided_json":

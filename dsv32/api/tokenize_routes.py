@@ -15,7 +15,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from dsv32.api.errors import bad_request, invalid_param
-from dsv32.api.generation import API_ROLES, chat_format_error, check_tool_messages, thinking_mode
+from dsv32.api.generation import (
+    API_ROLES,
+    chat_format_error,
+    check_tool_messages,
+    served_model,
+    thinking_mode,
+)
 from dsv32.api.schemas import Reasoning, Thinking
 from dsv32.api.service import ServingContext
 from dsv32.chat import encode_prompt
@@ -49,13 +55,8 @@ def register(router: APIRouter) -> None:
 
 
 def _model_thinking(ctx: ServingContext, model: str | None) -> bool:
-    """The model name's default thinking mode (a name the server does not serve is a 400, as on chat)."""
-    if model is None:
-        return False
-    name, thinking = ctx.resolve_model(model)
-    if not name:
-        raise bad_request(f"Model Not Exist: {model!r} (available: {', '.join(ctx.model_names())})", "model")
-    return thinking
+    """The model name's default thinking mode (optional here; one the server does not serve is a 400)."""
+    return False if model is None else served_model(ctx, model)[1]
 
 
 async def tokenize(body: TokenizeRequest, request: Request) -> dict[str, Any]:

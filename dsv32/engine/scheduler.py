@@ -139,7 +139,7 @@ class Scheduler:
             req = self.waiting[w]
             # a waiting request holds no blocks (new, preempted or refused)
             looked_up = self._take_prefix_hits(req)
-            if looked_up > len(req.block_table) and not req.prompt_logprobs_left:
+            if looked_up > len(req.block_table):  # (a scored request looks nothing up: it never waits)
                 if in_flight is None:
                     in_flight = self._in_flight_blocks(self.running)
                 k, prompt_hashes = len(req.block_table), self._prompt_hashes(req)
