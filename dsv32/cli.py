@@ -179,7 +179,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--compile", action="store_true",
         help="compile the decode step with torch.compile at start. CPU: the single-request step (up to "
-        "~2 min; needs a C++ compiler; ~25%% faster batch-1 decode). GPU: every CUDA-graph step (~30 s a "
+        "~70 s; ~10 s when inductor's disk cache has it from an earlier start; needs a C++ compiler; ~25%% "
+        "faster batch-1 decode). GPU: every CUDA-graph step (~30 s a "
         "form; ~1.7x batch-1 decode on an H100), and the steps with prefill chunks around their attention",
     )  # fmt: skip
     p.add_argument(

@@ -6,8 +6,14 @@ bench-small about 1300 small aten ops and their Python cost ~8 ms next to ~20 ms
 fixed-shape, sync-free step that CUDA graphs record (``cuda_graphs.DecodeGraphs`` with ``capture=False``),
 with these differences:
 
-* the weights are frozen as constants (inductor's ``freezing``), so the oneDNN-packed matmul weights
-  (``PackedMatmul``) are read in place and any other matmul weight is packed once at compile time;
+* the weights are the step's inputs, and each oneDNN-packed matmul (``PackedMatmul``) is one opaque op,
+  ``dsv32::packed_linear``, called by a handle numbered in creation order (a traced graph cannot take a
+  oneDNN-layout tensor as an input; the op takes the plain product if a weight changed since packing).
+  So a process that builds the same model traces the same graph, and inductor's on-disk cache serves the
+  compiled step to the next start: bench-small's three forms compile in ~70 s the first time and load in
+  ~10 s after (the embedded default model: 25 s, then 8 s; ``dsv32 serve`` alone starts in ~4 s). The step
+  runs as fast as with the weights frozen in as constants (17.1 against 17.5 ms median, alternating in one
+  process), which no cache can serve again;
 * the routed experts are traced as reductions over the chosen experts' stacked weights
   (``MoE._experts_gathered``): a step's one token reads only its top-k experts, with no host sync and no
   per-expert call (FP8 experts, never compiled here anyway, would fall back to the eager loop as one
@@ -34,7 +40,7 @@ import torch._inductor.config
 
 from dsv32.engine.cuda_graphs import DecodeGraphs, GraphCaptureError, _Step, step_compile_config
 from dsv32.engine.paged_cache import PagedKVCache
-from dsv32.model.layers import Linear, frozen_weights
+from dsv32.model.layers import Linear, PackedMatmul, keep_packed_matmuls
 from dsv32.model.moe import register_for_compile
 from dsv32.model.transformer import DeepseekForCausalLM
 
@@ -48,7 +54,7 @@ def compile_unsupported_reason(model: DeepseekForCausalLM) -> str | None:
     if model.device.type != "cpu":
         return f"the compiled decode step is for the CPU; this model is on {model.device}"
     if any(m.is_fp8 for m in model.modules() if isinstance(m, Linear)):
-        # freezing would fold each dequantisation into a full-precision constant: the memory FP8 saves
+        # (a compiled step would still dequantise every FP8 weight in full each step, as the eager one does)
         return "FP8 weights kept in FP8 are dequantised per call; not compiled"
     return None
 
@@ -63,6 +69,7 @@ class CompiledDecode(DecodeGraphs):
         super().__init__(model, cache, max_rows=1, max_context=max_context, capture=False)
         model.rotary.inv_freq(model.device)  # made on first use, eagerly: not inside the compiled step
         register_for_compile(model, gathered=True)  # one row: each pair reads its expert once
+        self._packed: dict[int, PackedMatmul] = {}  # what the compiled forms call by handle: kept alive
         self._compiled = torch.compile(super()._forward, fullgraph=True, dynamic=None)
         self._forms_compiled: set[tuple] = set()  # ``_form``s compiled so far
 
@@ -87,17 +94,17 @@ class CompiledDecode(DecodeGraphs):
         return past_topk, topks, past_topk and slots >= LONG_SORT_SLOTS
 
     def _run(self, step: _Step, compiled_before: bool = False) -> torch.Tensor:
-        # The options are read where the compiled graph is lowered (``options=`` of torch.compile does not
-        # reach freezing). A C++ wrapper instead of inductor's Python one around the kernels: 26.5 against
-        # 27.4 ms a step on bench-small (alternating in one process), for ~5 s more compile. An engine over
-        # another model compiles its own step (the weights are constants in it): more than dynamo's default
-        # of 8 entries per function where a process builds engines over several models (the tests).
+        # The options are read where the compiled graph is lowered. A C++ wrapper instead of inductor's
+        # Python one around the kernels: 26.5 against 27.4 ms a step on bench-small (alternating in one
+        # process), for ~5 s more compile. An engine over another model compiles its own step (its packed
+        # matmuls' handles differ): more than dynamo's default of 8 entries per function where a process
+        # builds engines over several models (the tests).
         # Once a step's form has compiled, dynamo checks only the guards that tell its compiled forms apart
         # (``skip_guard_eval_unsafe``): a full guard check costs ~0.5 ms a step, and what else it guards
-        # (the model, its frozen weights, the mode flags) does not change under an engine that owns the model.
-        inductor = torch._inductor.config.patch(freezing=True, cpp_wrapper=True)
+        # (the model, its weights' shapes, the mode flags) does not change under an engine that owns the model.
+        inductor = torch._inductor.config.patch(cpp_wrapper=True)
         stance = torch.compiler.set_stance("default", skip_guard_eval_unsafe=compiled_before)
-        with inductor, step_compile_config(), frozen_weights(), stance:
+        with inductor, step_compile_config(), stance:
             return self._compiled(step)
 
     def _forward(self, step: _Step) -> torch.Tensor:
@@ -105,6 +112,7 @@ class CompiledDecode(DecodeGraphs):
         if form in self._forms_compiled:
             return self._run(step, compiled_before=True)
         t0 = time.perf_counter()
+        keep_packed_matmuls(self.model, self._packed)
         try:
             out = self._run(step)
         except Exception as e:  # noqa: BLE001 - any compiler failure (no C++ compiler, an inductor bug)

@@ -22,6 +22,7 @@ import time
 import torch
 
 from dsv32.engine.cuda_graphs import step_compile_config
+from dsv32.model.layers import PackedMatmul, keep_packed_matmuls
 from dsv32.model.mla import MLA, AttentionContext, MLAInputs
 from dsv32.model.moe import register_for_compile
 from dsv32.model.transformer import DeepseekForCausalLM
@@ -95,6 +96,7 @@ class CompiledLayers:
         register_for_compile(model)  # experts not stacked for grouped matmuls: the loop as one opaque op
         self._compiled = torch.compile(self._forward, fullgraph=True, dynamic=None)
         self.ready = False  # compiled (``warm_up`` or a first step) without error
+        self._packed: dict[int, PackedMatmul] = {}  # what the compiled forward calls by handle: kept alive
 
     @staticmethod
     def fits(rows: int) -> bool:
@@ -108,6 +110,8 @@ class CompiledLayers:
         for t in (ctx.q_pos, ctx.cos, ctx.sin):
             torch._dynamo.mark_dynamic(t, 0)
         t0 = None if self.ready else time.perf_counter()
+        if t0 is not None:
+            keep_packed_matmuls(self.model, self._packed)
         _CURRENT = (self.model, ctx)
         try:
             with step_compile_config():

@@ -58,7 +58,8 @@ class EngineConfig:
     # speculative decoding), captured per bucket of tokens and slots when first met
     prefill_graphs: bool = True
     # compile the decode step with torch.compile when the engine starts. CPU: single-request steps as one
-    # compiled step (``compiled_decode``; ~107 s on bench-small's 32K context, needs a C++ compiler). GPU:
+    # compiled step (``compiled_decode``; ~70 s on bench-small's 32K context, ~10 s when inductor's disk
+    # cache has it from an earlier start; needs a C++ compiler). GPU:
     # each CUDA-graph step compiled by inductor before its capture (``DecodeGraphs(compile=True)``; ~30 s a
     # form on an H100, 1.7x batch-1 decode on bench-small). Where compiling fails: a warning, steps as before
     compile_decode: bool = False

@@ -9,6 +9,8 @@ we measure on, while oneDNN's prepacked kernel streams the weight at memory spee
 from __future__ import annotations
 
 import contextlib
+import itertools
+import weakref
 from collections.abc import Iterator
 
 import torch
@@ -30,9 +32,16 @@ class PackedMatmul:
     Valid while every source Linear still holds the weight it was packed from (same storage, no in-place
     change since): ``usable`` checks that, so a stale copy is never used. ``cache`` (keyed by the weights'
     data_ptrs) lets Linears that share a weight (the MTP head and lm_head) share one copy.
+
+    A ``torch.compile``d forward calls it as the opaque op ``dsv32::packed_linear`` by its ``handle`` (a
+    traced graph cannot take a oneDNN-layout tensor as an input); the op checks freshness when it runs.
+    Handles are numbered in creation order, so a process that builds the same model gets the same graph,
+    and inductor's on-disk cache serves the compiled step again (``compiled_decode``).
     """
 
     def __init__(self, linears: list[Linear], cache: dict[tuple[int, ...], torch.Tensor] | None = None):
+        self.handle = next(_HANDLES)
+        _BY_HANDLE[self.handle] = self
         self.sources = [(lin, lin.weight.data_ptr(), lin.weight._version) for lin in linears]
         self.dtype = linears[0].weight.dtype
         key = tuple(p for _, p, _ in self.sources)
@@ -65,27 +74,48 @@ class PackedMatmul:
     def usable(self, x: torch.Tensor) -> bool:
         if x.dtype != self.dtype or x.device.type != "cpu":
             return False
-        if torch.compiler.is_compiling():
-            # The freshness check (data_ptr, _version) cannot be traced. A compile that freezes the weights as
-            # constants (``frozen_weights``: the engine's compiled decode step, over a model it owns) reads
-            # the packed copy; any other compile gets the plain matmul (inductor lowers the packed one only
-            # for constant weights).
-            return _FROZEN_WEIGHTS
         if torch.is_grad_enabled() and any(lin.weight.requires_grad for lin, _, _ in self.sources):
             return False  # autograd needs the plain matmul
-        return self.fresh()
+        # (the freshness check cannot be traced: a compiled forward's ``packed_linear`` makes it at run time)
+        return torch.compiler.is_compiling() or self.fresh()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return torch.ops.dsv32.packed_linear(x, self.handle, sum(self.splits))
         if _RECORDED is not None:
             _RECORDED.append((self, x.detach().clone()))
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, None, "none", [], "")
+
+    def plain(self, x: torch.Tensor) -> torch.Tensor:
+        """The same product through the sources' current weights (what a stale packed copy falls back to)."""
+        return F.linear(x, torch.cat([lin.dense_weight(x.dtype) for lin, _, _ in self.sources]))
 
     @property
     def weight_bytes(self) -> int:
         return sum(lin.weight.numel() * lin.weight.element_size() for lin, _, _ in self.sources)
 
 
-_FROZEN_WEIGHTS = False
+_HANDLES = itertools.count()
+_BY_HANDLE: weakref.WeakValueDictionary[int, PackedMatmul] = weakref.WeakValueDictionary()
+
+
+@torch.library.custom_op("dsv32::packed_linear", mutates_args=())
+def _packed_linear(x: torch.Tensor, handle: int, out_features: int) -> torch.Tensor:
+    """``PackedMatmul`` number ``handle`` applied to x (in a compiled graph), or its plain product where its
+    sources' weights changed since packing."""
+    pm = _BY_HANDLE.get(handle)
+    if pm is None:
+        raise RuntimeError(f"dsv32::packed_linear: no packed matmul {handle} in this process")
+    if not pm.fresh():
+        return pm.plain(x)
+    return torch.ops.mkldnn._linear_pointwise(x, pm.weight, None, "none", [], "")
+
+
+@_packed_linear.register_fake
+def _(x: torch.Tensor, handle: int, out_features: int) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], out_features)
+
+
 _RECORDED: list[tuple[PackedMatmul, torch.Tensor]] | None = None
 
 
@@ -101,16 +131,16 @@ def recording_packed_matmuls() -> Iterator[list[tuple[PackedMatmul, torch.Tensor
         _RECORDED = before
 
 
-@contextlib.contextmanager
-def frozen_weights() -> Iterator[None]:
-    """Inside: a ``torch.compile`` that runs now freezes the weights (inductor's ``freezing``), so packed
-    matmuls may be traced (see ``PackedMatmul.usable``)."""
-    global _FROZEN_WEIGHTS
-    before, _FROZEN_WEIGHTS = _FROZEN_WEIGHTS, True
-    try:
-        yield
-    finally:
-        _FROZEN_WEIGHTS = before
+def keep_packed_matmuls(model: nn.Module, kept: dict[int, PackedMatmul]) -> None:
+    """Add to ``kept`` (by handle) every ``PackedMatmul`` the modules of ``model`` hold now. A compiled forward
+    calls them by handle, so whoever holds it keeps them alive while it may run: a Linear drops its packed
+    copy once its weight changes (the compiled call then takes the plain product, but its handle must
+    still resolve)."""
+    for m in model.modules():
+        for attr in ("_packed", "_gate_up", "_in_proj"):  # Linear, MLP, MLA
+            pm = getattr(m, attr, None)
+            if isinstance(pm, PackedMatmul):
+                kept[pm.handle] = pm
 
 
 def packed(linears: list[Linear], cache: dict | None = None) -> PackedMatmul | None:

@@ -1,11 +1,17 @@
-"""The compiled CPU decode step (``CompiledDecode``): torch.compile of the fixed-shape step, weights frozen.
+"""The compiled CPU decode step (``CompiledDecode``): torch.compile of the fixed-shape step, the weights its
+inputs and the packed matmuls called by handle.
 
 Each compile of the tiny model takes ~10-20 s on two cores, so these tests are few and marked slow.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -87,6 +93,74 @@ def test_engine_compiles_at_start_and_matches_running_alone(model):
     assert counters["stats"]["unique_graphs"] == graphs_after_start
     for i, (p, n) in enumerate(zip(prompts, n_new, strict=True)):
         assert got[f"r{i}"] == alone(model, p, n), i
+
+
+def test_weights_changed_after_compiling_are_read_not_a_stale_copy():
+    """The compiled step reads the weights as they are now: after every weight is scaled in place (which
+    leaves each packed copy stale: ``dsv32::packed_linear`` then takes the plain product), a new request
+    decodes as running alone on the changed model. (A step with the weights frozen in at compile time
+    decoded with the old ones.)"""
+    torch.manual_seed(0)
+    model = DeepseekForCausalLM(tiny_config(index_topk=12)).eval()
+    randomize_(model, seed=6)
+    core = EngineCore(model, EngineConfig(block_size=4, num_blocks=40, compile_decode=True), eos_id=None)
+    assert isinstance(core.runner.graphs, CompiledDecode)
+    greedy = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    before = list(range(2, 9))
+    core.add_request("before", before, greedy)
+    assert run_all(core)["before"] == alone(model, before, 8)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.25)
+    after = list(range(40, 51))  # no block shared with the first prompt: nothing read from the cache
+    core.add_request("after", after, greedy)
+    got = run_all(core)["after"]
+    assert core.runner.graphs is not None and core.runner.graphs.compiled
+    assert got == alone(model, after, 8)
+    core.pool.assert_no_leaks()
+
+
+_START_ENGINE = """
+import json, time, torch
+from torch._dynamo.utils import counters
+from dsv32.engine.core import EngineConfig, EngineCore
+from dsv32.model.transformer import DeepseekForCausalLM
+from tests.model.oracle import randomize_
+from tests.model.test_forms import tiny_config
+torch.manual_seed(0)
+model = DeepseekForCausalLM(tiny_config(index_topk=12)).eval()
+randomize_(model, seed=3)
+t0 = time.perf_counter()
+core = EngineCore(model, EngineConfig(block_size=4, num_blocks=16, max_model_len=12, compile_decode=True),
+                  eos_id=None)
+print(json.dumps({"compiled": core.decode_step_compiled, "s": time.perf_counter() - t0,
+                  **{k: v for k, v in counters["inductor"].items() if k.startswith("fxgraph_cache")}}))
+"""
+
+
+def test_a_restarted_engine_takes_its_compiled_step_from_inductors_disk_cache(tmp_path):
+    """The same model in a new process compiles the same graph (the packed matmuls are called by handles
+    numbered in creation order, not frozen in as constants), so the second start loads it from inductor's
+    cache instead of compiling it again."""
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    root = Path(__file__).resolve().parents[2]
+
+    def start() -> dict:
+        out = subprocess.run(
+            [sys.executable, "-c", _START_ENGINE],
+            cwd=root,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert out.returncode == 0, out.stderr[-3000:]
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    first, second = start(), start()
+    assert first["compiled"] and second["compiled"]
+    assert first.get("fxgraph_cache_miss", 0) >= 1 and first.get("fxgraph_cache_hit", 0) == 0, first
+    assert second.get("fxgraph_cache_hit", 0) >= 1 and second.get("fxgraph_cache_miss", 0) == 0, second
 
 
 def test_a_failed_compile_leaves_the_engine_eager(model, caplog):
