@@ -7,6 +7,7 @@ User errors (bad config, bad checkpoint, missing files) print one ``error: ...``
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -190,6 +191,16 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_serve)
 
 
+def use_persistent_compile_cache() -> None:
+    """Keep inductor's compiled artifacts under dsv32's cache directory (``$DSV32_CACHE`` or
+    ``~/.cache/dsv32``) rather than the temp directory a reboot clears, as vLLM keeps its compile cache
+    under ``~/.cache/vllm``: a restarted server then loads its compiled steps instead of compiling them.
+    An explicit ``TORCHINDUCTOR_CACHE_DIR`` wins."""
+    from dsv32.weights.default_model import cache_root
+
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root() / "inductor"))
+
+
 def _speculative_config(text: str) -> int:
     from dsv32.engine.speculative import num_speculative_tokens
 
@@ -200,6 +211,8 @@ def _speculative_config(text: str) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    if args.compile:  # before torch's inductor is imported: it fixes its cache directory then
+        use_persistent_compile_cache()
     from dsv32.api.server import ServeOptions, serve
 
     serve(
