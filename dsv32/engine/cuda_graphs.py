@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dsv32.engine.paged_cache import PagedKVCache
+from dsv32.engine.paged_cache import PagedKVCache, slots_at
 from dsv32.engine.scheduler import ScheduledChunk
 from dsv32.model.transformer import DeepseekForCausalLM
 
@@ -269,7 +269,7 @@ class DecodeGraphs:
 
         model, bs = self.model, self.block_size
         grid = torch.arange(step.tables.shape[1] * bs, device=step.ids.device)  # [S]
-        slots = step.tables[:, grid // bs] * bs + grid % bs  # [R, S]
+        slots = slots_at(step.tables, grid, bs)  # [R, S]
         visible = grid[None, :] <= step.positions[:, None]
         new_slots = slots.gather(1, step.positions[:, None])[:, 0]
         cos, sin = model.rotary(step.positions)

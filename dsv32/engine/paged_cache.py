@@ -12,6 +12,12 @@ import torch
 from dsv32.config import ModelConfig
 
 
+def slots_at(table: torch.Tensor, positions: torch.Tensor, block_size: int) -> torch.Tensor:
+    """The cache slots of token ``positions`` through block table(s) ``table`` [..., n_blocks] -> [..., P]:
+    block ``table[..., p // block_size]``, offset ``p % block_size`` within it."""
+    return table[..., positions // block_size] * block_size + positions % block_size
+
+
 class PagedKVCache:
     def __init__(
         self,

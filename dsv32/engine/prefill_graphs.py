@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from dsv32.engine.cuda_graphs import GraphCaptureError, capture_graph
-from dsv32.engine.paged_cache import PagedKVCache
+from dsv32.engine.paged_cache import PagedKVCache, slots_at
 from dsv32.engine.scheduler import ScheduledChunk
 from dsv32.model.transformer import DeepseekForCausalLM
 
@@ -141,7 +141,7 @@ class PrefillGraphs:
             dev = step.ids.device
             start, n = step.span[0], step.span[1]
             grid = torch.arange(slots, device=dev)
-            seg_slots = step.table[grid // bs] * bs + grid % bs  # [S] the slot of every position
+            seg_slots = slots_at(step.table, grid, bs)  # [S] the slot of every position
             rows = torch.arange(tokens, device=dev)
             q_pos = start + rows  # padding continues the positions: causally after every real token
             scratch = self.cache.scratch_block * bs + rows % bs

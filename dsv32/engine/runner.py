@@ -26,7 +26,7 @@ import torch
 
 from dsv32.engine.compiled_layers import CompiledLayers
 from dsv32.engine.cuda_graphs import DecodeGraphs, GraphCaptureError
-from dsv32.engine.paged_cache import PagedKVCache
+from dsv32.engine.paged_cache import PagedKVCache, slots_at
 from dsv32.engine.prefill_graphs import PrefillGraphs
 from dsv32.engine.scheduler import ScheduledChunk
 from dsv32.model.mla import MLA, MLAInputs
@@ -154,7 +154,7 @@ class ModelRunner:
     def _slots(self, block_table: list[int], start: int, end: int) -> torch.Tensor:
         pos = torch.arange(start, end)
         table = torch.tensor(block_table[: -(-end // self.block_size)], dtype=torch.long)
-        return (table[pos // self.block_size] * self.block_size + pos % self.block_size).to(self.device)
+        return slots_at(table, pos, self.block_size).to(self.device)
 
     @staticmethod
     def _decode_groups(rows: list[_Row]) -> list[list[_Row]]:
@@ -177,7 +177,7 @@ class ModelRunner:
         tables = [r.chunk.request.block_table[:n_blocks] for r in rows]
         table = torch.tensor([t + [0] * (n_blocks - len(t)) for t in tables], dtype=torch.long)
         pos = torch.arange(n_blocks * bs)
-        slots = (table[:, pos // bs] * bs + pos % bs)[:, : max(lens)]  # [R, S]
+        slots = slots_at(table, pos, bs)[:, : max(lens)]  # [R, S]
         lens_t = torch.tensor(lens)
         visible = pos[None, : max(lens)] < lens_t[:, None]
         new = slots[torch.arange(len(rows)), lens_t - 1]
