@@ -59,9 +59,15 @@ class MLAInputs:
 
 
 QUERY_CHUNK_ELEMENTS = 1 << 25  # queries x keys x heads per attention / indexer chunk
-# At most this many queries per chunk: causal chunks then skip the keys they cannot see (naive), and the
-# absorbed form's per-query gathers (rows x topk x 288 floats) stay small enough to be cheap to allocate.
+# At most this many queries per chunk on a CPU: causal chunks then skip the keys they cannot see (naive), and
+# the absorbed form's per-query gathers (rows x selected keys x (d_c + d_r)) stay small enough to be cheap to
+# allocate.
 QUERY_CHUNK_ROWS = {"naive": 256, "absorbed": 64}
+# ... and fewer where the absorbed form's gathers would pass this many bytes: they are written and read back
+# at once, so a chunk whose gathers fit in part of the last-level cache (32 MiB on the machines we measure)
+# never takes them through DRAM. bench-small, an 8K-token prompt (3 of its 4 chunks absorbed): TTFT 17.7-18.3 s
+# with 32-row chunks (18.9 MiB gathered each) against 22.7-22.9 s with 64 (37.7 MiB), alternating in one run.
+ABSORBED_GATHER_BYTES = 1 << 24
 # Relative cost of one multiply-add of absorbed (gathered, per-query) attention vs the naive form's fused
 # attention kernel. Measured on CPU (bench-small shapes, 2 threads, 2K-8K keys): 2-2.6x.
 ABSORBED_MAC_COST = 2.5
@@ -145,6 +151,9 @@ class MLA(nn.Module):
         rows = max(1, QUERY_CHUNK_ELEMENTS // (S * max(H, index_heads)))
         if c_kv.device.type == "cpu":  # on a GPU more, smaller chunks cost launches and gain little
             rows = min(rows, QUERY_CHUNK_ROWS[form])
+            if form == "absorbed" and self.indexer is not None and S > self.indexer.topk:  # (gathers)
+                entry = (self.d_latent + self.d_rope) * c_kv.element_size()
+                rows = min(rows, max(8, ABSORBED_GATHER_BYTES // (self.indexer.topk * entry)))
         outs = []
         for t0 in range(0, T, rows):
             t = slice(t0, min(T, t0 + rows))

@@ -145,3 +145,24 @@ def test_query_chunking_does_not_change_results(model, form, monkeypatch):
     # 7-row chunks of the 30 queries; each chunk reads only the keys its last query can see
     monkeypatch.setattr(mla, "QUERY_CHUNK_ELEMENTS", 30 * 8 * 7)
     torch.testing.assert_close(run_form(model, form, ids), whole, rtol=1e-5, atol=1e-5)
+
+
+def test_cpu_absorbed_chunks_hold_their_gathers_to_a_byte_budget(model, monkeypatch):
+    """Past index_topk the absorbed form gathers each query's selected entries: on a CPU a chunk of queries
+    is cut so that its gathers stay under ``ABSORBED_GATHER_BYTES`` (at least 8 rows), with the same result."""
+    import dsv32.model.mla as mla
+
+    ids = torch.randint(0, 300, (2, 30), generator=torch.Generator().manual_seed(4))
+    whole = run_form(model, "absorbed", ids)
+    rows_seen = []
+    real = mla.attention_absorbed
+    monkeypatch.setattr(
+        mla,
+        "attention_absorbed",
+        lambda q_nope, *a, **k: rows_seen.append(q_nope.shape[1]) or real(q_nope, *a, **k),
+    )
+    monkeypatch.setattr(mla, "ABSORBED_GATHER_BYTES", 1)  # the floor: 8-row chunks wherever keys are selected
+    torch.testing.assert_close(run_form(model, "absorbed", ids), whole, rtol=1e-5, atol=1e-5)
+    assert sum(rows_seen) == 30 * model.config.num_hidden_layers
+    # a dense model (V3) gathers nothing per query: its chunks are not cut
+    assert max(rows_seen) == (8 if model.config.has_indexer else 30), rows_seen
