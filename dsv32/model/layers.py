@@ -86,6 +86,12 @@ class PackedMatmul:
             _RECORDED.append((self, x.detach().clone()))
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, None, "none", [], "")
 
+    def __deepcopy__(self, memo: dict) -> None:
+        """A copied model gets no packed copies (a oneDNN-layout tensor cannot be copied, and sharing this one
+        would let a compiled forward of the copy reach the original's weights by this handle): its Linears run
+        plain matmuls until it is packed again (``prepack_cpu_weights``)."""
+        return None
+
     def plain(self, x: torch.Tensor) -> torch.Tensor:
         """The same product through the sources' current weights (what a stale packed copy falls back to)."""
         return F.linear(x, torch.cat([lin.dense_weight(x.dtype) for lin, _, _ in self.sources]))

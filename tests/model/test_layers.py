@@ -8,7 +8,14 @@ import copy
 import pytest
 import torch
 
-from dsv32.model.layers import FP8_DTYPE, MLP, Linear, onednn_linear_available
+from dsv32.model.layers import (
+    FP8_DTYPE,
+    MLP,
+    Linear,
+    PackedMatmul,
+    keep_packed_matmuls,
+    onednn_linear_available,
+)
 from dsv32.model.transformer import DeepseekForCausalLM
 from tests.model.oracle import randomize_
 from tests.model.test_forms import tiny_config
@@ -83,6 +90,28 @@ def test_model_prepack_shares_tied_weights_and_keeps_logits():
     ids = torch.randint(0, 300, (2, 30), generator=torch.Generator().manual_seed(3))
     with torch.inference_mode():
         torch.testing.assert_close(model(ids), plain(ids), rtol=1e-5, atol=1e-5)
+
+
+def test_a_copy_of_a_packed_model_gets_no_packed_copies_until_packed_again():
+    """A oneDNN-layout tensor cannot be copied, and a compiled forward finds a packed matmul by its handle: a
+    deep copy of a packed model runs plain matmuls (same logits) and, packed again, gets handles of its own."""
+    torch.manual_seed(0)
+    model = DeepseekForCausalLM(tiny_config()).eval()
+    randomize_(model, seed=4)
+    model.prepack_cpu_weights()
+    twin = copy.deepcopy(model)
+    assert packed_matmuls(model) and not packed_matmuls(twin)
+    ids = torch.randint(0, 300, (2, 30), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        torch.testing.assert_close(twin(ids), model(ids), rtol=1e-5, atol=1e-5)
+    twin.prepack_cpu_weights()
+    assert not {pm.handle for pm in packed_matmuls(twin)} & {pm.handle for pm in packed_matmuls(model)}
+
+
+def packed_matmuls(model: torch.nn.Module) -> list[PackedMatmul]:
+    kept: dict[int, PackedMatmul] = {}
+    keep_packed_matmuls(model, kept)
+    return list(kept.values())
 
 
 def test_fused_gate_up_matches_and_falls_back_when_a_weight_changes():
