@@ -66,8 +66,8 @@ class EngineConfig:
     # compile, at start, what the decode step does not cover: steps with prefill chunks (and decode steps of
     # two rows or more that take no graph), compiled around their attention (``compiled_layers``; one compile
     # for every token count). For a GPU, whose eager prefill is bound by launching kernels; on the CPU a
-    # prefill is bound by its matmuls and the compiled one measured slower (1.13 against 0.86 s for 1024
-    # tokens on bench-small; 0.90 against 0.83 s with the weights frozen and packed by inductor): ``serve
+    # prefill is bound by its matmuls and the compiled one measured slower (1.41 against 0.74 s for 1024
+    # tokens on bench-small, its matmuls the same packed ones; ``bench engine --compile``): ``serve
     # --compile`` sets it only on a GPU. Where compiling fails: a warning, eager steps
     compile_prefill: bool = False
     # speculative decoding: draft tokens per step from the model's MTP layer (0: off; 1: the MTP layer's
