@@ -143,8 +143,7 @@ def keep_packed_matmuls(model: nn.Module, kept: dict[int, PackedMatmul]) -> None
     copy once its weight changes (the compiled call then takes the plain product, but its handle must
     still resolve)."""
     for m in model.modules():
-        for attr in ("_packed", "_gate_up", "_in_proj"):  # Linear, MLP, MLA
-            pm = getattr(m, attr, None)
+        for pm in vars(m).values():  # (Linear._packed, MLP._gate_up, MLA._in_proj: any module's)
             if isinstance(pm, PackedMatmul):
                 kept[pm.handle] = pm
 
