@@ -176,10 +176,10 @@ class ModelRunner:
         n_blocks = -(-max(lens) // bs)
         tables = [r.chunk.request.block_table[:n_blocks] for r in rows]
         table = torch.tensor([t + [0] * (n_blocks - len(t)) for t in tables], dtype=torch.long)
-        pos = torch.arange(n_blocks * bs)
-        slots = slots_at(table, pos, bs)[:, : max(lens)]  # [R, S]
+        pos = torch.arange(max(lens))
+        slots = slots_at(table, pos, bs)  # [R, S]
         lens_t = torch.tensor(lens)
-        visible = pos[None, : max(lens)] < lens_t[:, None]
+        visible = pos[None, :] < lens_t[:, None]
         new = slots[torch.arange(len(rows)), lens_t - 1]
         span = slice(first_row, first_row + len(rows))
         return _Decodes(span, slots.to(self.device), visible.to(self.device)), new.to(self.device)
