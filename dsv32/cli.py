@@ -175,14 +175,18 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--scheduling-policy", choices=("fcfs", "priority"), default="fcfs",
                    help="fcfs: arrival order; priority: requests' priority field first (lower first), as vLLM")  # fmt: skip
     p.add_argument(
-        "--enforce-eager", action="store_true", help="GPU: run every step eagerly (no CUDA graphs)"
-    )
+        "--enforce-eager", action="store_true",
+        help="run every step eagerly: no compiled steps and no CUDA graphs (vLLM's --enforce-eager); the "
+        "fastest start, the slowest decode",
+    )  # fmt: skip
     p.add_argument(
-        "--compile", action="store_true",
-        help="compile the decode step with torch.compile at start. CPU: the single-request step (up to "
-        "~70 s; ~10 s when inductor's disk cache has it from an earlier start; needs a C++ compiler; ~25%% "
-        "faster batch-1 decode). GPU: every CUDA-graph step (~30 s a "
-        "form; ~1.7x batch-1 decode on an H100), and the steps with prefill chunks around their attention",
+        "--compile", action=argparse.BooleanOptionalAction, default=None,
+        help="compile the decode step with torch.compile at start (default: on, as vLLM; off with "
+        "--enforce-eager or --speculative-config). CPU: the single-request step (~25 s at the first start on "
+        "the default model, ~70 s on bench-small; ~8-10 s once inductor's disk cache has it; needs a C++ "
+        "compiler, else a warning and eager steps; ~1.3-1.5x batch-1 decode). GPU: every CUDA-graph step (~30 s "
+        "a form; ~1.7x batch-1 decode on an H100), and the steps with prefill chunks around their attention. "
+        "--no-compile: eager steps (GPU: still CUDA graphs)",
     )  # fmt: skip
     p.add_argument(
         "--speculative-config", metavar="JSON", type=_speculative_config,
@@ -210,8 +214,21 @@ def _speculative_config(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def compile_at_start(args: argparse.Namespace) -> bool:
+    """Whether ``serve`` compiles its steps: by default yes, as vLLM does, except with ``--enforce-eager`` (no
+    compiling, no CUDA graphs) or speculative decoding (whose drafted steps are never compiled).
+
+    Raises ValueError for ``--compile`` beside ``--enforce-eager``."""
+    if args.compile and args.enforce_eager:
+        raise ValueError("--compile and --enforce-eager contradict each other: give one")
+    if args.compile is None:
+        return not args.enforce_eager and not args.speculative_config
+    return args.compile  # (an explicit --compile with drafts: the engine warns that it is ignored)
+
+
 def _serve(args: argparse.Namespace) -> int:
-    if args.compile:  # before torch's inductor is imported: it fixes its cache directory then
+    compile_steps = compile_at_start(args)
+    if compile_steps:  # before torch's inductor is imported: it fixes its cache directory then
         use_persistent_compile_cache()
     from dsv32.api.server import ServeOptions, serve
 
@@ -222,7 +239,7 @@ def _serve(args: argparse.Namespace) -> int:
             cache_memory_gb=args.cache_memory_gb, max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
             max_waiting=args.max_waiting, max_concurrent_per_key=args.max_concurrent_per_key,
-            chat_format=args.chat_format, cuda_graphs=not args.enforce_eager, compile_decode=args.compile,
+            chat_format=args.chat_format, cuda_graphs=not args.enforce_eager, compile_decode=compile_steps,
             num_speculative_tokens=args.speculative_config or 0, scheduling_policy=args.scheduling_policy,
         )
     )  # fmt: skip
@@ -301,7 +318,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     e.add_argument(
         "--compile", action="store_true",
         help="also measure batch-1 decode with the compiled decode step and the prefill compiled around its "
-        "attention (serve --compile)",
+        "attention (as serve runs them)",
     )  # fmt: skip
     e.add_argument(
         "--quiet-wait", type=float, default=None, metavar="S",

@@ -114,7 +114,10 @@ def serve(opts: ServeOptions) -> None:
 
     if opts.compile_decode:
         print(
-            "--compile: the engine compiles its decode step first (up to ~2 min)", file=sys.stderr, flush=True
+            "compiling the decode step first (up to ~2 min at a first start, seconds once inductor's disk "
+            "cache has it; --enforce-eager skips it)",
+            file=sys.stderr,
+            flush=True,
         )
     ctx = build_context(opts)
     if opts.compile_decode:
