@@ -34,6 +34,7 @@ def test_bench_engine_quick_writes_results(tmp_path):
     assert {"engine_ttft_s", "hf_ttft_s", "ratio"} <= set(data["prefill"])
     assert [x["concurrency"] for x in data["concurrency"]["rows"]] == [1, 4, 16]
     assert all("ratio_to_hf_batch1" in x for x in data["concurrency"]["rows"])
+    assert data["concurrency"]["decode_step_compiled"] is False and "Eager steps (`--enforce-eager`" in md
     p = data["prefix"]
     assert p["cold_cached_tokens"] == 0 and p["cached_tokens"] >= p["prompt_tokens"] - 16
     b = p["burst"]  # the copies' shared prefill ran once: each other copy computed under a block
@@ -71,15 +72,16 @@ def test_bench_spec_writes_results(tmp_path):
 
 @pytest.mark.slow
 def test_bench_engine_compile_measures_the_compiled_prefill_and_dsa_steps(tmp_path):
-    """``--compile`` with the prefill and DSA parts: an engine whose prefill is compiled around its attention
-    is timed beside the eager one, with the same first token; the DSA part measures its contexts again with
-    the compiled decode step; each gets its own target rows."""
+    """``--compile`` with the prefill, concurrency and DSA parts: an engine whose prefill is compiled around
+    its attention is timed beside the eager one, with the same first token; aggregate decode runs on the
+    compiled engine; the DSA part measures its contexts again with the compiled decode step; each gets its own
+    target rows."""
     from dataclasses import replace
 
     from dsv32.engine.bench import Settings, bench_engine
     from dsv32.presets import resolve_preset
 
-    s = replace(Settings.quick_run(), parts=("prefill", "dsa"), compile_decode=True, repeats=2)
+    s = replace(Settings.quick_run(), parts=("prefill", "concurrency", "dsa"), compile_decode=True, repeats=2)
     bench_engine(resolve_preset("tiny"), tmp_path, s)
     data = json.loads((tmp_path / "bench_engine.json").read_text())
     c = data["prefill"]["compiled"]
@@ -94,3 +96,5 @@ def test_bench_engine_compile_measures_the_compiled_prefill_and_dsa_steps(tmp_pa
     names = [t["name"] for t in data["targets"]]
     assert sum("compiled (`--compile`)" in n for n in names) == len(d["rows"])
     assert "The same with the compiled decode step" in md
+    # aggregate decode on the engine serve runs by default: its one-request step compiled
+    assert data["concurrency"]["decode_step_compiled"] is True and "`serve` runs by default" in md
