@@ -164,6 +164,9 @@ class EngineCore:
             self.runner.compile_steps()
         self.sampler = Sampler()
         self.grammar: GrammarCompiler | None = None  # set by attach_tokenizer
+        # the tokenizer's id count where the model has more rows (a checkpoint's padding rows: 129,280 against
+        # 128,815 for DeepSeek's): ids from there on are never sampled nor accepted (set by attach_tokenizer)
+        self.token_limit: int | None = None
         self._masker: GrammarMasker | None = None
         self.live: dict[str, _Live] = {}
         self._arrivals = itertools.count()
@@ -223,8 +226,13 @@ class EngineCore:
 
     def attach_tokenizer(self, tokenizer) -> None:
         """Enable constrained decoding: the grammar compiler of this tokenizer over the model's vocabulary rows
-        (built once per tokenizer and shared). A model with fewer rows than the tokenizer has ids gets none."""
+        (built once per tokenizer and shared). A model with fewer rows than the tokenizer has ids gets none.
+        Where the model has more rows than the tokenizer has ids, those rows' ids are never sampled and are
+        refused in prompts, ``logit_bias`` and ``stop_token_ids`` (``token_limit``): every id the engine emits
+        can be detokenized and sent back."""
         rows = self.model.config.vocab_size
+        if tokenizer.vocab_size < rows:
+            self.token_limit = tokenizer.vocab_size
         if rows < tokenizer.vocab_size or self.grammar is not None:
             return
         self.grammar = GrammarCompiler.for_tokenizer(tokenizer, rows)
@@ -232,7 +240,7 @@ class EngineCore:
 
     # ---- requests ---------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
-        vocab = self.model.config.vocab_size
+        vocab = self.token_limit or self.model.config.vocab_size
         if request_id in self.live:
             raise EngineError(f"request id {request_id!r} is already in use")
         if not prompt_ids:
@@ -371,9 +379,11 @@ class EngineCore:
             for i, lv in enumerate(lives)
             if len(lv.request.output_ids) < lv.params.min_tokens and lv.stop_ids
         ]
-        if early:
-            rows = [i for i, ids in early for _ in ids]
-            with torch.inference_mode():  # (the runner's logits are inference tensors)
+        with torch.inference_mode():  # (the runner's logits are inference tensors)
+            if self.token_limit is not None:  # the model's rows past the tokenizer's ids
+                logits[:, self.token_limit :] = float("-inf")
+            if early:
+                rows = [i for i, ids in early for _ in ids]
                 logits[rows, [t for _, ids in early for t in ids]] = float("-inf")
         guided = [
             (i, lv.guided) for i, lv in enumerate(lives) if lv.guided is not None and lv.guided.needs_mask

@@ -371,3 +371,43 @@ def test_min_tokens_holds_back_stop_tokens_and_stop_strings(model):
     text, rest = "".join(o.text for o in outs), "".join(pieces[2:])
     expected = "".join(pieces[:2]) + (rest[: rest.index(stop)] if stop in rest else rest)
     assert text == expected and outs[-1].finish_reason == ("stop" if stop in rest else "length")
+
+
+def test_rows_past_the_tokenizers_ids_are_never_sampled_nor_accepted():
+    """A checkpoint pads its vocabulary (129,280 rows against the tokenizer's 128,815 ids): with the
+    tokenizer attached, the padding rows' ids are never sampled, even where their logits are the largest,
+    and are refused in prompts, logit_bias and stop_token_ids: every id emitted can be sent back."""
+    from dsv32.model.transformer import DeepseekForCausalLM
+    from tests.model.oracle import randomize_
+    from tests.model.test_forms import tiny_config
+
+    tok = load_tokenizer()
+    torch.manual_seed(0)
+    m = DeepseekForCausalLM(tiny_config(vocab_size=tok.vocab_size + 64)).eval()
+    randomize_(m, seed=3)
+    with torch.no_grad():
+        m.lm_head.weight[tok.vocab_size :] *= 100  # the padding rows would win every argmax
+    core = EngineCore(m, EngineConfig(block_size=4, num_blocks=32, max_model_len=64), eos_id=None)
+    core.add_request("before", [5, 6, 7], SamplingParams(max_tokens=4, temperature=0.0))
+    assert all(t >= tok.vocab_size for t in run_all(core)["before"])  # no tokenizer: every row is an id
+    core.attach_tokenizer(tok)
+    core.add_request("greedy", [5, 6, 7], SamplingParams(max_tokens=8, temperature=0.0))
+    core.add_request(
+        "sampled",
+        [5, 6, 7],
+        SamplingParams(max_tokens=8, temperature=1.0, seed=1, logprobs=True, top_logprobs=5),
+    )
+    out, tops = {}, []
+    for o in run_steps(core):
+        out.setdefault(o.request_id, []).extend(o.new_token_ids)
+        tops += [t for lp in o.logprobs or [] for t, _ in lp["top"]]
+    assert all(t < tok.vocab_size for ids in out.values() for t in ids) and len(out["sampled"]) == 8
+    assert len(tops) == 40 and max(tops) < tok.vocab_size  # nor offered among the top logprobs
+    pad = tok.vocab_size
+    for bad in ([5, pad], None):
+        params = SamplingParams(logit_bias={pad: 100.0}) if bad is None else SamplingParams()
+        with pytest.raises((EngineError, ValueError), match=str(pad)):
+            core.add_request("x", bad or [5], params)
+    with pytest.raises((EngineError, ValueError), match=str(pad)):
+        core.add_request("x", [5], SamplingParams(stop_token_ids=[pad]))
+    core.pool.assert_no_leaks()
