@@ -126,6 +126,11 @@ def to_openai_messages(
             raise bad_request(
                 f"{where}.content: expected a string or a list of content blocks", f"{where}.content"
             )
+        if (not blocks or content == "") and not (role == "assistant" and i == len(req.messages) - 1):
+            raise bad_request(  # as Anthropic's API: only the final assistant message (a prefill) may be empty
+                f"{where}.content: must not be empty (only a final assistant message may be)",
+                f"{where}.content",
+            )
         texts, reasoning, calls, results = [], [], [], {}
         for j, b in enumerate(blocks):
             bw = f"{where}.content[{j}]"
@@ -313,7 +318,7 @@ async def messages(body: MessagesRequest, request: Request):
     )
     in_reasoning = thinking and opens_reasoning(ids, ctx.tokenizer)  # not after a prefill that closed it
     params = sampling_params_for(fields, max_tokens, thinking, logprobs=False, top_logprobs=0)
-    params = content_stop_strings(params, ctx.tokenizer, in_reasoning)
+    params = content_stop_strings(params, ctx.tokenizer, in_reasoning, ctx.family if tools else None)
     params = with_guided(params, _forced_tool_use(body, ctx, tools, in_reasoning))
     run = ChatRun(ctx, tools, thinking, hide_reasoning=False, in_reasoning=in_reasoning)
     msg_id = f"msg_{uuid.uuid4().hex[:24]}"

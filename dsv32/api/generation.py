@@ -18,6 +18,7 @@ from dsv32.api.errors import APIError, bad_request, invalid_param
 from dsv32.api.service import ServingContext
 from dsv32.chat import StreamParser
 from dsv32.chat.errors import ChatFormatError
+from dsv32.chat.parser import tool_block_markers
 from dsv32.chat.tokens import THINK_END, THINK_START
 from dsv32.engine.async_engine import QueueFullError
 from dsv32.engine.core import EngineError
@@ -436,10 +437,15 @@ def opens_reasoning(prompt_ids: list[int], tokenizer) -> bool:
     return False
 
 
-def content_stop_strings(params: SamplingParams, tokenizer, in_reasoning: bool) -> SamplingParams:
-    """Stop strings apply to the content, not the reasoning (chat-format.md §3.3): armed by ``</think>``."""
+def content_stop_strings(
+    params: SamplingParams, tokenizer, in_reasoning: bool, family: str | None = None
+) -> SamplingParams:
+    """Stop strings apply to the content (chat-format.md §3.3): not the reasoning (armed by ``</think>``),
+    and, with ``family`` (a request with tools), not a tool-call block of that chat format."""
     if in_reasoning and params.stop:
         params.stop_strings_after = tokenizer.token_id(THINK_END)
+    if family is not None and params.stop:
+        params.stop_exempt = tool_block_markers(family)
     return params
 
 

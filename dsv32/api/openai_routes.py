@@ -208,7 +208,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         body, max_tokens, thinking, logprobs=bool(body.logprobs), top_logprobs=body.top_logprobs or 0
     )
     params = replace(params, prompt_logprobs=body.prompt_logprobs)
-    params = with_guided(content_stop_strings(params, ctx.tokenizer, in_reasoning), guided)
+    params = with_guided(
+        content_stop_strings(params, ctx.tokenizer, in_reasoning, ctx.family if tools else None), guided
+    )
     hide = bool(body.reasoning and body.reasoning.exclude)
     n = body.n or 1  # choice j: sample j of the prompt (its prompt computed once: the scheduler shares it)
     runs = [

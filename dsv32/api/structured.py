@@ -239,12 +239,24 @@ def _enforceable(functions: list[dict[str, Any]], strict: set[str], mode: str) -
         try:
             check_guided({"lark": dsml_tool_grammar([fn], choice="function", name=fn["name"])})
         except GuidedDecodingError as e:
+            e = _schema_error(fn) or e  # the schema's own error, where it has one: it quotes no grammar
             if fn["name"] in strict:
                 msg = str(e) if str(e).startswith("tools[") else f"tools[{i}].function.parameters: {e}"
                 raise invalid_param(msg.replace("tools[0]", f"tools[{i}]"), "tools") from None
             continue
         out.add(fn["name"])
     return out
+
+
+def _schema_error(fn: dict[str, Any]) -> GuidedDecodingError | None:
+    """What is wrong with a function's parameters schema read as a JSON Schema alone, if anything."""
+    if not isinstance(fn.get("parameters"), dict):
+        return None
+    try:
+        check_guided({"json_schema": fn["parameters"]})
+    except GuidedDecodingError as e:
+        return e
+    return None
 
 
 def with_guided(params: SamplingParams, guided: dict[str, Any] | None) -> SamplingParams:

@@ -55,6 +55,12 @@ _SYNTAX = {
 }
 
 
+def tool_block_markers(family: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The opening and closing markers of a tool-call block in ``family``'s output."""
+    syntax = _SYNTAX[family]
+    return syntax.open_tags, syntax.close_tags
+
+
 @dataclass(frozen=True)
 class Delta:
     """One piece of output: reasoning text, content text, or one tool-call entry (OpenAI stream shape).

@@ -54,7 +54,7 @@ class OutputProcessor:
 
     def add(self, request_id: str, params: SamplingParams) -> None:
         detok = IncrementalDetokenizer(self.tokenizer, skip_special_tokens=params.skip_special_tokens)
-        stop = StopChecker(params.stop) if params.stop else None
+        stop = StopChecker(params.stop, params.stop_exempt) if params.stop else None
         self.states[request_id] = _TextState(
             detok, stop, params.stop_strings_after if stop else None, params.min_tokens
         )
@@ -96,6 +96,8 @@ class OutputProcessor:
                         break
                     if finished and last:
                         delta += st.stop.flush()
+                        if st.stop.matched is not None:  # in text held as a possible tool-call opening
+                            reason = "stop"
             usage = Usage(o.prompt_tokens, completion, o.cached_tokens)
             stop_str = st.stop.matched if st.stop is not None else None
             results.append(

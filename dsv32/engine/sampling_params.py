@@ -39,6 +39,9 @@ class SamplingParams:
     that many most likely alternatives (see ``Sampler`` for which distribution they describe).
     ``stop_strings_after`` (a token id): stop strings are matched only on the text after that token (the API
     sets ``</think>`` in thinking mode, so they apply to the content, not the reasoning).
+    ``stop_exempt`` (opening markers, closing markers): stop strings are not matched from an opening marker
+    (and the whitespace before it) through a closing marker (the API gives the chat format's tool-call block,
+    so they apply to the content, not to a tool call's markup; ``dsv32.engine.stop``).
     ``prompt_logprobs`` (0-20, as vLLM): each prompt token's log-probability given the tokens before it (and
     its rank, 1 for the most likely), with that many most likely alternatives, from the model's raw distribution (no temperature, penalties or
     bias); the first token has none. The request's prompt is then computed in full, not read from the
@@ -69,6 +72,7 @@ class SamplingParams:
     stop: list[str] | None = None
     stop_token_ids: list[int] | None = None
     stop_strings_after: int | None = None
+    stop_exempt: tuple[tuple[str, ...], tuple[str, ...]] | None = None
     ignore_eos: bool = False
     logprobs: bool = False
     top_logprobs: int = 0
@@ -152,6 +156,13 @@ class SamplingParams:
                 _check_token(f"stop_token_ids[{i}]", tok, vocab_size, "a token id")
         if self.stop_strings_after is not None:
             _check_token("stop_strings_after", self.stop_strings_after, vocab_size, "a token id")
+        if self.stop_exempt is not None and not (
+            len(self.stop_exempt) == 2
+            and all(isinstance(m, str) and m for markers in self.stop_exempt for m in markers)
+        ):
+            raise SamplingParamsError(
+                "stop_exempt", self.stop_exempt, "(opening markers, closing markers), non-empty strings"
+            )
         for name in ("ignore_eos", "logprobs", "skip_special_tokens"):
             if not isinstance(getattr(self, name), bool):
                 raise SamplingParamsError(name, getattr(self, name), "true or false")

@@ -7,6 +7,12 @@ On a match the text is cut before the stop string, which is not returned (as Ope
 
 Which stop string matches does not depend on how the text was split into deltas: the match is the one
 that is complete first as the text grows (the earliest end; on a tie the earliest start, i.e. the longest).
+
+Exempt blocks (``SamplingParams.stop_exempt``: opening and closing markers; the API gives a chat format's
+tool-call block) are passed through unmatched, from the whitespace right before an opening marker through the
+closing marker: stop strings apply to the content, never to the markup of a tool call (chat-format.md §3.3).
+Outside a block, text that may be the start of an opening marker (with the whitespace before it) is held back
+too, until the next delta decides it.
 """
 
 from __future__ import annotations
@@ -28,12 +34,17 @@ class StopUpdate(NamedTuple):
 class StopChecker:
     """Incremental stop-string matcher for one request's output text."""
 
-    def __init__(self, stop: Iterable[str] | str | None):
+    def __init__(
+        self, stop: Iterable[str] | str | None, exempt: tuple[Iterable[str], Iterable[str]] | None = None
+    ):
         if isinstance(stop, str):
             stop = [stop]
         self.stop = [s for s in (stop or []) if s]
+        opens, closes = exempt or ((), ())
+        self._opens, self._closes = [m for m in opens if m], [m for m in closes if m]
         self.matched: str | None = None
         self._held = ""
+        self._in_block = False  # inside an exempt block: looking for its closing marker
 
     @property
     def stopped(self) -> bool:
@@ -55,19 +66,64 @@ class StopChecker:
         if not self.stop:
             self._held = ""
             return StopUpdate(text, None)
-        pos, found = _first_completed(text, self.stop)
-        if found is not None:
-            self.matched = found
-            self._held = ""
-            return StopUpdate(text[:pos], found)
-        keep = held_suffix(text, self.stop)
-        self._held = text[len(text) - keep :]
-        return StopUpdate(text[: len(text) - keep], None)
+        out = ""
+        while True:
+            if self._in_block:  # passed through up to and including a closing marker
+                end, closer = _earliest(text, self._closes)
+                if closer is None:
+                    keep = held_suffix(text, self._closes)
+                    self._held = text[len(text) - keep :]
+                    return StopUpdate(out + text[: len(text) - keep], None)
+                end += len(closer)
+                out, text, self._in_block = out + text[:end], text[end:], False
+                continue
+            # the content: the text before a block's opening marker and the whitespace before it (without a
+            # marker yet: before whatever may still become one)
+            start, opener = _earliest(text, self._opens)
+            tail = len(text) - len(text[:start].rstrip()) if opener else self._held_opening(text)
+            content = text[: len(text) - tail]
+            pos, found = _first_completed(content, self.stop)
+            if found is not None:
+                self.matched = found
+                self._held = ""
+                return StopUpdate(out + content[:pos], found)
+            if opener is None:
+                keep = tail + held_suffix(content, self.stop)
+                self._held = text[len(text) - keep :]
+                return StopUpdate(out + text[: len(text) - keep], None)
+            end = start + len(opener)
+            out, text, self._in_block = out + text[:end], text[end:], True
+
+    def _held_opening(self, text: str) -> int:
+        """Length of the tail of ``text`` that may become whitespace + an opening marker."""
+        if not self._opens:
+            return 0
+        partial = held_suffix(text, self._opens)
+        head = text[: len(text) - partial]
+        return partial + len(head) - len(head.rstrip())
 
     def flush(self) -> str:
-        """Generation ended for another reason: emit what was held back (nothing after a match)."""
+        """Generation ended for another reason: emit what was held back (nothing after a match). Text held as
+        a possible start of an exempt block is content after all: a stop string in it matches (``matched``)."""
         text, self._held = self._held, ""
-        return "" if self.matched is not None else text
+        if self.matched is not None:
+            return ""
+        if not self._in_block:
+            pos, found = _first_completed(text, self.stop)
+            if found is not None:
+                self.matched = found
+                return text[:pos]
+        return text
+
+
+def _earliest(text: str, markers: list[str]) -> tuple[int, str | None]:
+    """The marker that occurs first in ``text`` (ties: the longest): (start, marker), or (-1, None)."""
+    best, best_start = None, -1
+    for m in markers:
+        i = text.find(m)
+        if i >= 0 and (best is None or i < best_start or (i == best_start and len(m) > len(best))):
+            best, best_start = m, i
+    return best_start, best
 
 
 def _first_completed(text: str, stops: list[str]) -> tuple[int, str | None]:

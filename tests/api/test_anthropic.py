@@ -190,6 +190,11 @@ ERRORS = [
     ({"model": "m", "max_tokens": 5, "tool_choice": {"type": "maybe"}, "messages": [{"role": "user", "content": "x"}]}, 400, "tool_choice"),
     ({"model": "m", "max_tokens": "5", "messages": [{"role": "user", "content": "x"}]}, 400, "max_tokens"),
     ({"model": "m", "max_tokens": 5, "stream": "yes", "messages": [{"role": "user", "content": "x"}]}, 400, "stream"),
+    # only a final assistant message (a prefill) may be empty, as on Anthropic's API
+    ({"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": []}]}, 400, "messages[0].content: must not be empty"),
+    ({"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": ""}]}, 400, "must not be empty"),
+    ({"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": []},
+                                                  {"role": "user", "content": "y"}]}, 400, "messages[1].content"),
 ]  # fmt: skip
 
 

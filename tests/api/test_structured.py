@@ -351,6 +351,19 @@ def test_unenforceable_requests_are_refused_naming_the_feature(engine_server, pa
     assert words.lower() in r.json()["error"]["message"].lower(), r.text
 
 
+def test_a_strict_schema_error_names_the_schema_not_the_grammar(engine_server):
+    """A strict tool's dangling $ref: the 422 quotes the schema's problem, not the DSML grammar built from it."""
+    bad = {"type": "function", "function": {"name": "f", "strict": True,
+           "parameters": obj({"a": {"$ref": "#/$defs/missing"}})}}  # fmt: skip
+    body = {"model": "deepseek-chat", "messages": TOOL_MSGS, "max_tokens": 2, "tools": [bad]}
+    r = httpx.post(engine_server.url + "/beta/chat/completions", json=body, timeout=60)
+    msg = r.json()["error"]["message"]
+    assert (
+        r.status_code == 422 and msg.startswith("tools[0].function.parameters: ") and "/$defs/missing" in msg
+    )
+    assert "DSML" not in msg and "start:" not in msg, msg
+
+
 def test_strict_is_only_enforced_on_beta(engine_server):
     bad_strict = {"type": "function", "function": {"name": "f", "strict": True,
                   "parameters": obj({"xs": {"type": "array", "uniqueItems": True}})}}  # fmt: skip
@@ -399,3 +412,44 @@ def test_anthropic_strict_tools_are_enforced(engine_server):
     msg = client.messages.create(model="deepseek-chat", max_tokens=12, messages=TOOL_MSGS, tools=[tool])
     for u in (b for b in msg.content if b.type == "tool_use"):
         jsonschema.validate(u.input, CONVERT["function"]["parameters"])
+
+
+def test_stop_strings_never_cut_a_forced_tool_call(engine_server):
+    """Stop strings apply to the content, not to a tool call's markup (chat-format.md §3.3): forced calls with
+    stop strings that occur in every DSML block ("\\n", "<", the letter "e") come out whole and valid, through
+    the OpenAI route (plain and streamed, thinking too) and the Anthropic one. (Before, the first newline of
+    the block ended the request: no call, finish_reason "stop".)"""
+    import anthropic
+
+    stops = ["\n", "<", "e"]
+    base = {"model": "deepseek-chat", "messages": TOOL_MSGS, "tools": [WEATHER, CONVERT], "max_tokens": 160,
+            "tool_choice": "required", "stop": stops}  # fmt: skip
+    bodies = [{**base, "seed": s} for s in range(3)]
+    bodies.append({**base, "model": "deepseek-reasoner", "reasoning": {"max_tokens": 4}, "seed": 5})
+    for out in asyncio.run(_many(engine_server.url, bodies)):
+        choice = out["choices"][0]
+        assert choice["finish_reason"] == "tool_calls", choice
+        for c in choice["message"]["tool_calls"]:
+            jsonschema.validate(json.loads(c["function"]["arguments"]), SCHEMA_OF[c["function"]["name"]])
+    client = OpenAI(base_url=engine_server.url, api_key="x")
+    chunks = list(client.chat.completions.create(**{**base, "seed": 7}, stream=True))
+    args = "".join(
+        tc.function.arguments or ""
+        for ch in chunks
+        if ch.choices
+        for tc in ch.choices[0].delta.tool_calls or []
+    )
+    assert chunks[-1].choices[0].finish_reason == "tool_calls" and json.loads(args)
+    msg = anthropic.Anthropic(base_url=engine_server.url + "/anthropic", api_key="x", max_retries=0).messages.create(
+        model="deepseek-chat", max_tokens=160, messages=TOOL_MSGS, stop_sequences=stops, tool_choice={"type": "any"},
+        tools=[{"name": "convert", "input_schema": CONVERT["function"]["parameters"]}],
+    )  # fmt: skip
+    uses = [b for b in msg.content if b.type == "tool_use"]
+    assert msg.stop_reason == "tool_use" and uses
+    jsonschema.validate(uses[0].input, CONVERT["function"]["parameters"])
+    # in the content the stop strings still stop: the free text (tool_choice none) is cut at the first one
+    free = {**base, "tool_choice": "none", "max_tokens": 64, "seed": 1}
+    whole = _chat(engine_server.url, {**free, "stop": None})["choices"][0]["message"]["content"]
+    first = min(whole.find(s) for s in stops if s in whole)
+    r = _chat(engine_server.url, free)["choices"][0]
+    assert r["finish_reason"] == "stop" and r["message"]["content"] == whole[:first]

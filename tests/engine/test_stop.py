@@ -124,3 +124,92 @@ def test_token_stop() -> None:
     assert check_token_stop(SamplingParams(), 5, 10, max_output_tokens=10) == "length"
     assert check_token_stop(SamplingParams(max_tokens=50), 5, 10, max_output_tokens=10) == "length"
     assert check_token_stop(SamplingParams(), 5, 9, max_output_tokens=10) is None
+
+
+def _earliest_from(text: str, markers: list[str], pos: int) -> tuple[int, str | None]:
+    found = [(text.find(m, pos), -len(m), m) for m in markers if text.find(m, pos) >= 0]
+    return (min(found)[0], min(found)[2]) if found else (-1, None)
+
+
+def reference_exempt(
+    text: str, stops: list[str], opens: list[str], closes: list[str]
+) -> tuple[str, str | None]:
+    """As ``reference``, with exempt blocks found on the whole text: from the whitespace before an opening
+    marker through the first closing marker after it (or the end); a stop string must lie outside them."""
+    regions, pos = [], 0
+    while True:
+        i, opener = _earliest_from(text, opens, pos)
+        if opener is None:
+            break
+        start = i
+        while start > pos and text[start - 1].isspace():
+            start -= 1
+        j, closer = _earliest_from(text, closes, i + len(opener))
+        end = len(text) if closer is None else j + len(closer)
+        regions.append((start, end))
+        pos = end
+    for end in range(1, len(text) + 1):
+        done = [
+            s for s in stops
+            if text[:end].endswith(s) and all(end <= a or end - len(s) >= b for a, b in regions)
+        ]  # fmt: skip
+        if done:
+            s = max(done, key=len)
+            return text[: end - len(s)], s
+    return text, None
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_stop_strings_never_match_inside_exempt_blocks_whatever_the_split(seed: int) -> None:
+    """A tool-call block (opening marker, the whitespace before it, through its closing marker) is passed
+    through: a stop string inside it, or across its edge, does not match; one in the content still does, and
+    nothing a match will cut is ever shown."""
+    rng = random.Random(seed)
+    opens, closes = ["<O>", "<Q>"], ["</O>"]
+    alphabet = ["a", "b", " ", "\n", "<", "O", ">", "/"]
+    for _ in range(300):
+        stops = [
+            "".join(rng.choice("ab \n<O>") for _ in range(rng.randint(1, 3)))
+            for _ in range(rng.randint(1, 3))
+        ]
+        pieces = [rng.choice(alphabet) for _ in range(rng.randint(0, 30))]
+        for _ in range(rng.randint(0, 2)):
+            pieces.insert(rng.randint(0, len(pieces)), rng.choice(["\n\n<O>", "<Q>", " </O>", "<O>a\nb</O>"]))
+        text = "".join(pieces)
+        want = reference_exempt(text, stops, opens, closes)
+        for _ in range(4):
+            checker, shown = StopChecker(stops, (opens, closes)), ""
+            for part in random_split(text, rng):
+                got, matched = checker.feed(part)
+                shown += got
+                assert want[0].startswith(shown), (text, stops, shown)
+                if matched is not None:
+                    break
+            else:
+                shown += checker.flush()
+            assert (shown, checker.matched) == want, (text, stops)
+
+
+def test_a_newline_stop_string_leaves_a_tool_call_block_whole() -> None:
+    """The DSML block the model writes after content, with stop=["\\n"]: the block is not cut; a newline in the
+    content before it still stops, and so does one after the block; a newline held as a possible start of a
+    block stops at the end of the output."""
+    from dsv32.chat.parser import tool_block_markers
+
+    markers = tool_block_markers("v3.2")
+    block = '\n\n<｜DSML｜function_calls>\n<｜DSML｜invoke name="f">\n</｜DSML｜invoke>\n</｜DSML｜function_calls>'
+    for text, want in [
+        ("Sure." + block, ("Sure." + block, None)),
+        ("Sure." + block + "\nmore", ("Sure." + block, "\n")),
+        ("Sure.\nthen" + block, ("Sure.", "\n")),
+        ("Sure.\n", ("Sure.", "\n")),
+    ]:
+        checker = StopChecker(["\n"], markers)
+        shown = ""
+        for ch in text:
+            shown += checker.feed(ch).text
+            if checker.stopped:
+                break
+        else:
+            shown += checker.flush()
+        assert (shown, checker.matched) == want
