@@ -80,10 +80,15 @@ class OutputProcessor:
                 for j in range(len(ids)):
                     last = j == len(ids) - 1
                     piece = st.detok.add(ids[j : j + 1]) + (st.detok.flush() if finished and last else "")
-                    if st.stop_armed_by is not None or before + j < st.stop_after:
-                        delta += piece  # not yet: the text before the arming token (or min_tokens) is passed
+                    if st.stop_armed_by is not None:
+                        delta += piece  # not yet: the text before the arming token is passed
                         if ids[j] == st.stop_armed_by:
                             st.stop_armed_by = None
+                        continue
+                    if before + j < st.stop_after:  # before min_tokens: passed (a tool-call block tracked)
+                        delta += st.stop.feed(piece, match=False).text
+                        if finished and last:
+                            delta += st.stop.flush(match=False)
                         continue
                     text, matched = st.stop.feed(piece)
                     delta += text

@@ -55,15 +55,16 @@ class StopChecker:
         """Text received but not yet emitted (a possible start of a stop string)."""
         return self._held
 
-    def feed(self, delta: str) -> StopUpdate:
+    def feed(self, delta: str, match: bool = True) -> StopUpdate:
         """Take the next text delta; return the text now safe to emit and the stop string if one matched.
+        With ``match`` off (text before ``min_tokens``) no stop string matches, but exempt blocks are tracked.
 
         After a match everything further is dropped and ``feed`` returns ``("", None)``.
         """
         if self.matched is not None:
             return StopUpdate("", None)
         text = self._held + delta
-        if not self.stop:
+        if not self.stop or not (match or self._opens):
             self._held = ""
             return StopUpdate(text, None)
         out = ""
@@ -82,13 +83,13 @@ class StopChecker:
             start, opener = _earliest(text, self._opens)
             tail = len(text) - len(text[:start].rstrip()) if opener else self._held_opening(text)
             content = text[: len(text) - tail]
-            pos, found = _first_completed(content, self.stop)
+            pos, found = _first_completed(content, self.stop) if match else (0, None)
             if found is not None:
                 self.matched = found
                 self._held = ""
                 return StopUpdate(out + content[:pos], found)
             if opener is None:
-                keep = tail + held_suffix(content, self.stop)
+                keep = tail + (held_suffix(content, self.stop) if match else 0)
                 self._held = text[len(text) - keep :]
                 return StopUpdate(out + text[: len(text) - keep], None)
             end = start + len(opener)
@@ -102,13 +103,14 @@ class StopChecker:
         head = text[: len(text) - partial]
         return partial + len(head) - len(head.rstrip())
 
-    def flush(self) -> str:
+    def flush(self, match: bool = True) -> str:
         """Generation ended for another reason: emit what was held back (nothing after a match). Text held as
-        a possible start of an exempt block is content after all: a stop string in it matches (``matched``)."""
+        a possible start of an exempt block is content after all: a stop string in it matches (``matched``)
+        unless ``match`` is off."""
         text, self._held = self._held, ""
         if self.matched is not None:
             return ""
-        if not self._in_block:
+        if match and not self._in_block:
             pos, found = _first_completed(text, self.stop)
             if found is not None:
                 self.matched = found

@@ -213,3 +213,16 @@ def test_a_newline_stop_string_leaves_a_tool_call_block_whole() -> None:
         else:
             shown += checker.flush()
         assert (shown, checker.matched) == want
+
+
+def test_before_min_tokens_a_block_is_tracked_though_nothing_matches() -> None:
+    """Text fed with ``match`` off (before min_tokens) never stops, but a tool-call block opened in it stays
+    exempt once matching starts; without blocks such text passes straight through."""
+    opens, closes = ["<O>"], ["</O>"]
+    checker = StopChecker(["\n"], (opens, closes))
+    shown = checker.feed("a\n\n<O", match=False).text + checker.feed(">x\n", match=False).text
+    shown += checker.feed("y\nz").text  # matching on: still inside the block
+    assert not checker.stopped and checker.feed("</O>b\nc").text == "</O>b" and checker.matched == "\n"
+    assert shown == "a\n\n<O>x\ny\nz"
+    plain = StopChecker(["\n"])
+    assert plain.feed("a\n", match=False) == ("a\n", None) and plain.feed("b\nc") == ("b", "\n")
