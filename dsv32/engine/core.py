@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import numbers
 from dataclasses import dataclass, field
 
 import torch
@@ -245,9 +246,13 @@ class EngineCore:
             raise EngineError(f"request id {request_id!r} is already in use")
         if not prompt_ids:
             raise EngineError("the prompt must hold at least one token")
+        not_ids = [t for t in prompt_ids if not isinstance(t, numbers.Integral) or isinstance(t, bool)]
+        if not_ids:  # (a float or a string would pass the range check and then fail the whole step)
+            raise EngineError(f"prompt token ids must be integers, got {not_ids[0]!r}")
         bad = [t for t in prompt_ids if not 0 <= t < vocab]
         if bad:
             raise EngineError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        prompt_ids = [int(t) for t in prompt_ids]  # (numpy integers too)
         params.validate(vocab)
         if params.n != 1:
             raise EngineError(f"one engine request samples once (n={params.n}): submit params.samples() each")

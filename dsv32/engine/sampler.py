@@ -16,7 +16,10 @@ Per row, in this order (the OpenAI / vLLM definitions; ``x`` are the row's logit
    top_a  drops ``p < top_a * max(p) ** 2``;
    every filter keeps all tokens tied with its cut-off value and never drops the most likely token.
 6. one uniform draw ``u`` from the request's own generator picks the token by inverse CDF over the
-   survivors, so a seeded request samples the same tokens whatever else is in the batch.
+   survivors, so a seeded request's draws do not depend on what else is in the batch. Its logits can: a
+   decode row's attention matmuls round differently with the number of rows in the step (~1e-6), which can
+   move a draw to a neighbouring token where the distribution is flat (as in vLLM, whose batches are not
+   bit-invariant either); the same request in the same company samples the same tokens.
 
 Logprobs describe the distribution after steps 1-3 and before temperature and the filters:
 ``log_softmax(x)`` of the penalised, biased logits. They are the model's own view of the text (as

@@ -97,7 +97,11 @@ class SamplingParams:
 
     def samples(self) -> list[SamplingParams]:
         """The ``n`` requests that sample a prompt with these params, each with ``n`` 1; with a seed, sample i
-        gets seed + i (as vLLM: its own reproducible stream)."""
+        gets seed + i (as vLLM: its own reproducible stream).
+
+        Raises SamplingParamsError where ``n`` is not an integer in [1, MAX_N] (set after construction)."""
+        if not (_is_int(self.n) and 1 <= self.n <= MAX_N):
+            raise SamplingParamsError("n", self.n, f"an integer in [1, {MAX_N}]")
         out = []
         for i in range(self.n):
             seed = self.seed

@@ -112,6 +112,10 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         chunks: list[ScheduledChunk] = []
         scheduled: set[int] = set()
+        # running requests in rank order (priority, then arrival; a re-admitted request keeps its arrival):
+        # each takes blocks before any it ranks above, so a victim (the largest rank not yet in this step) is
+        # never a request that outranks one already scheduled
+        self.running.sort(key=self._rank)
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]

@@ -69,6 +69,9 @@ def test_bad_requests_are_errors_not_crashes(model):
         core.add_request("x", [], SamplingParams())
     with pytest.raises(EngineError, match="outside the vocabulary"):
         core.add_request("x", [5, 300], SamplingParams())
+    for not_an_id in (5.0, "5", True):  # (a float passed the range check and then failed the whole step)
+        with pytest.raises(EngineError, match="must be integers"):
+            core.add_request("x", [5, not_an_id], SamplingParams())
     with pytest.raises(EngineError, match=r"max_tokens \(40\)"):
         core.add_request("x", [5] * 10, SamplingParams(max_tokens=40))  # cache holds 32 tokens
     with pytest.raises(EngineError, match=r"samples\(\)"):  # n samples are n requests (LLM, the API)

@@ -92,7 +92,14 @@ def test_bad_calls_are_errors_and_leave_no_blocks(llm):
         llm.generate(["a"], [_greedy(2), _greedy(2)])
     with pytest.raises(ValueError, match="outside the vocabulary"):
         llm.generate(prompt_token_ids=[[1, 2], [10**9]], sampling_params=_greedy(2))
+    with pytest.raises(ValueError, match="must be integers"):  # (before: a torch error from inside the step)
+        llm.generate(prompt_token_ids=[[1, 2], [0, 5.0, 6]], sampling_params=_greedy(2))
+    zero = _greedy(2)
+    zero.n = 0  # set after construction: refused, not an empty output
+    with pytest.raises(ValueError, match="n must be"):
+        llm.generate(prompt_token_ids=[[1, 2]], sampling_params=zero)
     llm.engine.pool.assert_no_leaks()
+    assert llm.generate(prompt_token_ids=[[1, 2]], sampling_params=_greedy(2))[0].finish_reason == "length"
 
 
 def test_chat_renders_like_the_server_and_parses_the_reply(llm):

@@ -80,3 +80,27 @@ def test_an_unknown_policy_is_refused():
 
     with pytest.raises(ValueError, match="fcfs, priority"):
         Scheduler(BlockPool(4, 4), policy="lifo")
+
+
+def test_preemption_takes_the_lowest_ranked_whatever_the_admission_order():
+    """A low-priority request admitted first, then a high-priority one: when blocks run out, the low one is
+    preempted, not the high one (before, running requests took blocks in admission order, so the high one,
+    needing a block after the low one had taken the last, preempted itself). Under fcfs the same holds for
+    arrival: a preempted and re-admitted request keeps its age and outranks newer ones."""
+    for policy in ("priority", "fcfs"):
+        pool = BlockPool(3, 4)
+        sched = Scheduler(pool, max_num_seqs=2, max_num_batched_tokens=64, policy=policy)
+        first = Request("first", [1, 2, 3, 4], 8, 1, 5 if policy == "priority" else 0)
+        second = Request("second", [6, 7, 8, 9], 8, 0 if policy == "fcfs" else 2, 0)
+        sched.add(first)
+        _step(sched)  # first alone: its prompt fills one block
+        sched.add(second)  # (fcfs: arrived earlier, e.g. a request preempted before and now re-admitted)
+        _step(sched)  # first's decode takes a second block, second's prompt the last one
+        assert pool.num_free == 0
+        while not (first.num_preemptions or second.num_preemptions):
+            _step(sched)
+        assert first.num_preemptions == 1 and second.num_preemptions == 0, policy
+        while sched.has_work():
+            _step(sched)
+        assert second.num_preemptions == 0
+        pool.assert_no_leaks()
