@@ -189,6 +189,12 @@ def to_openai_messages(
             out.append(msg)
             origin.append(where)
             uses = [c["id"] for c in calls]
+    if uses:  # the conversation ends with tool calls: a prompt must not end there (as Anthropic's API: 400)
+        where = f"messages[{len(req.messages) - 1}]"
+        raise bad_request(
+            f"{where}: tool_use id(s) {', '.join(uses)} have no tool_result (each tool_use needs a tool_result "
+            "in the next message)", where,
+        )  # fmt: skip
     last = out[-1] if out and req.messages else None
     if last is not None and last["role"] == "assistant" and "tool_calls" not in last:
         # a final assistant message is a prefill: the reply continues it (as on Anthropic's API)
@@ -254,7 +260,20 @@ def _forced_tool_use(req, ctx: ServingContext, tools, thinking: bool) -> dict[st
     choice = req.tool_choice if isinstance(req.tool_choice, dict) else {}
     kind = choice.get("type", "auto")
     strict = any(t["function"].get("strict") for t in tools or [])
-    if kind in ("any", "tool"):
+    if kind in ("any", "tool"):  # (checked here, so that the errors speak this route's terms)
+        if not tools:
+            raise bad_request(f"tool_choice {{'type': '{kind}'}} needs tools", "tool_choice")
+        names = [t["function"]["name"] for t in tools]
+        if kind == "tool" and choice.get("name") not in names:
+            raise bad_request(
+                f"tool_choice.name: {choice.get('name')!r} is not among the tools ({', '.join(names)})",
+                "tool_choice.name",
+            )
+        if ctx.family != "v3.2":
+            raise bad_request(
+                f"tool_choice {{'type': '{kind}'}} needs the V3.2 (DSML) chat format; this model speaks "
+                f"{ctx.family}", "tool_choice",
+            )  # fmt: skip
         forced: Any = (
             "required" if kind == "any" else {"type": "function", "function": {"name": choice.get("name")}}
         )

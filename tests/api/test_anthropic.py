@@ -190,6 +190,15 @@ ERRORS = [
     ({"model": "m", "max_tokens": 5, "tool_choice": {"type": "maybe"}, "messages": [{"role": "user", "content": "x"}]}, 400, "tool_choice"),
     ({"model": "m", "max_tokens": "5", "messages": [{"role": "user", "content": "x"}]}, 400, "max_tokens"),
     ({"model": "m", "max_tokens": 5, "stream": "yes", "messages": [{"role": "user", "content": "x"}]}, 400, "stream"),
+    # forced tool_choice errors in this route's terms (before: OpenAI's "tool_choice 'required' needs tools")
+    ({"model": "m", "max_tokens": 5, "tool_choice": {"type": "any"}, "messages": [{"role": "user", "content": "x"}]},
+     400, "tool_choice {'type': 'any'} needs tools"),
+    ({"model": "m", "max_tokens": 5, "tool_choice": {"type": "tool"}, "messages": [{"role": "user", "content": "x"}],
+      "tools": [{"name": "Read", "input_schema": {"type": "object", "properties": {}}}]}, 400, "tool_choice.name: None is not among"),
+    # a conversation may not end with an unanswered tool_use (before: 200, the prompt ending after the calls)
+    ({"model": "m", "max_tokens": 5, "tools": [{"name": "Read", "input_schema": {"type": "object", "properties": {}}}],
+      "messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": [
+          {"type": "tool_use", "id": "t1", "name": "Read", "input": {}}]}]}, 400, "t1 have no tool_result"),
     # only a final assistant message (a prefill) may be empty, as on Anthropic's API
     ({"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": []}]}, 400, "messages[0].content: must not be empty"),
     ({"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": ""}]}, 400, "must not be empty"),
@@ -211,3 +220,21 @@ def test_sdk_raises_typed_errors(engine_server):
     with pytest.raises(anthropic.BadRequestError):
         client(engine_server).messages.create(model="m", max_tokens=5, messages=[
             {"role": "user", "content": [{"type": "document", "source": {}}]}])  # fmt: skip
+
+
+def test_forced_tool_use_on_an_older_chat_format_is_refused_in_anthropic_terms(tokenizer):
+    """A V3.1-format model has no tool grammar: tool_choice any is a 400 that names the format, worded for this
+    route (before: OpenAI's "tool_choice 'required' ...")."""
+    from dsv32.api.service import ServingContext
+    from tests.api.server_harness import RunningServer, ScriptedEngine
+
+    engine = ScriptedEngine(tokenizer, tokenizer.eos_id)
+    ctx = ServingContext(engine=engine, tokenizer=tokenizer, family="v3.1", max_model_len=4096,
+                         served_model_name="scripted", eos_id=tokenizer.eos_id)  # fmt: skip
+    body = {"model": "m", "max_tokens": 5, "tool_choice": {"type": "any"}, "messages": [{"role": "user", "content": "x"}],
+            "tools": [{"name": "Read", "input_schema": {"type": "object", "properties": {}}}]}  # fmt: skip
+    with RunningServer(ctx) as srv:
+        r = httpx.post(srv.url + "/v1/messages", json=body)
+    assert r.status_code == 400, r.text
+    msg = r.json()["error"]["message"]
+    assert "tool_choice {'type': 'any'} needs the V3.2 (DSML) chat format" in msg and "v3.1" in msg
