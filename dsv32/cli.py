@@ -7,6 +7,7 @@ User errors (bad config, bad checkpoint, missing files) print one ``error: ...``
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -26,6 +27,51 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
+
+
+def _positive_int(text: str) -> int:
+    v = int(text)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def _non_negative_int(text: str) -> int:
+    v = int(text)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
+    return v
+
+
+def _positive_float(text: str) -> float:
+    v = float(text)
+    if not (math.isfinite(v) and v > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return v
+
+
+def _port(text: str) -> int:
+    v = int(text)
+    if not 0 <= v <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number in [0, 65535], got {v}")
+    return v
+
+
+def _device(text: str) -> str:
+    """A torch device this machine has (checked before any model is loaded)."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except RuntimeError as e:
+        raise argparse.ArgumentTypeError(f"not a torch device: {text!r} ({e})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: this machine has no CUDA device (torch sees none)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text!r}: torch sees {torch.cuda.device_count()} CUDA device(s)")
+    if device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"{text!r}: dsv32 runs on cpu or cuda")
+    return text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,8 +118,8 @@ def _make_checkpoint(args: argparse.Namespace) -> int:
     from dsv32.weights.synthetic import write_synthetic_checkpoint
 
     cfg = ModelConfig.from_file(args.config) if args.config else preset_config(args.preset or "default")
-    if args.shard_size <= 0:
-        raise ValueError(f"--shard-size must be > 0 MB, got {args.shard_size}")
+    if not (math.isfinite(args.shard_size) and args.shard_size > 0):
+        raise ValueError(f"--shard-size must be a finite number > 0 (MB), got {args.shard_size}")
     fp8 = args.fp8 if args.fp8 is not None else cfg.fp8_block_size is not None
     out = write_synthetic_checkpoint(
         cfg,
@@ -107,7 +153,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--dtype", choices=tuple(DTYPES), default="bf16")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", type=_device, default="cpu")
     p.set_defaults(func=_generate)
 
 
@@ -159,18 +205,24 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         "--model", type=Path, help="HF model directory (default: the embedded random-weight model)"
     )
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=_port, default=8000)
     p.add_argument("--api-key", action="append", default=[], dest="api_keys", metavar="KEY",
                    help="accepted API key (repeatable); none given: no authentication")  # fmt: skip
     p.add_argument("--served-model-name", help="extra model id to answer to (default: the directory name)")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--cache-memory-gb", type=float, default=1.0, help="memory for the paged latent cache")
+    p.add_argument("--device", type=_device, default="cpu")
+    p.add_argument(
+        "--cache-memory-gb", type=_positive_float, default=1.0, help="memory for the paged latent cache"
+    )
     p.add_argument("--max-num-seqs", type=int, default=64, help="requests decoded together")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget of one step")
     p.add_argument("--max-model-len", type=int, help="context limit (default: the model's)")
-    p.add_argument("--max-waiting", type=int, default=256, help="queued requests before answering 503")
-    p.add_argument("--max-concurrent-per-key", type=int, help="in-flight requests per API key before 429")
+    p.add_argument(
+        "--max-waiting", type=_non_negative_int, default=256, help="queued requests before answering 503"
+    )
+    p.add_argument(
+        "--max-concurrent-per-key", type=_positive_int, help="in-flight requests per API key before 429"
+    )
     p.add_argument("--chat-format", choices=("v3.2", "v3.1", "v3"), help="override the prompt format")
     p.add_argument("--scheduling-policy", choices=("fcfs", "priority"), default="fcfs",
                    help="fcfs: arrival order; priority: requests' priority field first (lower first), as vLLM")  # fmt: skip
@@ -255,9 +307,11 @@ def _add_chat(sub: argparse._SubParsersAction) -> None:
         "--model", type=Path, help="HF model directory (default: the embedded random-weight model)"
     )
     p.add_argument("--think", action="store_true", help="start in thinking mode")
-    p.add_argument("--max-tokens", type=int, default=512)
+    p.add_argument("--max-tokens", type=_positive_int, default=512)
     p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--cache-memory-gb", type=float, default=1.0, help="memory for the paged latent cache")
+    p.add_argument(
+        "--cache-memory-gb", type=_positive_float, default=1.0, help="memory for the paged latent cache"
+    )
     p.add_argument(
         "--speculative-config", metavar="JSON", type=_speculative_config,
         help='speculative decoding with the MTP layer, as for serve: \'{"method": "mtp", "num_speculative_tokens": 1}\'',
@@ -284,8 +338,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     m.add_argument(
         "--config", default=None, help="a preset name or an HF config.json path (default: bench-small)"
     )
-    m.add_argument("--prefill", type=int, default=1024, metavar="N", help="prompt tokens")
-    m.add_argument("--decode", type=int, default=64, metavar="N", help="decoded tokens")
+    m.add_argument("--prefill", type=_positive_int, default=1024, metavar="N", help="prompt tokens")
+    m.add_argument("--decode", type=_positive_int, default=64, metavar="N", help="decoded tokens")
     m.add_argument(
         "--out", type=Path, default=Path("benchmarks/results"), metavar="DIR", help="where to write results"
     )

@@ -113,6 +113,8 @@ class ModelConfig:
     # ---- reading --------------------------------------------------------------------------
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> ModelConfig:
+        if not isinstance(raw, dict):
+            raise ConfigError(f"a model config must be a JSON object, got {type(raw).__name__}")
         return _parse(raw)
 
     @classmethod
@@ -124,7 +126,7 @@ class ModelConfig:
             raise ConfigError(f"no config.json found at {path}")
         try:
             raw = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"{path} is not valid JSON: {e}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path} must hold a JSON object")
@@ -190,6 +192,13 @@ _INT_FIELDS = (
 
 
 def _parse(raw: dict[str, Any]) -> ModelConfig:
+    try:
+        return _parse_fields(raw)
+    except (TypeError, AttributeError, OverflowError) as e:  # a safety net: the checks below name the field
+        raise ConfigError(f"config.json holds a value of the wrong type: {e}") from None
+
+
+def _parse_fields(raw: dict[str, Any]) -> ModelConfig:
     model_type = raw.get("model_type")
     if model_type is None:
         raise ConfigError("config.json has no 'model_type' (expected one of deepseek_v32, deepseek_v3)")
@@ -209,9 +218,15 @@ def _parse(raw: dict[str, Any]) -> ModelConfig:
         kw["num_nextn_predict_layers"] = 0
     if "q_lora_rank" in raw:
         kw["q_lora_rank"] = None if raw["q_lora_rank"] in (None, 0) else _int(raw, "q_lora_rank")
+        if kw["q_lora_rank"] is not None and kw["q_lora_rank"] < 0:
+            raise ConfigError(
+                f"config field 'q_lora_rank' must be > 0 (or 0 / null: none), got {kw['q_lora_rank']}"
+            )
     for name in ("routed_scaling_factor", "rms_norm_eps"):
         if raw.get(name) is not None:
             kw[name] = _float(raw, name)
+            if kw[name] <= 0:
+                raise ConfigError(f"config field '{name}' must be > 0, got {kw[name]}")
     for name in ("norm_topk_prob", "tie_word_embeddings", "rope_interleave"):
         if raw.get(name) is not None:
             if not isinstance(raw[name], bool):
@@ -239,12 +254,18 @@ def _parse(raw: dict[str, Any]) -> ModelConfig:
 
     q = raw.get("quantization_config")
     if q:
+        if not isinstance(q, dict):
+            raise ConfigError(f"'quantization_config' must be an object, got {q!r}")
         if q.get("quant_method") != "fp8":
             raise ConfigError(
                 f"quantization_config.quant_method {q.get('quant_method')!r} is not supported (only 'fp8')"
             )
         block = q.get("weight_block_size") or [128, 128]
-        if len(block) != 2 or not all(isinstance(b, int) and b > 0 for b in block):
+        if not (
+            isinstance(block, list)
+            and len(block) == 2
+            and all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)
+        ):
             raise ConfigError(f"quantization_config.weight_block_size must be two positive ints, got {block}")
         kw["fp8_block_size"] = (block[0], block[1])
         kw["fp8_scale_fmt"] = q.get("scale_fmt")
@@ -256,48 +277,68 @@ def _parse(raw: dict[str, Any]) -> ModelConfig:
 
 def _int(raw: dict[str, Any], name: str) -> int:
     v = raw[name]
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or int(v) != v:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or int(v) != v:
         raise ConfigError(f"config field '{name}' must be an integer, got {v!r}")
     return int(v)
 
 
-def _float(raw: dict[str, Any], name: str) -> float:
+def _float(raw: dict[str, Any], name: str, where: str = "config field") -> float:
     v = raw[name]
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise ConfigError(f"config field '{name}' must be a number, got {v!r}")
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise ConfigError(f"{where} '{name}' must be a finite number, got {v!r}")
     return float(v)
 
 
 def _parse_rope(raw: dict[str, Any]) -> RopeConfig:
     params = raw.get("rope_parameters")
     scaling = raw.get("rope_scaling")
+    for key, value in (("rope_parameters", params), ("rope_scaling", scaling)):
+        if value is not None and not isinstance(value, dict):
+            raise ConfigError(f"'{key}' must be an object, got {value!r}")
     if params and scaling:
-        # Both spellings present: they must agree on the type.
+        # Both spellings present: they must agree on the type and on every setting both give.
         t1 = params.get("rope_type", params.get("type"))
         t2 = scaling.get("rope_type", scaling.get("type"))
         if t1 != t2:
             raise ConfigError(f"'rope_parameters' ({t1}) and 'rope_scaling' ({t2}) contradict each other")
+        for k in sorted(set(params) & set(scaling) - {"rope_type", "type"}):
+            if params[k] != scaling[k]:
+                raise ConfigError(
+                    f"'rope_parameters' and 'rope_scaling' contradict each other on '{k}' "
+                    f"({params[k]!r} against {scaling[k]!r})"
+                )
     src: dict[str, Any] = dict(params or scaling or {})
-    theta = src.get("rope_theta", raw.get("rope_theta", 10000.0))
+    if "rope_theta" not in src and "rope_theta" in raw:
+        src["rope_theta"] = raw["rope_theta"]
+    theta = _float(src, "rope_theta", "rope setting") if "rope_theta" in src else 10000.0
+    if theta <= 0:
+        raise ConfigError(f"rope setting 'rope_theta' must be > 0, got {theta}")
     rtype = src.get("rope_type", src.get("type", "default"))
     if rtype not in ("default", "yarn"):
         raise ConfigError(f"rope type {rtype!r} is not supported (expected 'yarn' or 'default')")
     if rtype == "default":
-        return RopeConfig(theta=float(theta), type="default", factor=1.0)
-    if "factor" not in src:
+        return RopeConfig(theta=theta, type="default", factor=1.0)
+    if src.get("factor") is None:
         raise ConfigError("yarn rope settings need 'factor'")
-    orig = src.get("original_max_position_embeddings")
-    if orig is None:
+    if src.get("original_max_position_embeddings") is None:
         raise ConfigError("yarn rope settings need 'original_max_position_embeddings'")
+    orig = _int(src, "original_max_position_embeddings")
+    if orig <= 0:
+        raise ConfigError(f"rope setting 'original_max_position_embeddings' must be > 0, got {orig}")
+    number = {k: _float(src, k, "rope setting") for k in ("factor", "beta_fast", "beta_slow", "mscale",
+                                                            "mscale_all_dim") if src.get(k) is not None}  # fmt: skip
+    for k in ("mscale", "mscale_all_dim"):
+        if number.get(k, 0.0) < 0:
+            raise ConfigError(f"rope setting '{k}' must be >= 0, got {number[k]}")
     return RopeConfig(
-        theta=float(theta),
+        theta=theta,
         type="yarn",
-        factor=float(src["factor"]),
-        original_max_position_embeddings=int(orig),
-        beta_fast=float(src.get("beta_fast", 32.0)),
-        beta_slow=float(src.get("beta_slow", 1.0)),
-        mscale=float(src.get("mscale") or 0.0),
-        mscale_all_dim=float(src.get("mscale_all_dim") or 0.0),
+        factor=number["factor"],
+        original_max_position_embeddings=orig,
+        beta_fast=number.get("beta_fast", 32.0),
+        beta_slow=number.get("beta_slow", 1.0),
+        mscale=number.get("mscale", 0.0),
+        mscale_all_dim=number.get("mscale_all_dim", 0.0),
     )
 
 

@@ -29,6 +29,10 @@ def generate(
     """Yield up to ``max_new_tokens`` new token ids, stopping after ``eos_id``."""
     if not prompt_ids:
         raise ValueError("prompt must hold at least one token")
+    vocab = model.config.vocab_size
+    bad = [t for t in prompt_ids if not 0 <= t < vocab]
+    if bad:  # (e.g. a model whose vocabulary is smaller than its tokenizer's ids)
+        raise ValueError(f"prompt token id {bad[0]} is outside the model's vocabulary [0, {vocab})")
     params = SamplingParams(temperature=temperature, top_p=top_p, seed=seed)  # range errors name the field
     limit = model.config.max_position_embeddings
     total = len(prompt_ids) + max_new_tokens

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 from dsv32.cli import use_persistent_compile_cache
 
 
@@ -24,8 +26,6 @@ def _serve_args(*flags: str):
 
 
 def test_serve_compiles_by_default_as_vllm_does_and_enforce_eager_turns_it_off():
-    import pytest
-
     from dsv32.cli import compile_at_start
 
     assert compile_at_start(_serve_args()) is True
@@ -44,3 +44,46 @@ def test_contradicting_serve_flags_exit_with_a_usage_error(capsys):
 
     assert main(["serve", "--compile", "--enforce-eager"]) == EXIT_USAGE
     assert "contradict" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["serve", "--port", "70000"], "port number"),
+        (["serve", "--port", "-1"], "port number"),
+        (["serve", "--cache-memory-gb", "0"], "> 0"),
+        (["serve", "--cache-memory-gb", "nan"], "> 0"),
+        (["serve", "--max-waiting", "-1"], ">= 0"),
+        (["serve", "--max-concurrent-per-key", "0"], ">= 1"),
+        (["serve", "--device", "foo"], "not a torch device"),
+        (["generate", "--prompt", "x", "--device", "meta"], "cpu or cuda"),
+        (["chat", "--max-tokens", "-1"], ">= 1"),
+        (["bench", "model", "--prefill", "0"], ">= 1"),
+    ],
+)  # fmt: skip
+def test_bad_option_values_are_usage_errors_before_anything_loads(argv, words, capsys):
+    """(Found by a fuzz: each used to load the model first and then fail with a traceback, or serve requests
+    that could only fail.)"""
+    from dsv32.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2 and words in capsys.readouterr().err
+
+
+def test_generate_refuses_ids_outside_a_small_models_vocabulary(tmp_path):
+    """A model whose vocabulary is smaller than the tokenizer's ids: an error naming the id, not an
+    IndexError from inside the embedding."""
+    import torch
+
+    from dsv32.generate import generate
+    from dsv32.model.transformer import DeepseekForCausalLM
+    from tests.model.test_forms import tiny_config
+
+    model = DeepseekForCausalLM(tiny_config()).eval()  # 300 rows
+    with pytest.raises(
+        ValueError, match=r"prompt token id 128803 is outside the model's vocabulary \[0, 300\)"
+    ):
+        next(generate(model, [0, 128803], 2))
+    assert len(list(generate(model, [0, 5], 2))) == 2
+    assert torch.is_grad_enabled()

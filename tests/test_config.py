@@ -84,6 +84,27 @@ def test_v3_has_no_indexer():
         ({"model_type": "deepseek_v32", "first_k_dense_replace": 1, "num_hidden_layers": 2,
           "mlp_layer_types": ["dense", "dense"]}, "'mlp_layer_types'"),
         ({"model_type": "deepseek_v32", "quantization_config": {"quant_method": "gptq"}}, "gptq"),
+        # found by a fuzz: each used to be a raw TypeError / AttributeError / OverflowError, a message naming
+        # no field, or a silent acceptance that made every logit NaN
+        ({"model_type": "deepseek_v32", "quantization_config": "fp8"}, "'quantization_config' must be an object"),
+        ({"model_type": "deepseek_v32", "quantization_config": {"quant_method": "fp8", "weight_block_size": 128}},
+         "weight_block_size"),
+        ({"model_type": "deepseek_v32", "quantization_config": {"quant_method": "fp8", "weight_block_size": [True, 128]}},
+         "weight_block_size"),
+        ({"model_type": "deepseek_v32", "rope_parameters": "yarn"}, "'rope_parameters' must be an object"),
+        ({"model_type": "deepseek_v32", "rope_scaling": 5}, "'rope_scaling' must be an object"),
+        ({"model_type": "deepseek_v32", "rope_scaling": {**DEEPSEEK_STYLE["rope_scaling"], "factor": None}}, "'factor'"),
+        ({"model_type": "deepseek_v32", "rope_scaling": {**DEEPSEEK_STYLE["rope_scaling"], "factor": "8"}}, "'factor' must be a finite number"),
+        ({"model_type": "deepseek_v32", "rope_scaling": {**DEEPSEEK_STYLE["rope_scaling"], "factor": float("inf")}}, "'factor'"),
+        ({"model_type": "deepseek_v32", "rope_scaling": {**DEEPSEEK_STYLE["rope_scaling"], "mscale_all_dim": -1}}, "'mscale_all_dim'"),
+        ({"model_type": "deepseek_v32", "rope_theta": 0}, "'rope_theta' must be > 0"),
+        ({"model_type": "deepseek_v32", "rope_scaling": DEEPSEEK_STYLE["rope_scaling"],
+          "rope_parameters": {**DEEPSEEK_STYLE["rope_scaling"], "factor": 8}}, "contradict each other on 'factor'"),
+        ({"model_type": "deepseek_v32", "hidden_size": float("inf")}, "'hidden_size' must be an integer"),
+        ({"model_type": "deepseek_v32", "hidden_size": float("nan")}, "'hidden_size' must be an integer"),
+        ({"model_type": "deepseek_v32", "q_lora_rank": -64}, "'q_lora_rank' must be > 0"),
+        ({"model_type": "deepseek_v32", "rms_norm_eps": -1}, "'rms_norm_eps' must be > 0"),
+        ({"model_type": "deepseek_v32", "routed_scaling_factor": -2.5}, "'routed_scaling_factor' must be > 0"),
     ],
 )  # fmt: skip
 def test_bad_configs_name_the_field(raw, needle):
@@ -97,3 +118,8 @@ def test_missing_config_file(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ConfigError, match="not valid JSON"):
         ModelConfig.from_file(tmp_path)
+    (tmp_path / "config.json").write_bytes(b'{"model_type": "\xff"}')  # invalid UTF-8
+    with pytest.raises(ConfigError, match="config.json is not valid JSON"):
+        ModelConfig.from_file(tmp_path)
+    with pytest.raises(ConfigError, match="must be a JSON object"):
+        ModelConfig.from_dict([1, 2])

@@ -52,6 +52,12 @@ def build_context(opts: ServeOptions) -> ServingContext:
     model_dir = model_dir_or_default(opts.model)
     model = load_model(model_dir, dtype=getattr(torch, opts.dtype), device=opts.device, progress=True)
     tokenizer = load_tokenizer(model_dir)
+    if model.config.vocab_size < tokenizer.vocab_size:  # every chat prompt holds ids past the model's rows
+        raise ValueError(
+            f"{model_dir}: the model has {model.config.vocab_size} vocabulary rows but its tokenizer has "
+            f"{tokenizer.vocab_size} ids (the chat format's special tokens among those past the rows): give "
+            "the model directory its own tokenizer files"
+        )
     config = EngineConfig(
         cache_memory_gb=opts.cache_memory_gb, max_num_seqs=opts.max_num_seqs,
         max_num_batched_tokens=opts.max_num_batched_tokens, max_model_len=opts.max_model_len,

@@ -89,6 +89,12 @@ def load_model(
     copies = model.mtp_copies()  # {MTP tensor: main tensor it repeats}
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     plan = _validate(root, cfg, expected, stored, block, optional=set(copies))
+    quantized_copies = sorted(set(copies) & plan.fp8 & set(plan.load))
+    if quantized_copies:  # (compared and copied byte for byte below: an FP8 copy's scale would be lost)
+        raise CheckpointError(
+            f"{quantized_copies[0]} (the MTP layer's copy of the embedding or head) is stored in FP8; only "
+            "unquantized copies are supported (the released checkpoints store them in BF16)"
+        )
 
     if plan.tie_lm_head:
         model.lm_head.weight = model.model.embed_tokens.weight
@@ -120,11 +126,19 @@ def load_model(
                         _read_into(fh, st, dst)
                         continue
                     scale = read_tensor(stored[scale_name(name)])
+                    if not (torch.isfinite(scale).all() and (scale >= 0).all()):
+                        raise CheckpointError(
+                            f"{scale_name(name)} in {st.file}: block scales must be finite and >= 0"
+                        )
                     if dst.dtype == FP8_DTYPE:  # keep_fp8
                         _read_into(fh, st, dst)
                         params[scale_name(name)].copy_(scale)
+                        nan = (dst.view(torch.uint8) & 0x7F) == 0x7F  # e4m3fn's only NaN encodings
                     else:
                         _dequantize_into(fh, st, scale, block, dst)
+                        nan = dst.isnan()
+                    if nan.any():
+                        raise CheckpointError(f"{name} in {st.file}: NaN among the FP8 weights")
         # MTP copies last, once the main embedding and head are in: share unless the stored copy differs
         for name in plan.load:
             if name in copies:
@@ -151,7 +165,7 @@ def read_checkpoint_index(root: str | Path) -> dict[str, StoredTensor]:
         try:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
             files = sorted({root / str(v) for v in weight_map.values()})
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
             raise CheckpointError(f"{index} is not a valid safetensors index: {_one_line(e)}") from None
         for file in files:
             if not file.is_file():

@@ -110,6 +110,10 @@ def test_generate_sampling_options(default_model_dir: Path, capsys: pytest.Captu
         (["generate", "--prompt", "x", "--max-tokens", "-1"], "--max-tokens"),
         (["make-checkpoint", "OUT", "--config", "/nonexistent/config.json"], "config.json"),
         (["make-checkpoint", "OUT", "--shard-size", "0"], "--shard-size"),
+        (
+            ["make-checkpoint", "OUT", "--shard-size", "inf"],
+            "--shard-size",
+        ),  # (was an OverflowError traceback)
     ],
 )
 def test_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture, argv, needle) -> None:

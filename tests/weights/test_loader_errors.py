@@ -78,6 +78,8 @@ def test_index_names_missing_shard(sharded: Path) -> None:
 def test_bad_index(sharded: Path) -> None:
     (sharded / "model.safetensors.index.json").write_text("{not json")
     assert "model.safetensors.index.json" in load_error(sharded)
+    (sharded / "model.safetensors.index.json").write_bytes(b'{"weight_map": "\xff"}')  # invalid UTF-8
+    assert "model.safetensors.index.json is not a valid safetensors index" in load_error(sharded)
 
 
 def test_truncated_file(ckpt: Path) -> None:
@@ -161,3 +163,36 @@ def test_scale_without_fp8_weight_is_unexpected(ckpt: Path) -> None:
 def test_partial_mtp_layer_is_missing_not_ignored(ckpt: Path) -> None:
     edit(ckpt, lambda t: t.pop("model.layers.3.eh_proj.weight"))
     assert "model.layers.3.eh_proj.weight" in load_error(ckpt)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1.0])
+def test_fp8_scales_that_are_not_finite_and_non_negative_are_refused(tmp_path: Path, bad: float) -> None:
+    """(Before, a NaN or inf scale loaded, and every logit came out NaN.)"""
+    d = write_synthetic_checkpoint(small_config(), tmp_path, fp8=True)
+    name = "model.layers.0.mlp.down_proj.weight_scale_inv"
+    edit(d, lambda t: t[name].view(-1).__setitem__(0, bad))
+    msg = load_error(d)
+    assert name in msg and "finite and >= 0" in msg
+
+
+@pytest.mark.parametrize("keep_fp8", [False, True])
+def test_nan_fp8_weights_are_refused(tmp_path: Path, keep_fp8: bool) -> None:
+    d = write_synthetic_checkpoint(small_config(), tmp_path, fp8=True)
+    name = "model.layers.0.mlp.down_proj.weight"
+    edit(d, lambda t: t[name].view(torch.uint8).view(-1).__setitem__(3, 0x7F))  # an e4m3fn NaN
+    with pytest.raises(CheckpointError, match="NaN among the FP8 weights") as exc:
+        load_model(d, dtype=torch.float32, progress=False, keep_fp8=keep_fp8)
+    assert name in str(exc.value)
+
+
+def test_an_fp8_copy_of_the_head_in_the_mtp_layer_is_refused(tmp_path: Path) -> None:
+    """The MTP layer's copy of the head stored in FP8 used to load without its scale (raw e4m3 values)."""
+    d = write_synthetic_checkpoint(small_config(num_nextn_predict_layers=1), tmp_path, fp8=True)
+    tensors = load_file(d / "model.safetensors")
+    head = next(k for k in tensors if k.endswith("shared_head.head.weight"))
+    w = tensors[head].float()
+    tensors[head] = w.to(torch.float8_e4m3fn)
+    tensors[head + "_scale_inv"] = torch.ones(-(-w.shape[0] // 128), -(-w.shape[1] // 128))
+    save_file(tensors, d / "model.safetensors", metadata={"format": "pt"})
+    msg = load_error(d)
+    assert head in msg and "stored in FP8" in msg
