@@ -50,6 +50,13 @@ def _positive_float(text: str) -> float:
     return v
 
 
+def _temperature(text: str) -> float:
+    v = float(text)
+    if not (math.isfinite(v) and 0 <= v <= 2):
+        raise argparse.ArgumentTypeError(f"must be in [0, 2] (0: greedy), got {text}")
+    return v
+
+
 def _port(text: str) -> int:
     v = int(text)
     if not 0 <= v <= 65535:
@@ -308,7 +315,7 @@ def _add_chat(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--think", action="store_true", help="start in thinking mode")
     p.add_argument("--max-tokens", type=_positive_int, default=512)
-    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--temperature", type=_temperature, default=0.7)
     p.add_argument(
         "--cache-memory-gb", type=_positive_float, default=1.0, help="memory for the paged latent cache"
     )

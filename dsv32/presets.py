@@ -78,4 +78,10 @@ def resolve_preset(name_or_path: str) -> dict[str, Any]:
         path = path / "config.json"
     if not path.is_file():
         raise ValueError(f"{name_or_path!r} is neither a preset ({', '.join(PRESETS)}) nor a config.json")
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path} must hold a JSON object (a model config)")
+    return raw

@@ -58,6 +58,7 @@ def test_contradicting_serve_flags_exit_with_a_usage_error(capsys):
         (["serve", "--device", "foo"], "not a torch device"),
         (["generate", "--prompt", "x", "--device", "meta"], "cpu or cuda"),
         (["chat", "--max-tokens", "-1"], ">= 1"),
+        (["chat", "--temperature", "-1"], "[0, 2]"),
         (["bench", "model", "--prefill", "0"], ">= 1"),
     ],
 )  # fmt: skip

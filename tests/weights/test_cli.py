@@ -110,14 +110,16 @@ def test_generate_sampling_options(default_model_dir: Path, capsys: pytest.Captu
         (["generate", "--prompt", "x", "--max-tokens", "-1"], "--max-tokens"),
         (["make-checkpoint", "OUT", "--config", "/nonexistent/config.json"], "config.json"),
         (["make-checkpoint", "OUT", "--shard-size", "0"], "--shard-size"),
-        (
-            ["make-checkpoint", "OUT", "--shard-size", "inf"],
-            "--shard-size",
-        ),  # (was an OverflowError traceback)
+        (["make-checkpoint", "OUT", "--shard-size", "inf"], "--shard-size"),  # (an OverflowError traceback before)
+        (["bench", "model", "--config", "BADJSON"], "bad.json is not valid JSON"),
+        (["bench", "model", "--config", "LISTJSON"], "must hold a JSON object"),
     ],
-)
+)  # fmt: skip
 def test_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture, argv, needle) -> None:
-    argv = [str(tmp_path / "out") if a == "OUT" else a for a in argv]
+    (tmp_path / "bad.json").write_text("{not json")
+    (tmp_path / "list.json").write_text("[1, 2]")
+    names = {"OUT": "out", "BADJSON": "bad.json", "LISTJSON": "list.json"}
+    argv = [str(tmp_path / names[a]) if a in names else a for a in argv]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and needle in err and err.count("\n") == 1
