@@ -124,13 +124,7 @@ class ModelConfig:
             path = path / "config.json"
         if not path.is_file():
             raise ConfigError(f"no config.json found at {path}")
-        try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{path} is not valid JSON: {e}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path} must hold a JSON object")
-        return _parse(raw)
+        return _parse(read_config_json(path))
 
     def to_hf_dict(self) -> dict[str, Any]:
         """The config as a DeepSeek-style HF config.json (``rope_theta`` + ``rope_scaling``)."""
@@ -182,6 +176,18 @@ def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
 
 
 # ---- parsing ----------------------------------------------------------------------------------
+
+
+def read_config_json(path: Path) -> dict[str, Any]:
+    """The JSON object in the file ``path``; ConfigError (naming the file) if it is not one."""
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must hold a JSON object")
+    return raw
+
 
 _INT_FIELDS = (
     "vocab_size hidden_size intermediate_size moe_intermediate_size num_hidden_layers "

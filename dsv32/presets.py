@@ -7,9 +7,10 @@ the package so benchmarks run from an installed wheel): ~486M parameters, V3.2 a
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 from typing import Any
+
+from dsv32.config import read_config_json
 
 BENCH_SMALL: dict[str, Any] = {
     "architectures": ["DeepseekV32ForCausalLM"],
@@ -78,10 +79,4 @@ def resolve_preset(name_or_path: str) -> dict[str, Any]:
         path = path / "config.json"
     if not path.is_file():
         raise ValueError(f"{name_or_path!r} is neither a preset ({', '.join(PRESETS)}) nor a config.json")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path} must hold a JSON object (a model config)")
-    return raw
+    return read_config_json(path)
