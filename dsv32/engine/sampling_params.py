@@ -100,8 +100,7 @@ class SamplingParams:
         gets seed + i (as vLLM: its own reproducible stream).
 
         Raises SamplingParamsError where ``n`` is not an integer in [1, MAX_N] (set after construction)."""
-        if not (_is_int(self.n) and 1 <= self.n <= MAX_N):
-            raise SamplingParamsError("n", self.n, f"an integer in [1, {MAX_N}]")
+        self._check_n()
         out = []
         for i in range(self.n):
             seed = self.seed
@@ -109,6 +108,10 @@ class SamplingParams:
                 seed = seed + i if seed + i <= _SEED_RANGE[1] else seed + i - 2**64  # (torch: the same seed)
             out.append(replace(self, n=1, seed=seed))
         return out
+
+    def _check_n(self) -> None:
+        if not (_is_int(self.n) and 1 <= self.n <= MAX_N):
+            raise SamplingParamsError("n", self.n, f"an integer in [1, {MAX_N}]")
 
     @property
     def greedy(self) -> bool:
@@ -194,8 +197,7 @@ class SamplingParams:
             )
         if not _is_int(self.priority):
             raise SamplingParamsError("priority", self.priority, "an integer")
-        if not (_is_int(self.n) and 1 <= self.n <= MAX_N):
-            raise SamplingParamsError("n", self.n, f"an integer in [1, {MAX_N}]")
+        self._check_n()
         if self.top_logprobs > 0 and not self.logprobs:
             raise SamplingParamsError("top_logprobs", self.top_logprobs, "0 unless logprobs is true")
         if self.guided is not None:

@@ -133,12 +133,9 @@ def load_model(
                     if dst.dtype == FP8_DTYPE:  # keep_fp8
                         _read_into(fh, st, dst)
                         params[scale_name(name)].copy_(scale)
-                        nan = (dst.view(torch.uint8) & 0x7F) == 0x7F  # e4m3fn's only NaN encodings
+                        _check_no_fp8_nan(name, st, dst)
                     else:
-                        _dequantize_into(fh, st, scale, block, dst)
-                        nan = dst.isnan()
-                    if nan.any():
-                        raise CheckpointError(f"{name} in {st.file}: NaN among the FP8 weights")
+                        _dequantize_into(name, fh, st, scale, block, dst)
         # MTP copies last, once the main embedding and head are in: share unless the stored copy differs
         for name in plan.load:
             if name in copies:
@@ -365,15 +362,28 @@ def _read_into(fh: BinaryIO, st: StoredTensor, dst: torch.Tensor) -> None:
         flat[r0:r1].copy_(tmp)
 
 
+def _check_no_fp8_nan(name: str, st: StoredTensor, w: torch.Tensor) -> None:
+    """CheckpointError if the e4m3fn tensor ``w`` (``name``'s data, or a chunk of it) holds a NaN."""
+    if ((w.view(torch.uint8) & 0x7F) == 0x7F).any():  # e4m3fn's only NaN encodings
+        raise CheckpointError(f"{name} in {st.file}: NaN among the FP8 weights")
+
+
 def _dequantize_into(
-    fh: BinaryIO, st: StoredTensor, scale: torch.Tensor, block: tuple[int, int], dst: torch.Tensor
+    name: str,
+    fh: BinaryIO,
+    st: StoredTensor,
+    scale: torch.Tensor,
+    block: tuple[int, int],
+    dst: torch.Tensor,
 ) -> None:
-    """dst = W_fp8 * scale per (bo x bi) block; row chunks of whole blocks keep temporaries small."""
+    """dst = W_fp8 * scale per (bo x bi) block; row chunks of whole blocks keep temporaries small (each chunk
+    checked for NaN while it is at hand)."""
     bo = block[0]
     out_f, in_f = dst.shape
     for r0, r1 in _row_chunks((out_f, in_f), 4, multiple=bo):
         w = torch.empty(r1 - r0, in_f, dtype=FP8_DTYPE)
         _read_bytes(fh, st, r0 * in_f, w)
+        _check_no_fp8_nan(name, st, w)
         dst[r0:r1].copy_(dequantize_fp8_blocks(w, scale[r0 // bo : -(-r1 // bo)], dst.dtype, block))
 
 
