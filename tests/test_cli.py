@@ -72,6 +72,28 @@ def test_bad_option_values_are_usage_errors_before_anything_loads(argv, words, c
     assert exc.value.code == 2 and words in capsys.readouterr().err
 
 
+def test_serve_binds_its_port_before_loading_anything(capsys):
+    """A port in use or a host that is no address here: a one-line error at once (it used to load and compile
+    the model, print "serving", and then fail inside uvicorn with exit 3)."""
+    import socket
+
+    from dsv32.api.server import listen_socket
+    from dsv32.cli import EXIT_USAGE, main
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["serve", "--enforce-eager", "--port", str(port)]) == EXIT_USAGE
+        err = capsys.readouterr().err
+        assert f"cannot listen on 127.0.0.1:{port}" in err and "serving" not in err, err
+    assert main(["serve", "--enforce-eager", "--host", "999.1.1.1"]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "--host '999.1.1.1' is not an address" in err and "serving" not in err, err
+    with listen_socket("127.0.0.1", 0) as sock:  # port 0: the system's pick, which the start line prints
+        assert sock.getsockname()[1] > 0
+
+
 def test_generate_refuses_ids_outside_a_small_models_vocabulary(tmp_path):
     """A model whose vocabulary is smaller than the tokenizer's ids: an error naming the id, not an
     IndexError from inside the embedding."""

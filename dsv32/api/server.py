@@ -115,35 +115,69 @@ class BackgroundServer:
         self.thread.join(timeout=10)
 
 
+def listen_socket(host: str, port: int) -> socket.socket:
+    """The server's socket, bound before anything loads (as vLLM binds its port first): a port in use or a host
+    that does not resolve is an ``OSError`` at once, not after minutes of loading and compiling. Port 0: the
+    system picks a free one (``getsockname`` tells which)."""
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except socket.gaierror as e:
+        raise OSError(f"--host {host!r} is not an address of this machine: {e.strerror}") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a restart need not wait
+    try:
+        sock.bind(addr)
+    except OSError as e:
+        sock.close()
+        raise OSError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    return sock
+
+
 def serve(opts: ServeOptions) -> None:
     import uvicorn
 
-    if opts.compile_decode:
+    with listen_socket(opts.host, opts.port) as sock:
+        port = sock.getsockname()[1]
+        if opts.compile_decode:
+            print(
+                "compiling the decode step first (up to ~2 min at a first start, seconds once inductor's disk "
+                "cache has it; --enforce-eager skips it)",
+                file=sys.stderr,
+                flush=True,
+            )
+        ctx = build_context(opts)
+        if opts.compile_decode:
+            compiled = ctx.engine.core.decode_step_compiled
+            print(
+                f"compiled decode step: {'yes' if compiled else 'no (see the warning above)'}",
+                file=sys.stderr,
+            )
+            if ctx.engine.core.config.compile_prefill:
+                compiled = ctx.engine.core.prefill_compiled
+                print(
+                    f"compiled prefill: {'yes' if compiled else 'no (see the warning above)'}",
+                    file=sys.stderr,
+                )
+        if opts.num_speculative_tokens:
+            print(
+                f"speculative decoding: the MTP layer drafts {opts.num_speculative_tokens} token per step",
+                file=sys.stderr,
+            )
+        app = create_app(ctx)
         print(
-            "compiling the decode step first (up to ~2 min at a first start, seconds once inductor's disk "
-            "cache has it; --enforce-eager skips it)",
+            f"dsv32 serving {ctx.served_model_name} on http://{_url_host(opts.host)}:{port}",
             file=sys.stderr,
             flush=True,
         )
-    ctx = build_context(opts)
-    if opts.compile_decode:
-        compiled = ctx.engine.core.decode_step_compiled
-        print(f"compiled decode step: {'yes' if compiled else 'no (see the warning above)'}", file=sys.stderr)
-        if ctx.engine.core.config.compile_prefill:
-            compiled = ctx.engine.core.prefill_compiled
-            print(f"compiled prefill: {'yes' if compiled else 'no (see the warning above)'}", file=sys.stderr)
-    if opts.num_speculative_tokens:
-        print(
-            f"speculative decoding: the MTP layer drafts {opts.num_speculative_tokens} token per step",
-            file=sys.stderr,
-        )
-    app = create_app(ctx)
-    print(
-        f"dsv32 serving {ctx.served_model_name} on http://{opts.host}:{opts.port}",
-        file=sys.stderr,
-        flush=True,
-    )
-    try:
-        uvicorn.run(app, host=opts.host, port=opts.port, log_level="warning")
-    finally:
-        ctx.engine.shutdown()
+        try:
+            uvicorn.Server(uvicorn.Config(app, host=opts.host, port=port, log_level="warning")).run(
+                sockets=[sock]
+            )
+        finally:
+            ctx.engine.shutdown()
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
