@@ -70,6 +70,23 @@ def max_tokens_for(
     return requested
 
 
+def truncated_prompt(ctx: ServingContext, ids: list[int], keep: int | None) -> list[int]:
+    """vLLM's ``truncate_prompt_tokens``: the prompt's last ``keep`` tokens (-1: as many as the model's context
+    holds); None keeps it whole."""
+    field = "truncate_prompt_tokens"
+    if keep is None:
+        return ids
+    if keep == 0:
+        raise invalid_param(f"{field} must be -1 or an integer >= 1, got 0", field)
+    if keep > ctx.max_model_len:
+        raise invalid_param(
+            f"{field} ({keep}) is greater than the model's maximum context length ({ctx.max_model_len})",
+            field,
+        )
+    keep = ctx.max_model_len if keep == -1 else keep
+    return ids[-keep:]
+
+
 def check_tool_messages(messages: list[Any]) -> None:
     """api.md §3.2: a ``tool`` message names the call it answers (``tool_call_id``, a string). The encoder
     pairs results with calls by order, as DeepSeek's template does, but a request without the id is refused
@@ -185,10 +202,7 @@ def thinking_mode(req, default: bool) -> bool:
 
 # vLLM request extensions this server does not implement, with the value that asks for nothing (any other
 # value is a 422 saying so, not silently ignored)
-UNSUPPORTED_EXTRAS: dict[str, Any] = {
-    "best_of": 1, "use_beam_search": False, "include_stop_str_in_output": False,
-    "bad_words": [], "allowed_token_ids": None, "logits_processors": None, "truncate_prompt_tokens": None,
-}  # fmt: skip
+UNSUPPORTED_EXTRAS: dict[str, Any] = {"best_of": 1, "use_beam_search": False, "logits_processors": None}
 
 
 def refuse_unsupported_extras(body: BaseModel) -> None:
@@ -220,8 +234,9 @@ def sampling_params_for(
         for name in ("temperature", "top_p", "frequency_penalty", "presence_penalty"):
             if getattr(req, name) is not None:
                 kw[name] = getattr(req, name)
-    for name in ("top_k", "min_p", "top_a", "repetition_penalty", "ignore_eos", "min_tokens", "priority"):
-        if getattr(req, name, None) is not None:  # (the Anthropic route has no min_tokens)
+    vllm_only = ("min_tokens", "priority", "include_stop_str_in_output", "allowed_token_ids", "bad_words")
+    for name in ("top_k", "min_p", "top_a", "repetition_penalty", "ignore_eos", *vllm_only):
+        if getattr(req, name, None) is not None:  # (the Anthropic route has none of vLLM's)
             kw[name] = getattr(req, name)
     try:
         return SamplingParams(**kw)

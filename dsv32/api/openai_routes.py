@@ -39,6 +39,7 @@ from dsv32.api.generation import (
     stream_error,
     submit_all,
     thinking_mode,
+    truncated_prompt,
     with_keepalive,
 )
 from dsv32.api.schemas import ChatCompletionRequest, CompletionRequest
@@ -192,6 +193,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
             f"messages[{i}]" for i in range(len(body.messages))
         ]
         raise chat_format_error(e, origin) from None
+    prompt_ids = truncated_prompt(ctx, prompt_ids, body.truncate_prompt_tokens)
     # a thinking-mode prefix completion whose content closed the reasoning continues the content
     in_reasoning = thinking and opens_reasoning(prompt_ids, ctx.tokenizer)
     guided = guided_for_chat(
@@ -540,7 +542,10 @@ async def completions(body: CompletionRequest, request: Request):
         )
     prompts, batch = _prompt_list(body.prompt)
     fields = [f"prompt[{i}]" if batch else "prompt" for i in range(len(prompts))]
-    ids_list = [await _prompt_ids(ctx, p, body.suffix, f) for p, f in zip(prompts, fields, strict=True)]
+    ids_list = [
+        truncated_prompt(ctx, await _prompt_ids(ctx, p, body.suffix, f), body.truncate_prompt_tokens)
+        for p, f in zip(prompts, fields, strict=True)
+    ]
     n_lp = body.logprobs or 0
     prompt_only = body.max_tokens == 0
     if prompt_only and not body.echo:

@@ -74,6 +74,12 @@ class SamplingFields(BaseModel):
     min_tokens: int | None = Field(default=None, ge=0)  # vLLM extension: no stop before this many tokens
     return_token_ids: bool | None = None  # vLLM extension: the prompt's and each choice's token ids too
     priority: int | None = None  # vLLM extension: lower first, with serve --scheduling-policy priority
+    # vLLM extensions: the matched stop string kept at the end of the text; only these tokens sampled; words
+    # never written; only the prompt's last k tokens (-1: as many as the context holds)
+    include_stop_str_in_output: bool | None = None
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+    truncate_prompt_tokens: int | None = Field(default=None, ge=-1)
     user: str | None = None
 
 

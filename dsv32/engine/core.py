@@ -29,7 +29,7 @@ from dsv32.engine.paged_cache import PagedKVCache
 from dsv32.engine.prefill_graphs import PrefillGraphs
 from dsv32.engine.request import Request
 from dsv32.engine.runner import ModelRunner
-from dsv32.engine.sampler import Sampler, SamplingState
+from dsv32.engine.sampler import Sampler, SamplingState, bad_words_token_ids
 from dsv32.engine.sampling_params import SamplingParams
 from dsv32.engine.scheduler import Scheduler
 from dsv32.engine.speculative import MAX_SPECULATIVE_TOKENS, Drafter
@@ -165,6 +165,7 @@ class EngineCore:
             self.runner.compile_steps()
         self.sampler = Sampler()
         self.grammar: GrammarCompiler | None = None  # set by attach_tokenizer
+        self.tokenizer = None  # set by attach_tokenizer (``bad_words`` are tokenized with it)
         # the tokenizer's id count where the model has more rows (a checkpoint's padding rows: 129,280 against
         # 128,815 for DeepSeek's): ids from there on are never sampled nor accepted (set by attach_tokenizer)
         self.token_limit: int | None = None
@@ -232,6 +233,7 @@ class EngineCore:
         refused in prompts, ``logit_bias`` and ``stop_token_ids`` (``token_limit``): every id the engine emits
         can be detokenized and sent back."""
         rows = self.model.config.vocab_size
+        self.tokenizer = tokenizer
         if tokenizer.vocab_size < rows:
             self.token_limit = tokenizer.vocab_size
         if rows < tokenizer.vocab_size or self.grammar is not None:
@@ -279,6 +281,11 @@ class EngineCore:
                     "constrained decoding needs the engine's tokenizer (EngineCore.attach_tokenizer)"
                 )
             guided = self.grammar.new_state(params.guided)
+        bad_words = []
+        if params.bad_words:
+            if self.tokenizer is None:
+                raise EngineError("bad_words needs the engine's tokenizer (EngineCore.attach_tokenizer)")
+            bad_words = bad_words_token_ids(self.tokenizer, params.bad_words, vocab)
         req = Request(request_id, list(prompt_ids), max_tokens, next(self._arrivals), params.priority)
         if params.prompt_logprobs is not None:
             req.prompt_logprobs = [None] * n
@@ -287,6 +294,7 @@ class EngineCore:
         if not params.ignore_eos and self.eos_id is not None:
             stop_ids.add(self.eos_id)
         state = SamplingState.create(params, req.prompt_ids)
+        state.bad_words_ids = bad_words
         self.live[request_id] = _Live(req, params, state, stop_ids, guided)
         self.scheduler.add(req)
 

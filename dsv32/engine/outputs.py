@@ -43,6 +43,7 @@ class _TextState:
     stop: StopChecker | None = None
     stop_armed_by: int | None = None  # stop strings see only the text after this token
     stop_after: int = 0  # ... and after this many output tokens (``min_tokens``)
+    keep_stop: bool = False  # a matched stop string ends the text (``include_stop_str_in_output``)
 
 
 class OutputProcessor:
@@ -56,8 +57,9 @@ class OutputProcessor:
         detok = IncrementalDetokenizer(self.tokenizer, skip_special_tokens=params.skip_special_tokens)
         stop = StopChecker(params.stop, params.stop_exempt) if params.stop else None
         self.states[request_id] = _TextState(
-            detok, stop, params.stop_strings_after if stop else None, params.min_tokens
-        )
+            detok, stop, params.stop_strings_after if stop else None, params.min_tokens,
+            params.include_stop_str_in_output,
+        )  # fmt: skip
 
     def remove(self, request_id: str) -> None:
         self.states.pop(request_id, None)
@@ -91,7 +93,7 @@ class OutputProcessor:
                             delta += st.stop.flush(match=False)
                         continue
                     text, matched = st.stop.feed(piece)
-                    delta += text
+                    delta += text + (matched if matched and st.keep_stop else "")
                     if matched:
                         if not (finished and last):
                             core.finish(o.request_id, "stop")
@@ -103,6 +105,7 @@ class OutputProcessor:
                         delta += st.stop.flush()
                         if st.stop.matched is not None:  # in text held as a possible tool-call opening
                             reason = "stop"
+                            delta += st.stop.matched if st.keep_stop else ""
             usage = Usage(o.prompt_tokens, completion, o.cached_tokens)
             stop_str = st.stop.matched if st.stop is not None else None
             results.append(

@@ -3,6 +3,8 @@
 Per row, in this order (the OpenAI / vLLM definitions; ``x`` are the row's logits, ``c[t]`` how often token
 ``t`` occurs in the request's output so far, ``seen`` the tokens of its prompt and output):
 
+0. banned tokens:      ``x[t] = -inf`` for ``t`` outside ``allowed_token_ids``, and for the last token of a bad
+                        word whose other tokens end the output so far (``bad_words``)
 1. logit bias:          ``x[t] += logit_bias[t]``
 2. repetition penalty:  for ``t in seen``: ``x[t] /= r`` if ``x[t] > 0`` else ``x[t] *= r``
 3. frequency/presence:  ``x[t] -= frequency_penalty * c[t] + presence_penalty * (c[t] > 0)``
@@ -21,7 +23,7 @@ Per row, in this order (the OpenAI / vLLM definitions; ``x`` are the row's logit
    move a draw to a neighbouring token where the distribution is flat (as in vLLM, whose batches are not
    bit-invariant either); the same request in the same company samples the same tokens.
 
-Logprobs describe the distribution after steps 1-3 and before temperature and the filters:
+Logprobs describe the distribution after steps 0-3 and before temperature and the filters:
 ``log_softmax(x)`` of the penalised, biased logits. They are the model's own view of the text (as
 OpenAI reports them, independent of the sampling knobs) while still reflecting logit_bias, whose purpose is
 to change the model's distribution.
@@ -73,10 +75,12 @@ class SamplingState:
     prompt_ids: list[int]
     output_ids: list[int] = field(default_factory=list)
     generator: torch.Generator | None = None
+    bad_words_ids: list[list[int]] = field(default_factory=list)  # ``bad_words`` tokenized (the engine's)
     _out: Tensor = field(init=False, repr=False)
     _out_len: int = field(init=False, repr=False, default=0)
     _prompt_set: Tensor | None = field(init=False, repr=False, default=None)
     _bias: tuple[Tensor, Tensor] | None = field(init=False, repr=False, default=None)
+    _allowed: Tensor | None = field(init=False, repr=False, default=None)
 
     def __post_init__(self) -> None:
         if self.generator is None:
@@ -107,6 +111,18 @@ class SamplingState:
         if self._prompt_set is None:
             self._prompt_set = torch.unique(torch.tensor(self.prompt_ids, dtype=torch.long))
         return self._prompt_set
+
+    def allowed_tensor(self) -> Tensor:
+        """``allowed_token_ids`` as an int64 tensor (computed once)."""
+        if self._allowed is None:
+            self._allowed = torch.tensor(self.params.allowed_token_ids or [], dtype=torch.long)
+        return self._allowed
+
+    def banned_now(self) -> list[int]:
+        """The bad words' tokens that cannot come next: each word's last token where the output ends with
+        the word's other tokens."""
+        out = self.output_ids
+        return [w[-1] for w in self.bad_words_ids if len(w) == 1 or out[len(out) - len(w) + 1 :] == w[:-1]]
 
     def bias_tensors(self) -> tuple[Tensor, Tensor]:
         """``logit_bias`` as (token ids int64, biases float32) (computed once)."""
@@ -208,15 +224,44 @@ class Sampler:
 
 
 def apply_bias_and_penalties(x: Tensor, states: list[SamplingState]) -> None:
-    """Steps 1-3 of the module docstring on logits ``x`` [N, V], in place: logit bias, then the repetition,
-    frequency and presence penalties of each row's request (rows that ask for none are untouched)."""
+    """Steps 0-3 of the module docstring on logits ``x`` [N, V], in place: banned tokens, logit bias, then the
+    repetition, frequency and presence penalties of each row's request (rows that ask for none are untouched)."""
+    _apply_bans(x, states)
     _apply_logit_bias(x, states)
     _apply_penalties(x, states)
 
 
 def adjusts_logits(p: SamplingParams) -> bool:
     """Whether ``apply_bias_and_penalties`` changes a row of a request with these params."""
-    return bool(p.logit_bias) or _has_penalty(p)
+    return bool(p.logit_bias or p.allowed_token_ids or p.bad_words) or _has_penalty(p)
+
+
+def bad_words_token_ids(tokenizer, words: list[str], vocab: int) -> list[list[int]]:
+    """The token sequences of ``bad_words`` (as vLLM: each word stripped of leading spaces, alone and after a
+    space, as plain text), without repeats; a sequence holding an id past the model's ``vocab`` rows is left
+    out (such a word can never be written)."""
+    seqs: list[list[int]] = []
+    for word in words:
+        for text in (word.lstrip(), " " + word.lstrip()):
+            ids = tokenizer.encode(text)
+            if ids and max(ids) < vocab and ids not in seqs:
+                seqs.append(ids)
+    return seqs
+
+
+def _apply_bans(x: Tensor, states: list[SamplingState]) -> None:
+    """Step 0: -inf outside each row's ``allowed_token_ids`` and at its bad words' next tokens."""
+    rows = [i for i, s in enumerate(states) if s.params.allowed_token_ids]
+    if rows:
+        keys = _flat_keys([states[i].allowed_tensor() for i in rows], rows, x.shape[1], x.device)
+        flat = x.view(-1)
+        allowed = flat[keys]
+        x[torch.tensor(rows, device=x.device)] = float("-inf")
+        flat[keys] = allowed
+    banned = [(i, t) for i, s in enumerate(states) if s.bad_words_ids for t in s.banned_now()]
+    if banned:
+        r, t = zip(*banned, strict=True)
+        x[torch.tensor(r, device=x.device), torch.tensor(t, device=x.device)] = float("-inf")
 
 
 def _has_penalty(p: SamplingParams) -> bool:

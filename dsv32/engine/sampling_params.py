@@ -53,6 +53,12 @@ class SamplingParams:
     first and preempted last (ties: arrival order); 0 under the default first-come-first-served policy.
     ``n`` (as vLLM): that many samples of the prompt, each its own engine request (``samples``); the
     engine's scheduler computes their shared prompt once.
+    ``allowed_token_ids`` (as vLLM): only these tokens can be sampled (the others' logits are -inf, which
+    logprobs show). ``bad_words`` (as vLLM): words the output never contains as tokenized on their own (each
+    word with and without a leading space): the last token of a word cannot be sampled where the output so far
+    ends with its other tokens (a one-token word never). The engine tokenizes them, so it needs its tokenizer.
+    ``include_stop_str_in_output`` (as vLLM): the stop string that ends the request is returned as the end of
+    the text instead of being cut off.
     ``guided`` constrains the output to a grammar (JSON mode, a JSON Schema, a Lark grammar, a regex; see
     ``dsv32.engine.grammar``): only tokens the grammar allows are sampled, and the request ends when it is
     complete.
@@ -73,6 +79,9 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None
     stop_strings_after: int | None = None
     stop_exempt: tuple[tuple[str, ...], tuple[str, ...]] | None = None
+    include_stop_str_in_output: bool = False
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
     ignore_eos: bool = False
     logprobs: bool = False
     top_logprobs: int = 0
@@ -89,8 +98,9 @@ class SamplingParams:
             self.stop = [self.stop]
         elif isinstance(self.stop, tuple):
             self.stop = list(self.stop)
-        if isinstance(self.stop_token_ids, tuple):
-            self.stop_token_ids = list(self.stop_token_ids)
+        for name in ("stop_token_ids", "allowed_token_ids", "bad_words"):
+            if isinstance(getattr(self, name), tuple):
+                setattr(self, name, list(getattr(self, name)))
         if isinstance(self.logit_bias, dict):
             self.logit_bias = {_int_key(k): v for k, v in self.logit_bias.items()}
         self.validate()
@@ -161,6 +171,19 @@ class SamplingParams:
                 raise SamplingParamsError("stop_token_ids", self.stop_token_ids, "a list of token ids")
             for i, tok in enumerate(self.stop_token_ids):
                 _check_token(f"stop_token_ids[{i}]", tok, vocab_size, "a token id")
+        if self.allowed_token_ids is not None:
+            if not isinstance(self.allowed_token_ids, list) or not self.allowed_token_ids:
+                raise SamplingParamsError(
+                    "allowed_token_ids", self.allowed_token_ids, "a non-empty list of token ids"
+                )
+            for i, tok in enumerate(self.allowed_token_ids):
+                _check_token(f"allowed_token_ids[{i}]", tok, vocab_size, "a token id")
+        if self.bad_words is not None:
+            if not isinstance(self.bad_words, list):
+                raise SamplingParamsError("bad_words", self.bad_words, "a list of strings")
+            for i, w in enumerate(self.bad_words):
+                if not isinstance(w, str) or not w.strip():
+                    raise SamplingParamsError(f"bad_words[{i}]", w, "a string with a non-space character")
         if self.stop_strings_after is not None:
             _check_token("stop_strings_after", self.stop_strings_after, vocab_size, "a token id")
         if self.stop_exempt is not None and not (
@@ -170,7 +193,7 @@ class SamplingParams:
             raise SamplingParamsError(
                 "stop_exempt", self.stop_exempt, "(opening markers, closing markers), non-empty strings"
             )
-        for name in ("ignore_eos", "logprobs", "skip_special_tokens"):
+        for name in ("ignore_eos", "logprobs", "skip_special_tokens", "include_stop_str_in_output"):
             if not isinstance(getattr(self, name), bool):
                 raise SamplingParamsError(name, getattr(self, name), "true or false")
         if not (_is_int(self.top_logprobs) and 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS):

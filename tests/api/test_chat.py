@@ -642,6 +642,40 @@ def test_vllm_request_extensions_reach_the_engine(scripted_server, tokenizer):
     assert [p.stop_token_ids for p in eng.params[-2:]] == [[7], [7]]
 
 
+def test_vllm_token_controls_act_on_the_output(engine_server, tokenizer):
+    """vLLM's ``allowed_token_ids``, ``bad_words``, ``include_stop_str_in_output`` and
+    ``truncate_prompt_tokens`` on /completions and chat (through the openai SDK's extra_body)."""
+    c = client(engine_server)
+    base = dict(model="deepseek-chat", prompt="The capital of France is", max_tokens=16, temperature=0)
+    ids = {"return_token_ids": True, "ignore_eos": True}
+
+    def run(**extra):
+        return c.completions.create(**base, extra_body={**ids, **extra}).model_dump()["choices"][0]
+
+    free = run()
+    allowed = sorted(set(free["token_ids"][1::2]))[:3]
+    assert set(run(allowed_token_ids=allowed)["token_ids"]) <= set(allowed)
+    stop = free["text"][5:9]
+    at = free["text"].index(stop)
+    kept = run(stop=[stop], include_stop_str_in_output=True)
+    assert kept["text"] == free["text"][: at + len(stop)] and kept["finish_reason"] == "stop"
+    assert run(stop=[stop])["text"] == free["text"][:at]
+    word = tokenizer.decode(free["token_ids"][3:5])
+    banned = run(bad_words=[word])["token_ids"]
+    for seq in (tokenizer.encode(word.lstrip()), tokenizer.encode(" " + word.lstrip())):
+        assert not any(banned[i : i + len(seq)] == seq for i in range(len(banned))), (word, banned)
+    r = c.completions.create(**base, extra_body={"truncate_prompt_tokens": 3})
+    assert r.usage.prompt_tokens == 3
+    chat = c.chat.completions.create(model="deepseek-chat", max_tokens=2, messages=[{"role": "user", "content": "Hello there"}],
+                                     extra_body={"truncate_prompt_tokens": 4, "return_token_ids": True})  # fmt: skip
+    full = httpx.post(
+        engine_server.url + "/tokenize", json={"messages": [{"role": "user", "content": "Hello there"}]}
+    )
+    assert (
+        chat.usage.prompt_tokens == 4 and chat.model_dump()["prompt_token_ids"] == full.json()["tokens"][-4:]
+    )
+
+
 def test_return_token_ids_as_vllm_gives_them(engine_server, tokenizer):
     """vLLM's ``return_token_ids``: the prompt's ids (what /tokenize gives for the same messages) and each
     choice's generated ids, whose text is the reply; streamed, each chunk's new ids add up to the same."""

@@ -102,6 +102,41 @@ def test_bad_calls_are_errors_and_leave_no_blocks(llm):
     assert llm.generate(prompt_token_ids=[[1, 2]], sampling_params=_greedy(2))[0].finish_reason == "length"
 
 
+def _contains(ids: list[int], seq: list[int]) -> bool:
+    return any(ids[i : i + len(seq)] == seq for i in range(len(ids) - len(seq) + 1))
+
+
+def test_allowed_token_ids_bad_words_and_kept_stop_strings(llm):
+    """vLLM's ``allowed_token_ids``, ``bad_words`` and ``include_stop_str_in_output`` through the engine and
+    its tokenizer."""
+    prompt = ["The capital of France is"]
+    free = llm.generate(prompt, _greedy(24))[0]
+    allowed = sorted(set(free.token_ids[::2]))[:3] + [15, 16]
+    only = llm.generate(prompt, _greedy(12, allowed_token_ids=allowed))[0]
+    assert only.token_ids and set(only.token_ids) <= set(allowed)
+    sampled = llm.generate(
+        prompt, SamplingParams(max_tokens=12, seed=3, ignore_eos=True, allowed_token_ids=allowed)
+    )
+    assert set(sampled[0].token_ids) <= set(allowed)
+    # a word the free output writes (two of its tokens): never written once banned, in either spelling
+    word = llm.tokenizer.decode(free.token_ids[4:6])
+    seqs = [llm.tokenizer.encode(w) for w in (word.lstrip(), " " + word.lstrip())]
+    assert any(_contains(free.token_ids, s) for s in seqs)
+    clean = llm.generate(prompt, _greedy(24, bad_words=[word]))[0]
+    assert not any(_contains(clean.token_ids, s) for s in seqs), (word, seqs, clean.token_ids)
+    assert clean.token_ids[:4] == free.token_ids[:4]  # the same output up to where the word began
+    # a stop string spanning tokens: cut before it, or kept as the end of the text
+    stop = free.text[len(llm.tokenizer.decode(free.token_ids[:7])) - 2 :][:5]
+    at = free.text.index(stop)
+    cut = llm.generate(prompt, _greedy(24, stop=[stop]))[0]
+    kept = llm.generate(prompt, _greedy(24, stop=[stop], include_stop_str_in_output=True))[0]
+    assert cut.text == free.text[:at] and kept.text == free.text[: at + len(stop)]
+    assert cut.finish_reason == kept.finish_reason == "stop" and cut.token_ids == kept.token_ids
+    with pytest.raises(ValueError, match="allowed_token_ids"):
+        llm.generate(prompt, _greedy(2, allowed_token_ids=[10**7]))
+    llm.engine.pool.assert_no_leaks()
+
+
 def test_chat_renders_like_the_server_and_parses_the_reply(llm):
     from dsv32.chat import ChatFormatError, encode_prompt
     from dsv32.chat.tokens import THINK_START

@@ -19,10 +19,23 @@ def state(prompt: list[int] | None = None, output: list[int] | None = None, **kw
     return s
 
 
+def banned(s: SamplingState, words: list[list[int]]) -> SamplingState:
+    s.params.bad_words = ["(tokenized by the engine)"]
+    s.bad_words_ids = words
+    return s
+
+
 def processed_ref(row: torch.Tensor, s: SamplingState) -> torch.Tensor:
-    """Steps 1-3 of the sampler's definition, one row, float64."""
+    """Steps 0-3 of the sampler's definition, one row, float64."""
     x = row.double().clone()
     p = s.params
+    if p.allowed_token_ids:
+        x[[t for t in range(x.numel()) if t not in p.allowed_token_ids]] = -math.inf
+    for w in s.bad_words_ids:
+        if len(w) == 1 or (
+            len(s.output_ids) >= len(w) - 1 and s.output_ids[len(s.output_ids) - len(w) + 1 :] == w[:-1]
+        ):
+            x[w[-1]] = -math.inf
     for t, b in (p.logit_bias or {}).items():
         x[t] += b
     for t in set(s.prompt_ids) | set(s.output_ids):
@@ -183,6 +196,53 @@ def test_logit_bias_forces_and_forbids() -> None:
     assert int(drawn.min()) >= 5
 
 
+def test_allowed_token_ids_and_bad_words_ban_the_rest() -> None:
+    """Step 0: a token outside ``allowed_token_ids``, or a bad word's last token right after its other tokens,
+    is never sampled (greedy or drawn) and has logprob -inf; a bad word's partial prefix bans nothing."""
+    torch.manual_seed(7)
+    v = 400
+    logits = torch.randn(6, v) * 3
+    allowed = [3, 77, 250, 399]
+    order = logits.argsort(-1, descending=True).tolist()  # each row's tokens, most likely first
+    states = [
+        state(allowed_token_ids=allowed, temperature=0, logprobs=True, top_logprobs=6),
+        banned(state(output=[5, 9], temperature=0), [[order[1][0]]]),  # one token: banned anywhere
+        banned(state(output=[5, 9], temperature=0), [[8, 9, order[2][0]]]),  # output ends 9, not 8 9
+        banned(state(output=[8, 9], temperature=0), [[8, 9, order[3][0]]]),  # ends 8 9: its last is banned
+        banned(
+            state(output=[], temperature=0), [[8, 9, order[4][0]], [order[4][1], 4]]
+        ),  # too short; a prefix
+        state(temperature=0),
+    ]
+    out = SAMPLER(logits, states)
+    best_allowed = max(allowed, key=lambda t: float(logits[0, t]))
+    assert out.token_ids.tolist() == [
+        best_allowed,
+        order[1][1],
+        order[2][0],
+        order[3][1],
+        order[4][0],
+        order[5][0],
+    ]
+    assert set(out.top_ids[0, :4].tolist()) == set(allowed)
+    assert out.top_logprobs[0, 4:].tolist() == [-math.inf, -math.inf]  # only 4 tokens have any probability
+    want = torch.log_softmax(processed_ref(logits[0], states[0]), 0)
+    assert out.top_logprobs[0, :4].double() == pytest.approx(want.topk(4).values, abs=2e-6)
+    # drawn: every draw among the allowed tokens, and each allowed token drawn; a banned one never
+    draws = SAMPLER(
+        logits[:1].expand(400, -1), [state(allowed_token_ids=allowed, seed=i) for i in range(400)]
+    )
+    assert set(draws.token_ids.tolist()) == set(allowed)
+    flat = torch.zeros(1, v)
+    draws = SAMPLER(
+        flat.expand(400, -1),
+        [banned(state(output=[1], seed=i), [[t] for t in range(1, v)]) for i in range(400)],
+    )
+    assert set(draws.token_ids.tolist()) == {0}
+    # the logits the caller passed are untouched
+    assert torch.isfinite(logits).all()
+
+
 def test_repetition_penalty_exact() -> None:
     logits = torch.tensor([[0.5, 2.0, -1.5, 1.7, 0.0, -0.2]])
     s = state(prompt=[1], output=[2, 2, 5], repetition_penalty=1.25, temperature=0)
@@ -221,13 +281,15 @@ def test_frequency_and_presence_penalties_exact() -> None:
 def test_penalties_in_a_mixed_batch_match_the_reference() -> None:
     torch.manual_seed(5)
     v = 700
-    logits = torch.randn(5, v) * 2
+    logits = torch.randn(7, v) * 2
     states = [
         state(prompt=[1, 2, 3, 3], output=[4, 4, 9, 1], repetition_penalty=1.3, frequency_penalty=0.4),
         state(prompt=[5, 6], output=[], presence_penalty=1.0, logit_bias={5: 3.0, 699: -2.5}),
         state(prompt=[7], output=[7, 8, 8, 8], repetition_penalty=0.8, presence_penalty=-0.5),
         state(prompt=list(range(100)), output=list(range(50, 150)) * 3, frequency_penalty=0.1),
         state(prompt=[1], output=[1]),
+        state(prompt=[2], output=[3, 3], allowed_token_ids=list(range(0, v, 3)), repetition_penalty=1.5),
+        banned(state(prompt=[2], output=[3, 4], logit_bias={10: 5.0}), [[4, 10], [11], [3, 5, 12]]),
     ]
     for s in states:
         s.params.logprobs, s.params.top_logprobs = True, 20
