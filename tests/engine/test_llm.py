@@ -182,12 +182,12 @@ def test_speculative_config_gives_the_same_outputs(llm):
     ]
     # bans hold at every verified depth: the drafts that write a banned token are rejected
     free = llm.generate(prompts, _greedy(12))
-    banned = _greedy(12, bad_words=[llm.tokenizer.decode(free[1].token_ids[3:5])], allowed_token_ids=None)
+    banned = _greedy(12, bad_words=[llm.tokenizer.decode(free[1].token_ids[3:5])])
     allowed = _greedy(12, allowed_token_ids=sorted(set(free[0].token_ids[::3])))
     for p in (banned, allowed):
-        assert [o.token_ids for o in spec.generate(prompts, p)] == [
-            o.token_ids for o in llm.generate(prompts, p)
-        ]
+        got = [o.token_ids for o in spec.generate(prompts, p)]
+        assert got == [o.token_ids for o in llm.generate(prompts, p)]
+        assert got != [o.token_ids for o in free]  # (the bans changed the outputs)
     assert spec.engine.num_speculative_tokens == 1 and spec.engine.stats()["spec_draft_tokens"] > 0
     spec.engine.pool.assert_no_leaks()
     with pytest.raises(ValueError, match="num_speculative_tokens must be"):
