@@ -43,11 +43,16 @@ def max_tokens_for(
     """The request's token budget: ``limits`` = (default, ceiling) of the mode; the context bounds it too.
 
     Above the ceiling is DeepSeek's 400; with ``clamp`` (the Anthropic route, whose clients, Claude Code
-    among them, ask for the output limits of Claude models) the request gets what the model allows.
+    among them, ask for the output limits of Claude models) the request gets what the model allows, and a
+    prompt that leaves no room is Anthropic's "prompt is too long" 400 whatever ``max_tokens`` says.
     ``field``: the request field ``requested`` came from, as errors name it."""
     default, ceiling = limits
     room = ctx.max_model_len - n_prompt
-    if clamp and requested is not None and room >= 1:
+    if clamp and room < 1:  # Anthropic's words for it, which Claude Code reads to compact the conversation
+        raise bad_request(
+            f"prompt is too long: {n_prompt} tokens > {ctx.max_model_len - 1} maximum", "messages"
+        )
+    if clamp and requested is not None:
         requested = min(requested, ceiling, room)
     if requested is not None and requested > ceiling:
         raise bad_request(

@@ -7,7 +7,7 @@ content | tool calls) → SSE chunks or one JSON body in the DeepSeek shape.
 
 from __future__ import annotations
 
-import itertools
+import codecs
 import json
 import time
 import uuid
@@ -421,6 +421,37 @@ def _echo(ctx: ServingContext, prompt: str | list[int]) -> str:
     return prompt if isinstance(prompt, str) else ctx.tokenizer.decode(prompt)
 
 
+class _TextOffsets:
+    """Legacy logprobs' ``text_offset``: where each token starts in the choice's text, walking the tokens over
+    the text they spell. A control token counts only where the text spells it (an echoed token-id prompt's BOS
+    does; a text prompt's BOS and a special token the output skips do not); the byte tokens of one character
+    all start where it starts; no offset lies past the text (a FIM prompt's suffix is not echoed, a stop
+    string cuts the text inside a token). So ``text[off:]`` starts with each token that the text shows."""
+
+    def __init__(self, ctx: ServingContext, start: int = 0):
+        self.tokenizer = ctx.tokenizer
+        self.pos = start
+        self._control = set(ctx.tokenizer.added_tokens.values())
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def starts(self, ids: list[int], text: str) -> list[int]:
+        """The offsets of the next tokens ``ids`` in ``text`` (the choice's text up to and including theirs)."""
+        tok, out = self.tokenizer, []
+        for tid in ids:
+            if tid in self._control:
+                out.append(min(self.pos, len(text)))
+                spelled = tok.decode([tid])
+                self.pos += len(spelled) if text.startswith(spelled, self.pos) else 0
+                continue
+            raw = tok.token_bytes(tid) if tok.byte_level else tok.decode([tid]).encode()
+            # bytes of an unfinished character that this token does not continue: the text shows them as one
+            # U+FFFD before this token's own text
+            stray = bool(self._utf8.getstate()[0]) and not (raw and 0x80 <= raw[0] <= 0xBF)
+            out.append(min(self.pos + stray, len(text)))
+            self.pos += len(self._utf8.decode(raw))
+        return out
+
+
 class _TextChoice:
     """One prompt's choice of a text completion: its echo and the legacy logprobs' text offsets.
 
@@ -449,8 +480,7 @@ class _TextChoice:
         self.token_ids = token_ids  # vLLM's return_token_ids: the prompt's and the completion's ids too
         self.raw_prompt_logprobs: list[dict | None] | None = None
         self.prompt_lp: dict[str, Any] | None = None  # the prompt tokens' legacy logprobs (first output)
-        # text_offset: where each token's text starts in the choice's text (echo included)
-        self.offset = len(echo)
+        self.offsets = _TextOffsets(ctx, len(echo))  # the completion's tokens' text_offset (after the echo)
         self.text, self.ids, self.lps = echo, [], []
         self.last: RequestOutput | None = None
 
@@ -475,18 +505,16 @@ class _TextChoice:
                 {t["token"]: t["logprob"] for t in e["top_logprobs"]} if lp else None
                 for e, lp in zip(entries, lps, strict=True)
             ],
-            "text_offset": list(itertools.accumulate((len(t) for t in tokens[:-1]), initial=0)),
+            "text_offset": _TextOffsets(self.ctx).starts(self.prompt_ids, self.echo),
         }
         return self.prompt_lp
 
     def legacy_logprobs(self, ids: list[int], lps: list[dict]) -> dict[str, Any] | None:
+        """The legacy logprobs of the next completion tokens ``ids``, whose text ``self.text`` already ends with."""
         if self.logprobs is None:
             return None
         entries = _token_logprobs(self.ctx, ids, lps)
-        starts = []
-        for e in entries:
-            starts.append(self.offset)
-            self.offset += len(e["token"])
+        starts = self.offsets.starts(ids, self.text)
         return {
             "tokens": [e["token"] for e in entries],
             "token_logprobs": [e["logprob"] for e in entries],
@@ -551,6 +579,13 @@ async def completions(body: CompletionRequest, request: Request):
     if prompt_only and not body.echo:
         raise invalid_param(
             "max_tokens 0 returns only the prompt: it needs echo (got max_tokens 0)", "max_tokens"
+        )
+    too_long = [len(ids) for ids in ids_list if len(ids) >= ctx.max_model_len]
+    if prompt_only and too_long:  # (the engine scores a prompt in the step that samples one token after it)
+        raise bad_request(
+            f"this model's maximum context length is {ctx.max_model_len} tokens; scoring a prompt (echo with "
+            f"max_tokens 0) needs room for one token after it, and the prompt has {too_long[0]} tokens",
+            "prompt",
         )
     # echo + logprobs: the prompt tokens' logprobs too (the prompt is then computed, not read from the cache);
     # vLLM's prompt_logprobs asks for them in its own shape
@@ -651,6 +686,7 @@ async def completions(body: CompletionRequest, request: Request):
                 if choice.prompt_only:
                     text, lp = "", None
                 else:
+                    choice.text += out.text
                     text, lp = out.text, choice.legacy_logprobs(out.new_token_ids, out.logprobs or [])
                 ids = [] if choice.prompt_only else out.new_token_ids
                 c = {**head, "choices": [with_ids({"index": i, "text": text, "logprobs": lp,

@@ -96,6 +96,13 @@ def test_claude_codes_max_tokens_is_clamped_to_what_the_model_allows(scripted_se
             assert s.get_final_message().type == "message"
         room = 4096 - len(scripted_server.engine.prompts[-1])  # the scripted server's context is 4096 tokens
         assert scripted_server.engine.params[-1].max_tokens == room
+    # a prompt that leaves no room: Anthropic's "prompt is too long" (which Claude Code reads to compact), not
+    # a complaint about its max_tokens of 32000 (what it used to get)
+    long = [{"role": "user", "content": "word " * 5000}]
+    for max_tokens in (32000, 100):
+        with pytest.raises(anthropic.BadRequestError, match=r"prompt is too long: \d+ tokens > 4095 maximum"):
+            with c.messages.stream(model="deepseek-chat", max_tokens=max_tokens, messages=long) as s:
+                s.get_final_message()
 
 
 def test_a_final_assistant_message_is_a_prefill(scripted_server, tokenizer):

@@ -302,11 +302,29 @@ def test_fim_completion(scripted_server, tokenizer):
     assert "<｜fim▁hole｜>" in prompt and prompt.index("def add") < prompt.index("print(add")
 
 
-def test_completion_logprobs_have_text_offsets_streamed_or_not(engine_server):
+def _check_offsets(text: str, lp, tokenizer, hidden: range = range(0)) -> None:
+    """``text_offset`` indexes the choice's text: never decreasing, within it, and each token the text shows
+    starts at its offset (a control token the text leaves out, like a text prompt's BOS, has no width)."""
+    offs = lp.text_offset
+    assert offs == sorted(offs) and all(0 <= o <= len(text) for o in offs), (offs, len(text))
+    shown = [
+        (o, t)
+        for i, (o, t) in enumerate(zip(offs, lp.tokens, strict=True))
+        if t not in tokenizer.added_tokens and "\ufffd" not in t and i not in hidden
+    ]
+    assert all(text.startswith(t, o) for o, t in shown), [
+        (o, t, text[o - 3 : o + len(t)]) for o, t in shown if not text.startswith(t, o)
+    ]
+    covered = sum(len(t) for o, t in zip(offs, lp.tokens, strict=True) if text.startswith(t, o))
+    assert covered >= len(text) - 8  # (all of the text is covered but for split characters)
+
+
+def test_completion_logprobs_have_text_offsets_streamed_or_not(engine_server, tokenizer):
     """api.md §6: legacy logprobs carry ``text_offset`` (where each token starts in the choice's text, after an
     echoed prompt), and usage has ``completion_tokens_details``. With echo the prompt's tokens come first
-    (the first without a logprob; offsets from the start of the echo), as the legacy OpenAI API and vLLM give
-    them; streamed, they come with the echo."""
+    (the first without a logprob), as the legacy OpenAI API and vLLM give them; streamed, they come with the
+    echo. (Offsets used to count the text prompt's BOS, which the echo does not show, and FIM's suffix: they
+    ran past the text and went backwards.)"""
     c = openai.OpenAI(base_url=engine_server.url + "/beta", api_key="k", max_retries=0)
     kw = dict(model="deepseek-chat", prompt="def f(x):", max_tokens=6, temperature=0, logprobs=2, echo=True)
     r = c.completions.create(**kw)
@@ -314,13 +332,9 @@ def test_completion_logprobs_have_text_offsets_streamed_or_not(engine_server):
     assert r.choices[0].text.startswith("def f(x):") and len(lp.text_offset) == len(lp.tokens) == n + 6
     assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
     assert all(v <= 0 for v in lp.token_logprobs[1:]) and all(len(t) <= 2 for t in lp.top_logprobs[1:])
-    starts = [0]
-    for tok in lp.tokens[: n - 1]:
-        starts.append(starts[-1] + len(tok))
-    starts.append(len("def f(x):"))
-    for tok in lp.tokens[n:-1]:
-        starts.append(starts[-1] + len(tok))
-    assert lp.text_offset == starts
+    assert lp.tokens[0] == "<｜begin▁of▁sentence｜>" and lp.text_offset[:2] == [0, 0]  # the BOS is not echoed
+    assert lp.text_offset[n] == len("def f(x):")  # the completion starts after the echo
+    _check_offsets(r.choices[0].text, lp, tokenizer)
     assert r.usage.completion_tokens_details.reasoning_tokens == 0
     chunks = list(c.completions.create(**kw, stream=True))
     assert chunks[0].choices[0].text == "def f(x):" and chunks[0].choices[0].logprobs.tokens == lp.tokens[:n]
@@ -331,6 +345,22 @@ def test_completion_logprobs_have_text_offsets_streamed_or_not(engine_server):
         for off in ch.choices[0].logprobs.text_offset
     ]
     assert streamed == lp.text_offset
+    # FIM: the suffix is in the prompt's tokens but not in the echo; an echoed token-id prompt shows its BOS
+    fim = c.completions.create(**{**kw, "suffix": "    return x\n"})
+    toks = fim.choices[0].logprobs.tokens
+    suffix = range(toks.index("<｜fim▁hole｜>") + 1, toks.index("<｜fim▁end｜>"))
+    assert {fim.choices[0].logprobs.text_offset[i] for i in suffix} == {len("def f(x):")}
+    _check_offsets(fim.choices[0].text, fim.choices[0].logprobs, tokenizer, hidden=suffix)
+    ids = c.completions.create(**{**kw, "prompt": tokenizer.encode("def f(x):", add_bos=True)})
+    assert ids.choices[0].text.startswith("<｜begin▁of▁sentence｜>def f(x):")
+    assert ids.choices[0].logprobs.text_offset[:2] == [0, len("<｜begin▁of▁sentence｜>")]
+    _check_offsets(ids.choices[0].text, ids.choices[0].logprobs, tokenizer)
+    # sampled at a high temperature, outputs hold tokens the text skips (control tokens) and split characters
+    for seed in range(12):
+        s = c.completions.create(
+            model="deepseek-chat", prompt="Once", max_tokens=40, logprobs=0, seed=seed, temperature=1.5
+        )
+        _check_offsets(s.choices[0].text, s.choices[0].logprobs, tokenizer)
 
 
 def test_prompt_logprobs_score_token_id_prompts_as_evaluation_harnesses_ask(engine_server, tokenizer):
@@ -383,6 +413,15 @@ def test_prompt_logprobs_score_token_id_prompts_as_evaluation_harnesses_ask(engi
     assert streamed[-1].usage.completion_tokens == 0
     with pytest.raises(openai.UnprocessableEntityError, match="needs echo"):
         c.completions.create(model="deepseek-chat", prompt="hi", max_tokens=0)
+    # a prompt of the whole context: scoring needs one token of room, which the error says (it used to blame
+    # a max_tokens of 1 that the request never sent)
+    for n in (4095, 4096):
+        full = {**kw, "prompt": [[0] + [5] * (n - 1)]}
+        if n == 4095:
+            assert c.completions.create(max_tokens=0, **full).usage.prompt_tokens == 4095
+        else:
+            with pytest.raises(openai.BadRequestError, match="needs room for one token after it"):
+                c.completions.create(max_tokens=0, **full)
     stats = httpx.get(engine_server.url + "/stats").json()
     assert stats["running"] == 0 and stats["free_blocks"] == stats["total_blocks"]
 
