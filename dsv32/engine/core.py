@@ -338,6 +338,10 @@ class EngineCore:
             going = []
             for k, lv, (tok, lp) in zip(active, lives, sampled, strict=True):
                 c, req = sampling[k], lv.request
+                if tok < 0:  # its bans left no token to sample: the request ends here
+                    reasons[k] = "stop"
+                    log.warning("request %s: no token is left to sample; it ends here", req.request_id)
+                    continue
                 req.output_ids.append(tok)
                 lv.state.output_ids.append(tok)
                 tokens[k].append(tok)

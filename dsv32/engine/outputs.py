@@ -79,6 +79,12 @@ class OutputProcessor:
                 # first one completes ends the output there, as it would without the second
                 delta = ""
                 before = completion - len(ids)  # output tokens before this step's
+                if finished and not ids:  # ended without a new token (nothing was left to sample)
+                    match = st.stop_armed_by is None and before >= st.stop_after
+                    delta = st.stop.feed(st.detok.flush(), match=match).text + st.stop.flush(match=match)
+                    if st.stop.matched is not None:
+                        reason = "stop"
+                        delta += st.stop.matched if st.keep_stop else ""
                 for j in range(len(ids)):
                     last = j == len(ids) - 1
                     piece = st.detok.add(ids[j : j + 1]) + (st.detok.flush() if finished and last else "")

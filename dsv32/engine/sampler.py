@@ -145,7 +145,7 @@ class SamplerOutput:
     ask hold -1 / NaN.
     """
 
-    token_ids: Tensor  # [N] int64
+    token_ids: Tensor  # [N] int64; -1 where the row had no token left to sample (``_nothing_left``)
     logprobs: Tensor | None = None  # [N] float32
     top_ids: Tensor | None = None  # [N, K] int64
     top_logprobs: Tensor | None = None  # [N, K] float32
@@ -175,9 +175,11 @@ class Sampler:
         device = logits.device
         params = [s.params for s in states]
 
+        dead = None
         if any(adjusts_logits(p) for p in params):
             x = self._buffer("x", n, vocab, device).copy_(logits)  # written below; the caller's stay intact
             apply_bias_and_penalties(x, states)
+            dead = _nothing_left(x, params)
         else:
             x = logits.float().contiguous()
         tmp = self._buffer("tmp", n, vocab, device)
@@ -220,7 +222,10 @@ class Sampler:
                 head = (ri[head[0]], head[1], head[2])  # rows as batch indices
             else:
                 head = None
-        return _logprobs(x, token_ids, params, tmp, head)
+        out = _logprobs(x, token_ids, params, tmp, head)
+        if dead is not None:
+            out.token_ids[dead] = -1
+        return out
 
 
 def apply_bias_and_penalties(x: Tensor, states: list[SamplingState]) -> None:
@@ -234,6 +239,21 @@ def apply_bias_and_penalties(x: Tensor, states: list[SamplingState]) -> None:
 def adjusts_logits(p: SamplingParams) -> bool:
     """Whether ``apply_bias_and_penalties`` changes a row of a request with these params."""
     return bool(p.logit_bias or p.allowed_token_ids or p.bad_words) or _has_penalty(p)
+
+
+def _nothing_left(x: Tensor, params: list[SamplingParams]) -> Tensor | None:
+    """Rows whose bans (with the masks applied before the sampler: a grammar's, ``min_tokens``') leave no token
+    at all, e.g. ``allowed_token_ids`` that are all bad words: they get 0 logits here, so the draw stays in
+    range, and token -1 in the output (the engine ends those requests). None when there are none."""
+    rows = [i for i, p in enumerate(params) if p.allowed_token_ids or p.bad_words]
+    if not rows:
+        return None
+    index = torch.tensor(rows, device=x.device)
+    dead = index[x.index_select(0, index).amax(-1) == float("-inf")]
+    if not dead.numel():
+        return None
+    x[dead] = 0.0
+    return dead
 
 
 def bad_words_token_ids(tokenizer, words: list[str], vocab: int) -> list[list[int]]:

@@ -134,6 +134,15 @@ def test_allowed_token_ids_bad_words_and_kept_stop_strings(llm):
     assert cut.finish_reason == kept.finish_reason == "stop" and cut.token_ids == kept.token_ids
     with pytest.raises(ValueError, match="allowed_token_ids"):
         llm.generate(prompt, _greedy(2, allowed_token_ids=[10**7]))
+    # bans that leave no token (the allowed tokens are all bad words): the
+    # request ends there, with what it had, instead of sampling an id past the vocabulary (a crashed step)
+    a, b = free.token_ids[0], free.token_ids[1]
+    words = [llm.tokenizer.decode([a]), llm.tokenizer.decode([b])]
+    for kw in ({"temperature": 0.0}, {"temperature": 0.8, "seed": 2}):
+        none = llm.generate(
+            prompt, SamplingParams(max_tokens=8, allowed_token_ids=[a], bad_words=words, **kw)
+        )[0]
+        assert (none.token_ids, none.text, none.finish_reason) == ([], "", "stop")
     llm.engine.pool.assert_no_leaks()
 
 

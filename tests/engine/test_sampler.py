@@ -241,6 +241,13 @@ def test_allowed_token_ids_and_bad_words_ban_the_rest() -> None:
     assert set(draws.token_ids.tolist()) == {0}
     # the logits the caller passed are untouched
     assert torch.isfinite(logits).all()
+    # bans that leave nothing (every allowed token a bad word): -1, greedy or drawn, beside rows that go on
+    stuck = [
+        banned(state(allowed_token_ids=[3, 77], **kw), [[3], [77]])
+        for kw in ({"temperature": 0}, {"seed": 1})
+    ]
+    out = SAMPLER(logits[:3], [*stuck, state(temperature=0)])
+    assert out.token_ids.tolist() == [-1, -1, order[2][0]]
 
 
 def test_repetition_penalty_exact() -> None:
