@@ -111,7 +111,8 @@ class KeyAndLimitMiddleware:
         return headers.get("x-api-key")
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+        # (an open path with a trailing slash only redirects to it: open too, not a 401 where a key is set)
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS or scope["path"].rstrip("/") in OPEN_PATHS:
             return await self.app(scope, receive, send)
         key = self._key(scope) or ""
         if self.ctx.api_keys:

@@ -61,8 +61,10 @@ vm.runInContext(fs.readFileSync(path.join(dir, "playground.js"), "utf8"), contex
   $("input").value = message;
   $("send").fire("click"); // send() disables the button before its first await, and enables it at the end
   if (!$("send").disabled) throw new Error("Send did not start a request");
+  let beforeStop = null; // what the reply showed when Stop was pressed
   for (let i = 0; i < 1200 && $("send").disabled; i++) {
-    if (action === "stop" && $("log").children[1].textContent.length > 0 && $("stop").disabled === false) {
+    if (action === "stop" && beforeStop === null && $("log").children[1].textContent.length > 0 && $("stop").disabled === false) {
+      beforeStop = $("log").children[1].textContent;
       $("stop").fire("click");
     }
     await new Promise((r) => setTimeout(r, 50));
@@ -70,5 +72,5 @@ vm.runInContext(fs.readFileSync(path.join(dir, "playground.js"), "utf8"), contex
   await new Promise((r) => setTimeout(r, 200)); // the /health call that names the model
   const log = $("log").children.map((c) => ({ className: c.className, text: c.textContent }));
   console.log(JSON.stringify({ log, status: $("status").textContent, model: $("model").textContent,
-                               sendDisabled: $("send").disabled, stored: store }));
+                               sendDisabled: $("send").disabled, stored: store, beforeStop }));
 })();

@@ -47,8 +47,12 @@ def test_page_and_script_are_served_without_a_key(keyed_server):
     assert script.status_code == 200 and "javascript" in script.headers["content-type"]
     root = httpx.get(url + "/")
     assert root.status_code == 307 and root.headers["location"] == "/playground"
-    # the page is open; what it calls is not
+    # with a trailing slash, the redirect to the page (it used to be a 401 where a key is set)
+    slash = httpx.get(url + "/playground/", follow_redirects=True)
+    assert slash.status_code == 200 and slash.text == page.text
+    # the page is open; what it calls is not (a trailing slash opens nothing)
     assert httpx.post(url + "/chat/completions", json={}).status_code == 401
+    assert httpx.get(url + "/stats/").status_code == httpx.get(url + "/models/").status_code == 401
     # every element the script looks up is on the page
     ids = set(re.findall(r'\sid="([^"]+)"', page.text))
     assert set(re.findall(r'\$\("([^"]+)"\)', script.text)) <= ids
@@ -91,6 +95,8 @@ def test_stop_aborts_the_request_on_the_server(keyed_server):
     assert run.returncode == 0, run.stderr
     shown = json.loads(run.stdout)
     assert "stopped" in shown["log"][1]["text"] and not shown["sendDisabled"]
+    # the reply streamed so far stays on the page (Stop used to leave only "stopped")
+    assert shown["beforeStop"] and shown["log"][1]["text"].startswith(shown["beforeStop"]), shown
     for _ in range(100):  # the server notices the closed stream and aborts the request
         stats = httpx.get(keyed_server.url + "/stats", headers={"Authorization": f"Bearer {KEY}"}).json()
         if stats["running"] == 0 and stats["waiting"] == 0:

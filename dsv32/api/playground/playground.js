@@ -85,14 +85,14 @@ function formatUsage(usage, seconds) {
 }
 
 /**
- * Stream one chat completion: calls onUpdate(reply) as chunks arrive and returns the finished reply.
+ * Stream one chat completion into ``reply``: calls onUpdate(reply) as chunks arrive and returns it finished.
  * ``fetchImpl`` is window.fetch in the page and Node's fetch in tests; ``signal`` aborts (the server then
- * aborts the request and frees its cache).
+ * aborts the request and frees its cache; ``reply`` keeps what had come).
  */
-async function streamChat({ baseUrl = "", apiKey = "", body, onUpdate = () => {}, signal, fetchImpl = fetch }) {
+async function streamChat({ baseUrl = "", apiKey = "", body, onUpdate = () => {}, signal, fetchImpl = fetch,
+                            reply = newReply() }) {
   const headers = { "Content-Type": "application/json" };
   if (apiKey) headers.Authorization = `Bearer ${apiKey}`;
-  const reply = newReply();
   const resp = await fetchImpl(`${baseUrl}/chat/completions`, {
     method: "POST", headers, body: JSON.stringify(body), signal,
   });
@@ -182,12 +182,12 @@ if (typeof document !== "undefined") {
     $("send").disabled = true;
     $("stop").disabled = false;
     const t0 = performance.now();
-    let reply = newReply();
+    const reply = newReply(); // filled as the stream comes: Stop or a broken connection keep what came
     try {
       localStorage.setItem("dsv32-api-key", $("api_key").value);
-      reply = await streamChat({
+      await streamChat({
         apiKey: $("api_key").value.trim(), body: buildRequest(settings(), history),
-        onUpdate: (r) => render(div, r), signal: controller.signal,
+        onUpdate: (r) => render(div, r), signal: controller.signal, reply,
       });
     } catch (e) {
       reply.error = e.name === "AbortError" ? "stopped" : String(e);
