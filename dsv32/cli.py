@@ -354,12 +354,14 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     sv = bsub.add_parser(
         "server", help="HTTP + SSE + parsing overhead per streamed token vs the engine alone"
     )
-    sv.add_argument("--streams", type=int, default=8, help="concurrent streams")
-    sv.add_argument("--tokens", type=int, default=64, help="tokens per stream")
+    sv.add_argument("--streams", type=_positive_int, default=8, help="concurrent streams")
+    sv.add_argument("--tokens", type=_positive_int, default=64, help="tokens per stream")
     sv.add_argument("--out", type=Path, default=Path("benchmarks/results"), metavar="DIR")
     sv.set_defaults(func=_bench)
     c = bsub.add_parser("chat", help="time to encode a ~100K-token conversation, per chat format")
-    c.add_argument("--tokens", type=int, default=100_000, metavar="N", help="conversation size in tokens")
+    c.add_argument(
+        "--tokens", type=_positive_int, default=100_000, metavar="N", help="conversation size in tokens"
+    )
     c.add_argument(
         "--out", type=Path, default=Path("benchmarks/results"), metavar="DIR", help="where to write results"
     )
@@ -368,12 +370,14 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--config", default=None, help="a preset or an HF config.json path (default: bench-small)")
     e.add_argument("--quick", action="store_true", help="a smoke run: tiny sizes, one round")
     e.add_argument("--parts", default=None, help="a subset of: decode,prefill,concurrency,prefix,dsa")
-    e.add_argument("--repeats", type=int, default=None, metavar="N", help="rounds (default 3)")
-    e.add_argument("--decode", type=int, default=None, metavar="N", help="batch-1 decode tokens")
+    e.add_argument("--repeats", type=_positive_int, default=None, metavar="N", help="rounds (default 3)")
+    e.add_argument("--decode", type=_positive_int, default=None, metavar="N", help="batch-1 decode tokens")
     e.add_argument("--concurrency", default=None, metavar="LIST", help="default 1,4,16,64")
-    e.add_argument("--ttft-prompt", type=int, default=None, metavar="N", help="prefix-cache prompt")
+    e.add_argument("--ttft-prompt", type=_positive_int, default=None, metavar="N", help="prefix-cache prompt")
     e.add_argument("--contexts", default=None, metavar="LIST", help="default 4096,16384,32768")
-    e.add_argument("--device", default=None, help="cpu (default) or cuda: where both models run")
+    e.add_argument(
+        "--device", type=_device, default=None, help="cpu (default) or cuda: where both models run"
+    )
     e.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="default float32")
     e.add_argument("--enforce-eager", action="store_true", help="GPU: no CUDA graphs for decode steps")
     e.add_argument(
@@ -397,9 +401,11 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     g.add_argument(
         "--model", type=Path, default=None, metavar="DIR", help="model directory (default: built-in)"
     )
-    g.add_argument("--tokens", type=int, default=32, metavar="N", help="decode tokens per request")
+    g.add_argument("--tokens", type=_positive_int, default=32, metavar="N", help="decode tokens per request")
     g.add_argument("--batches", default="1,16", metavar="LIST", help="batch sizes (default 1,16)")
-    g.add_argument("--repeats", type=int, default=3, metavar="N", help="alternating rounds (default 3)")
+    g.add_argument(
+        "--repeats", type=_positive_int, default=3, metavar="N", help="alternating rounds (default 3)"
+    )
     g.add_argument("--out", type=Path, default=Path("benchmarks/results"), metavar="DIR")
     g.set_defaults(func=_bench)
     sp = bsub.add_parser(
@@ -409,13 +415,15 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     sp.add_argument(
         "--config", default=None, help="a preset or an HF config.json path (default: bench-small)"
     )
-    sp.add_argument("--tokens", type=int, default=32, metavar="N", help="decode tokens per request")
+    sp.add_argument("--tokens", type=_positive_int, default=32, metavar="N", help="decode tokens per request")
     sp.add_argument("--batches", default="1,16", metavar="LIST", help="batch sizes (default 1,16)")
-    sp.add_argument("--repeats", type=int, default=3, metavar="N", help="alternating rounds (default 3)")
     sp.add_argument(
-        "--num-speculative-tokens", type=int, default=1, metavar="K", help="drafts per step (1-4)"
+        "--repeats", type=_positive_int, default=3, metavar="N", help="alternating rounds (default 3)"
     )
-    sp.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    sp.add_argument(
+        "--num-speculative-tokens", type=_positive_int, default=1, metavar="K", help="drafts per step (1-4)"
+    )
+    sp.add_argument("--device", type=_device, default="cpu", help="cpu (default) or cuda")
     sp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="default float32")
     sp.add_argument("--out", type=Path, default=Path("benchmarks/results"), metavar="DIR")
     sp.set_defaults(func=_bench)

@@ -60,6 +60,13 @@ def test_contradicting_serve_flags_exit_with_a_usage_error(capsys):
         (["chat", "--max-tokens", "-1"], ">= 1"),
         (["chat", "--temperature", "-1"], "[0, 2]"),
         (["bench", "model", "--prefill", "0"], ">= 1"),
+        (["bench", "spec", "--repeats", "0"], ">= 1"),  # (these gave a traceback or a message from inside)
+        (["bench", "grammar", "--repeats", "0"], ">= 1"),
+        (["bench", "grammar", "--tokens", "0"], ">= 1"),
+        (["bench", "spec", "--tokens", "-3"], ">= 1"),
+        (["bench", "server", "--streams", "0"], ">= 1"),
+        (["bench", "engine", "--decode", "0"], ">= 1"),
+        (["bench", "engine", "--device", "tpu"], "not a torch device"),
     ],
 )  # fmt: skip
 def test_bad_option_values_are_usage_errors_before_anything_loads(argv, words, capsys):
