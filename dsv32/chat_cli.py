@@ -1,18 +1,22 @@
 """``dsv32 chat``: an interactive terminal chat on a local model, streamed.
 
-Reasoning is shown dimmed, tool calls in cyan; ``/think`` toggles thinking mode, ``/reset`` starts a new
-conversation, ``/exit`` (or Ctrl-D) quits. The conversation is rendered with the model's chat format and
-run through the same engine as the server.
+Reasoning is shown dimmed (between ``<think>`` and ``</think>`` where the output is not a terminal), tool
+calls in cyan; ``/think`` toggles thinking mode, ``/reset`` starts a new conversation, ``/help`` lists the
+commands, ``/exit`` (or Ctrl-D) quits. Ctrl-C stops a reply (what came of it stays in the conversation); at the
+prompt it quits. The conversation is rendered with the model's chat format and run through the same engine as
+the server.
 """
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 from typing import TextIO
 
 DIM, CYAN, RESET = "\033[2m", "\033[36m", "\033[0m"
-HELP = "commands: /think (toggle thinking), /reset (new conversation), /exit"
+HELP = "commands: /think (toggle thinking), /reset (new conversation), /help, /exit; Ctrl-C stops a reply"
+COMMAND = re.compile(r"/\w+")  # a line that is one word after a slash is a command, not a message
 
 
 def run_chat(
@@ -70,6 +74,9 @@ def run_chat(
             messages = []
             stdout.write("new conversation\n")
             continue
+        if COMMAND.fullmatch(text):
+            stdout.write(("" if text == "/help" else f"unknown command {text}; ") + HELP + "\n")
+            continue
         messages.append({"role": "user", "content": text})
         ids = encode_prompt(messages, thinking=thinking, family=family, tokenizer=tokenizer)
         if len(ids) >= limit:
@@ -86,21 +93,40 @@ def run_chat(
         processor = OutputProcessor(tokenizer)
         processor.add(rid, params)
         parser = StreamParser(thinking=thinking, family=family)
-        while engine.has_work():
-            for out in processor.process(engine, engine.step()):
-                deltas = parser.feed(out.text) + (parser.finish() if out.finished else [])
-                for d in deltas:
-                    if d.reasoning_content:
-                        stdout.write(paint(d.reasoning_content, DIM))
-                    elif d.content:
-                        stdout.write(d.content)
-                    elif d.tool_call and "id" in d.tool_call:
-                        stdout.write(paint(f"\n[tool call {d.tool_call['function']['name']}] ", CYAN))
-                    elif d.tool_call:
-                        stdout.write(paint(d.tool_call["function"].get("arguments", ""), CYAN))
-                stdout.flush()
-        stdout.write("\n")
+        thinking_shown = False  # inside a <think> block written to a stream that is not a terminal
+        try:
+            while engine.has_work():
+                for out in processor.process(engine, engine.step()):
+                    deltas = parser.feed(out.text) + (parser.finish() if out.finished else [])
+                    for d in deltas:
+                        if (
+                            not color
+                            and bool(d.reasoning_content) != thinking_shown
+                            and (d.reasoning_content or d.content or d.tool_call)
+                        ):
+                            stdout.write("</think>\n" if thinking_shown else "<think>")
+                            thinking_shown = not thinking_shown
+                        if d.reasoning_content:
+                            stdout.write(paint(d.reasoning_content, DIM))
+                        elif d.content:
+                            stdout.write(d.content)
+                        elif d.tool_call and "id" in d.tool_call:
+                            stdout.write(paint(f"\n[tool call {d.tool_call['function']['name']}] ", CYAN))
+                        elif d.tool_call:
+                            stdout.write(paint(d.tool_call["function"].get("arguments", ""), CYAN))
+                    stdout.flush()
+        except KeyboardInterrupt:  # Ctrl-C: this reply stops, the chat goes on
+            engine.abort(rid)
+            processor.remove(rid)
+            parser.finish()
+            stopped = True
+        else:
+            stopped = False
+        stdout.write(("</think>" if thinking_shown else "") + ("\n[stopped]" if stopped else "") + "\n")
         msg = parser.result()
+        if not (msg["content"] or msg["tool_calls"]):  # nothing came of it (stopped early, or only reasoning)
+            messages.pop()
+            continue
         reply = {"role": "assistant", "content": msg["content"]}
         if msg["tool_calls"]:
             reply["tool_calls"] = msg["tool_calls"]
