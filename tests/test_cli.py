@@ -60,6 +60,9 @@ def test_contradicting_serve_flags_exit_with_a_usage_error(capsys):
         (["chat", "--max-tokens", "-1"], ">= 1"),
         (["chat", "--temperature", "-1"], "[0, 2]"),
         (["bench", "model", "--prefill", "0"], ">= 1"),
+        (["generate", "--prompt", "x", "--temperature", "3"], "[0, 2]"),
+        (["generate", "--prompt", "x", "--top-p", "0"], "(0, 1]"),
+        (["generate", "--prompt", "x", "--max-tokens", "0"], ">= 1"),
         (["bench", "spec", "--repeats", "0"], ">= 1"),  # (these gave a traceback or a message from inside)
         (["bench", "grammar", "--repeats", "0"], ">= 1"),
         (["bench", "grammar", "--tokens", "0"], ">= 1"),
