@@ -460,8 +460,11 @@ def opens_reasoning(prompt_ids: list[int], tokenizer) -> bool:
 def content_stop_strings(
     params: SamplingParams, tokenizer, in_reasoning: bool, family: str | None = None
 ) -> SamplingParams:
-    """Stop strings apply to the content (chat-format.md §3.3): not the reasoning (armed by ``</think>``),
-    and, with ``family`` (a request with tools), not a tool-call block of that chat format."""
+    """Stop strings apply to the content (chat-format.md §3.3): not the reasoning (armed by ``</think>``), not
+    a stray ``</think>`` in the content (which the parser drops), and, with ``family`` (a request with tools),
+    not a tool-call block of that chat format."""
+    if params.stop:
+        params.stop_skip = (THINK_END,)
     if in_reasoning and params.stop:
         params.stop_strings_after = tokenizer.token_id(THINK_END)
     if family is not None and params.stop:

@@ -570,10 +570,11 @@ async def completions(body: CompletionRequest, request: Request):
         )
     prompts, batch = _prompt_list(body.prompt)
     fields = [f"prompt[{i}]" if batch else "prompt" for i in range(len(prompts))]
-    ids_list = [
-        truncated_prompt(ctx, await _prompt_ids(ctx, p, body.suffix, f), body.truncate_prompt_tokens)
-        for p, f in zip(prompts, fields, strict=True)
-    ]
+    ids_list = [await _prompt_ids(ctx, p, body.suffix, f) for p, f in zip(prompts, fields, strict=True)]
+    if body.truncate_prompt_tokens is not None:  # what runs, and so what echo repeats: the kept tokens
+        kept = [truncated_prompt(ctx, ids, body.truncate_prompt_tokens) for ids in ids_list]
+        prompts = [p if len(k) == len(ids) else k for p, k, ids in zip(prompts, kept, ids_list, strict=True)]
+        ids_list = kept
     n_lp = body.logprobs or 0
     prompt_only = body.max_tokens == 0
     if prompt_only and not body.echo:

@@ -44,6 +44,12 @@ class _TextState:
     stop_armed_by: int | None = None  # stop strings see only the text after this token
     stop_after: int = 0  # ... and after this many output tokens (``min_tokens``)
     keep_stop: bool = False  # a matched stop string ends the text (``include_stop_str_in_output``)
+    skip: tuple[str, ...] = ()  # text taken out before the stop strings see it (``stop_skip``)
+
+    def content(self, piece: str) -> str:
+        for s in self.skip:
+            piece = piece.replace(s, "")
+        return piece
 
 
 class OutputProcessor:
@@ -58,7 +64,7 @@ class OutputProcessor:
         stop = StopChecker(params.stop, params.stop_exempt) if params.stop else None
         self.states[request_id] = _TextState(
             detok, stop, params.stop_strings_after if stop else None, params.min_tokens,
-            params.include_stop_str_in_output,
+            params.include_stop_str_in_output, tuple(params.stop_skip or ()),
         )  # fmt: skip
 
     def remove(self, request_id: str) -> None:
@@ -81,7 +87,8 @@ class OutputProcessor:
                 before = completion - len(ids)  # output tokens before this step's
                 if finished and not ids:  # ended without a new token (nothing was left to sample)
                     match = st.stop_armed_by is None and before >= st.stop_after
-                    delta = st.stop.feed(st.detok.flush(), match=match).text + st.stop.flush(match=match)
+                    delta = st.stop.feed(st.content(st.detok.flush()), match=match).text
+                    delta += st.stop.flush(match=match)
                     if st.stop.matched is not None:
                         reason = "stop"
                         delta += st.stop.matched if st.keep_stop else ""
@@ -94,11 +101,11 @@ class OutputProcessor:
                             st.stop_armed_by = None
                         continue
                     if before + j < st.stop_after:  # before min_tokens: passed (a tool-call block tracked)
-                        delta += st.stop.feed(piece, match=False).text
+                        delta += st.stop.feed(st.content(piece), match=False).text
                         if finished and last:
                             delta += st.stop.flush(match=False)
                         continue
-                    text, matched = st.stop.feed(piece)
+                    text, matched = st.stop.feed(st.content(piece))
                     delta += text + (matched if matched and st.keep_stop else "")
                     if matched:
                         if not (finished and last):

@@ -39,6 +39,9 @@ class SamplingParams:
     that many most likely alternatives (see ``Sampler`` for which distribution they describe).
     ``stop_strings_after`` (a token id): stop strings are matched only on the text after that token (the API
     sets ``</think>`` in thinking mode, so they apply to the content, not the reasoning).
+    ``stop_skip`` (strings): text that is not content, taken out of the text before stop strings see it (and
+    so out of the returned text; the API gives ``</think>``, which its chat parser drops from the content
+    anyway, so a stray one cannot hide a stop string from the matcher).
     ``stop_exempt`` (opening markers, closing markers): stop strings are not matched from an opening marker
     (and the whitespace before it) through a closing marker (the API gives the chat format's tool-call block,
     so they apply to the content, not to a tool call's markup; ``dsv32.engine.stop``).
@@ -79,6 +82,7 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None
     stop_strings_after: int | None = None
     stop_exempt: tuple[tuple[str, ...], tuple[str, ...]] | None = None
+    stop_skip: tuple[str, ...] | None = None
     include_stop_str_in_output: bool = False
     allowed_token_ids: list[int] | None = None
     bad_words: list[str] | None = None
@@ -186,6 +190,8 @@ class SamplingParams:
                     raise SamplingParamsError(f"bad_words[{i}]", w, "a string with a non-space character")
         if self.stop_strings_after is not None:
             _check_token("stop_strings_after", self.stop_strings_after, vocab_size, "a token id")
+        if self.stop_skip is not None and not all(isinstance(m, str) and m for m in self.stop_skip):
+            raise SamplingParamsError("stop_skip", self.stop_skip, "non-empty strings")
         if self.stop_exempt is not None and not (
             len(self.stop_exempt) == 2
             and all(isinstance(m, str) and m for markers in self.stop_exempt for m in markers)

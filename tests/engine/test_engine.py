@@ -251,6 +251,14 @@ def test_stop_strings_armed_by_a_token_see_only_the_text_after_it(model):
     assert text == tok.decode(ids) and end.finish_reason == "length"
     text, end = run(SamplingParams(stop=["add."]))  # unarmed: the whole text
     assert text == "Step one: " and end.stop_sequence == "add."
+    # a stray </think> in the content (the chat parser drops it) hides no stop string from the matcher
+    # (it used to: "The sum" + </think> + " is" never matched "sum is")
+    ids[:] = tok.encode("Step one.</think>The sum</think> is 42. Done.", allow_special=True)
+    skip = ("</think>",)
+    text, end = run(SamplingParams(stop=["sum is"], stop_strings_after=think_end, stop_skip=skip))
+    assert text == "Step one.</think>The " and end.stop_sequence == "sum is"
+    text, end = run(SamplingParams(stop=["sum is"], stop_skip=skip))  # chat mode: not armed
+    assert text == "Step one.The " and end.stop_sequence == "sum is"
 
 
 @pytest.mark.slow
