@@ -7,6 +7,7 @@ temperature + nucleus top_p, reproducible with a seed).
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterator
 
 import torch
@@ -26,9 +27,19 @@ def generate(
     seed: int | None = None,
     eos_id: int | None = None,
 ) -> Iterator[int]:
-    """Yield up to ``max_new_tokens`` new token ids, stopping after ``eos_id``."""
+    """Yield up to ``max_new_tokens`` new token ids, stopping after ``eos_id``. ``prompt_ids``: any sequence of
+    integers (a list, a tuple, a 1-D numpy array or tensor)."""
+    if isinstance(prompt_ids, torch.Tensor):
+        prompt_ids = prompt_ids.tolist()
+    prompt_ids = list(prompt_ids)
     if not prompt_ids:
         raise ValueError("prompt must hold at least one token")
+    not_ids = [t for t in prompt_ids if not isinstance(t, numbers.Integral) or isinstance(t, bool)]
+    if not_ids:
+        raise ValueError(f"prompt token ids must be integers, got {not_ids[0]!r}")
+    prompt_ids = [int(t) for t in prompt_ids]
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
     vocab = model.config.vocab_size
     bad = [t for t in prompt_ids if not 0 <= t < vocab]
     if bad:  # (e.g. a model whose vocabulary is smaller than its tokenizer's ids)

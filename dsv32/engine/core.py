@@ -235,7 +235,7 @@ class EngineCore:
         rows = self.model.config.vocab_size
         self.tokenizer = tokenizer
         if tokenizer.vocab_size < rows:
-            self.token_limit = tokenizer.vocab_size
+            self.token_limit = self.runner.token_limit = tokenizer.vocab_size
         if rows < tokenizer.vocab_size or self.grammar is not None:
             return
         self.grammar = GrammarCompiler.for_tokenizer(tokenizer, rows)

@@ -14,6 +14,7 @@ All prompts go through the same engine (continuous batching, prefix cache) in on
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -53,7 +54,7 @@ class LLM:
     def __init__(
         self,
         model: str | Path | None = None,
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | str = torch.float32,
         device: str = "cpu",
         keep_fp8: bool = False,
         engine_config: EngineConfig | None = None,
@@ -63,19 +64,23 @@ class LLM:
         """``chat_format`` ("v3.2", "v3.1", "v3") overrides the format ``chat`` renders in (default: the one
         the checkpoint's config and chat template name). ``speculative_config`` (vLLM's spelling,
         ``{"method": "mtp", "num_speculative_tokens": 1}``) turns on speculative decoding with the MTP layer."""
-        from dsv32.chat.family import family_for_model_dir
+        from dsv32.chat.family import check_family, family_for_model_dir
         from dsv32.chat.tokenizer import load_tokenizer
         from dsv32.weights.default_model import model_dir_or_default
         from dsv32.weights.loader import load_model
 
+        if engine_config is not None and not isinstance(engine_config, EngineConfig):
+            raise ValueError(f"engine_config: an EngineConfig, got {type(engine_config).__name__}")
         if speculative_config is not None:  # checked before the weights load
             engine_config = replace(
                 engine_config or EngineConfig(),
                 num_speculative_tokens=num_speculative_tokens(speculative_config),
             )
+        if chat_format is not None:  # checked before the weights load
+            check_family(chat_format)
         model_dir = model_dir_or_default(model)
-        self.chat_format = family_for_model_dir(model_dir, override=chat_format)
         self.model = load_model(model_dir, dtype=dtype, device=device, keep_fp8=keep_fp8, progress=False)
+        self.chat_format = family_for_model_dir(model_dir, override=chat_format)
         self.tokenizer = load_tokenizer(model_dir)
         self.engine = EngineCore(self.model, engine_config, eos_id=self.tokenizer.eos_id)
         self.engine.attach_tokenizer(self.tokenizer)
@@ -96,11 +101,23 @@ class LLM:
         if prompts is not None:
             if isinstance(prompts, str):
                 prompts = [prompts]
+            bad = [p for p in prompts if not isinstance(p, str)]
+            if bad:
+                raise ValueError(f"prompts are strings (token ids go in prompt_token_ids), got {bad[0]!r}")
             prompt_token_ids = [self.tokenizer.encode(p, add_bos=True) for p in prompts]
+        else:
+            prompt_token_ids = _id_lists(prompt_token_ids)
         n = len(prompt_token_ids)
         if sampling_params is None:
             sampling_params = SamplingParams()
-        params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * n
+        if isinstance(sampling_params, SamplingParams):
+            params = [sampling_params] * n
+        elif isinstance(sampling_params, (list, tuple)) and all(
+            isinstance(p, SamplingParams) for p in sampling_params
+        ):
+            params = list(sampling_params)
+        else:
+            raise ValueError("sampling_params: a SamplingParams or a list of them (one per prompt)")
         if len(params) != n:
             raise ValueError(f"{len(params)} sampling_params for {n} prompts")
         if priority is not None:  # (vLLM's argument; needs EngineConfig(scheduling_policy="priority"))
@@ -157,6 +174,11 @@ class LLM:
         thinking = bool(kwargs.pop("thinking", thinking))
         if kwargs:
             raise ValueError(f"chat_template_kwargs: only 'thinking' is known, got {sorted(kwargs)}")
+        if not isinstance(messages, (list, tuple)):
+            raise ValueError(
+                f"messages: a list of message dicts (one conversation) or a list of such lists, got "
+                f"{type(messages).__name__}"
+            )
         conversations = [messages] if not messages or isinstance(messages[0], dict) else messages
         ids = [
             encode_prompt(
@@ -170,3 +192,21 @@ class LLM:
             parsed.pop("problems", None)  # for a server's logs, not a reply
             out.message = parsed
         return outputs
+
+
+def _id_lists(prompt_token_ids) -> list[list[int]]:
+    """``prompt_token_ids`` as lists: several prompts (lists, tuples, 1-D arrays or tensors of ids) or, as vLLM
+    takes it, one flat list of ids."""
+    if hasattr(prompt_token_ids, "tolist"):  # a numpy array or a tensor: 1-D one prompt, 2-D several
+        prompt_token_ids = prompt_token_ids.tolist()
+    if not isinstance(prompt_token_ids, (list, tuple)):
+        raise ValueError(f"prompt_token_ids: lists of token ids, got {type(prompt_token_ids).__name__}")
+    if prompt_token_ids and all(isinstance(t, numbers.Integral) for t in prompt_token_ids):
+        prompt_token_ids = [prompt_token_ids]
+    out = []
+    for ids in prompt_token_ids:
+        ids = ids.tolist() if hasattr(ids, "tolist") else ids
+        if not isinstance(ids, (list, tuple)):
+            raise ValueError(f"prompt_token_ids: each prompt is a list of token ids, got {ids!r}")
+        out.append(list(ids))
+    return out

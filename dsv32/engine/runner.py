@@ -146,6 +146,7 @@ class ModelRunner:
         self.device = model.device
         self.graphs: DecodeGraphs | None = None  # decode-only steps as fixed-shape (CUDA-graph) steps
         self.prefill_graphs: PrefillGraphs | None = None  # one-chunk prefill steps as fixed-shape steps
+        self.token_limit: int | None = None  # rows from here on are never scored (``EngineCore.token_limit``)
         # the other steps' forward compiled around their attention (``compile_steps``)
         self.compiled: CompiledLayers | None = None
         self.keep_hidden = False  # speculative decoding: keep the step's hidden states for ``draft``
@@ -271,7 +272,8 @@ class ModelRunner:
     ) -> None:
         """Prompt logprobs of the positions these chunks computed (``Request.prompt_logprobs``): the row of
         position p scores prompt token p + 1 under the model's raw distribution (fp32 log-softmax of the
-        logits), with the request's number of most likely alternatives. ``hidden`` [N, D]: the step's rows.
+        logits over the ids the engine can emit, ``token_limit``), with the request's number of most likely
+        alternatives. ``hidden`` [N, D]: the step's rows.
         A position computed again (after a preemption) gets the same entry again."""
         for c in chunks:
             req, k = c.request, c.request.prompt_top
@@ -279,7 +281,8 @@ class ModelRunner:
             rows, targets = rows_of[id(c)][: end - c.start], req.prompt_ids[c.start + 1 : end + 1]
             for s in range(0, len(rows), PROMPT_SCORE_ROWS):  # (full-vocabulary rows: a few at a time)
                 r = torch.tensor(rows[s : s + PROMPT_SCORE_ROWS], device=self.device)
-                lp = torch.log_softmax(self.model.logits(hidden.index_select(0, r)), dim=-1)  # fp32
+                logits = self.model.logits(hidden.index_select(0, r))[:, : self.token_limit]  # fp32
+                lp = torch.log_softmax(logits, dim=-1)
                 t = torch.tensor(targets[s : s + PROMPT_SCORE_ROWS], device=self.device)
                 chosen = lp.gather(1, t[:, None])  # [n, 1]
                 rank = ((lp > chosen).sum(-1) + 1).tolist()  # 1: the most likely token

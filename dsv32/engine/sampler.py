@@ -9,7 +9,7 @@ Per row, in this order (the OpenAI / vLLM definitions; ``x`` are the row's logit
 2. repetition penalty:  for ``t in seen``: ``x[t] /= r`` if ``x[t] > 0`` else ``x[t] *= r``
 3. frequency/presence:  ``x[t] -= frequency_penalty * c[t] + presence_penalty * (c[t] > 0)``
 4. temperature 0:       the token is ``argmax(x)`` (first index on a tie); otherwise
-5. ``x /= temperature``, then each filter keeps a top set of the distribution renormalised over what the
+5. ``x /= temperature`` (at least ``MIN_TEMPERATURE``, 0.01, as vLLM), then each filter keeps a top set of the distribution renormalised over what the
    previous filters kept (``p = softmax(x)`` over the survivors):
    top_k  keeps the k largest logits;
    top_p  keeps the smallest top set whose probability reaches top_p (token kept iff the mass of the tokens
@@ -47,6 +47,8 @@ from torch import Tensor
 
 from dsv32.engine.sampling_params import SamplingParams
 
+MIN_TEMPERATURE = 0.01  # a smaller temperature above 0 samples at this one, as vLLM does (float32 keeps it)
+_LOGIT_CAP = 1e30  # penalised logits stay below it: finite through the sampler's x / T and 2 x
 _TOP_P_FIRST_CANDIDATES = 64
 _LN2 = math.log(2.0)
 _CANDIDATE_GROWTH = 8
@@ -205,7 +207,7 @@ class Sampler:
             )
             sampled, head = _sample(
                 x if len(rand) == n else x.index_select(0, ri),
-                temp=torch.tensor([p.temperature for p in rp], device=device),
+                temp=torch.tensor([max(p.temperature, MIN_TEMPERATURE) for p in rp], device=device),
                 top_k=torch.tensor([p.top_k for p in rp], device=device),
                 top_p=torch.tensor([p.top_p for p in rp], device=device),
                 min_p=torch.tensor([p.min_p for p in rp], device=device),
@@ -326,7 +328,7 @@ def _apply_penalties(x: Tensor, states: list[SamplingState]) -> None:
         seen = torch.unique(torch.cat([prompt_keys, out_keys]))
         r = rep[seen // vocab]
         v = flat[seen]
-        flat[seen] = torch.where(v > 0, v / r, v * r)
+        flat[seen] = torch.where(v > 0, v / r, v * r).clamp_(max=_LOGIT_CAP)  # (a tiny r: not +inf)
     if out_keys.numel():
         row = out_keys // vocab
         flat.index_add_(0, out_keys, -(freq[row] * counts.to(x.dtype) + pres[row]))

@@ -32,7 +32,8 @@ class SamplingParamsError(ValueError):
 class SamplingParams:
     """How to pick each next token and when to stop.
 
-    ``temperature == 0`` is greedy (argmax after logit_bias and penalties). ``top_k`` of -1 or 0 is off.
+    ``temperature == 0`` is greedy (argmax after logit_bias and penalties); one below 0.01 samples at 0.01, as
+    vLLM does. ``top_k`` of -1 or 0 is off.
     ``max_tokens=None`` generates until the context is full. ``stop`` strings end generation before the
     string (it is not part of the returned text); ``stop_token_ids`` end it on those tokens even with
     ``ignore_eos``. ``logprobs`` returns the sampled token's log-probability and, with ``top_logprobs`` > 0,
@@ -190,10 +191,15 @@ class SamplingParams:
                     raise SamplingParamsError(f"bad_words[{i}]", w, "a string with a non-space character")
         if self.stop_strings_after is not None:
             _check_token("stop_strings_after", self.stop_strings_after, vocab_size, "a token id")
-        if self.stop_skip is not None and not all(isinstance(m, str) and m for m in self.stop_skip):
+        if self.stop_skip is not None and not (
+            isinstance(self.stop_skip, (tuple, list))
+            and all(isinstance(m, str) and m for m in self.stop_skip)
+        ):
             raise SamplingParamsError("stop_skip", self.stop_skip, "non-empty strings")
         if self.stop_exempt is not None and not (
-            len(self.stop_exempt) == 2
+            isinstance(self.stop_exempt, (tuple, list))
+            and len(self.stop_exempt) == 2
+            and all(isinstance(markers, (tuple, list)) for markers in self.stop_exempt)
             and all(isinstance(m, str) and m for markers in self.stop_exempt for m in markers)
         ):
             raise SamplingParamsError(
@@ -229,6 +235,8 @@ class SamplingParams:
         self._check_n()
         if self.top_logprobs > 0 and not self.logprobs:
             raise SamplingParamsError("top_logprobs", self.top_logprobs, "0 unless logprobs is true")
+        if isinstance(self.guided, dict) and self.guided.get("start_token") is not None:
+            _check_token("guided.start_token", self.guided["start_token"], vocab_size, "a token id")
         if self.guided is not None:
             from dsv32.engine.grammar import check_guided  # llguidance only when a constraint is asked for
 

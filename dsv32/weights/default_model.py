@@ -113,6 +113,8 @@ def model_dir_or_default(model_dir: str | Path | None) -> Path:
     """``model_dir`` itself, or (when None) the embedded default model — saying plainly on stderr that its
     weights are random, so its output is noise."""
     if model_dir is not None:
+        if not str(model_dir):  # (Path("") is the working directory)
+            raise ValueError("model: an empty path (give a model directory, or None for the default model)")
         return Path(model_dir)
     print(
         "note: using the built-in default model, which has RANDOM weights: its output is noise",

@@ -25,7 +25,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 from tqdm import tqdm
 
-from dsv32.config import ModelConfig
+from dsv32.config import ModelConfig, read_config_json
 from dsv32.heap import release_freed_heap
 from dsv32.model.layers import FP8_DTYPE, Linear, dequantize_fp8_blocks
 from dsv32.model.transformer import DeepseekForCausalLM
@@ -59,12 +59,13 @@ class StoredTensor:
 
 def load_model(
     path: str | Path,
-    dtype: torch.dtype = torch.bfloat16,
+    dtype: torch.dtype | str = torch.bfloat16,
     device: str | torch.device = "cpu",
     keep_fp8: bool = False,
     progress: bool = True,
 ) -> DeepseekForCausalLM:
     """Read ``path`` (an HF model directory) into a ``DeepseekForCausalLM`` in eval mode without grads.
+    ``dtype``: a floating torch dtype or its name, as vLLM takes it ("bfloat16", "auto", ...: ``resolve_dtype``).
 
     FP8 block-quantized weights are dequantized to ``dtype``, or with ``keep_fp8`` kept as e4m3 + block
     scales (``Linear.load_fp8``). Unquantized tensors are cast to ``dtype``, except those DeepSeek's reference
@@ -80,6 +81,9 @@ def load_model(
     if not root.is_dir():
         raise CheckpointError(f"{root} is not a directory (expected an HF model directory)")
     cfg = ModelConfig.from_file(root)
+    dtype = resolve_dtype(dtype, root)
+    if not isinstance(keep_fp8, bool):
+        raise CheckpointError(f"keep_fp8 must be True or False, got {keep_fp8!r}")
     stored = read_checkpoint_index(root)
     cfg = _without_absent_mtp_layers(cfg, stored)
     block = cfg.fp8_block_size or (128, 128)
@@ -147,6 +151,30 @@ def load_model(
     model.requires_grad_(False)
     release_freed_heap()  # the conversion temporaries of the shards
     return model
+
+
+_DTYPE_NAMES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}  # fmt: skip
+
+
+def resolve_dtype(dtype: torch.dtype | str, root: Path) -> torch.dtype:
+    """The floating dtype to load into: a torch dtype or its name as vLLM takes it ("bfloat16", "float32",
+    "float16", their short forms, "auto": the checkpoint's ``torch_dtype``, bfloat16 when it names none or
+    an FP8 one)."""
+    if dtype == "auto":
+        stored = read_config_json(root / "config.json")
+        stored = stored.get("torch_dtype") or stored.get("dtype")
+        return _DTYPE_NAMES.get(stored, torch.bfloat16) if isinstance(stored, str) else torch.bfloat16
+    if isinstance(dtype, str):
+        if dtype not in _DTYPE_NAMES:
+            raise CheckpointError(f"dtype {dtype!r}: expected one of {', '.join(_DTYPE_NAMES)} or auto")
+        return _DTYPE_NAMES[dtype]
+    if not isinstance(dtype, torch.dtype) or dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise CheckpointError(f"dtype {dtype!r}: the model runs in float32, bfloat16 or float16")
+    return dtype
 
 
 def read_checkpoint_index(root: str | Path) -> dict[str, StoredTensor]:

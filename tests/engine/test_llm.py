@@ -102,6 +102,69 @@ def test_bad_calls_are_errors_and_leave_no_blocks(llm):
     assert llm.generate(prompt_token_ids=[[1, 2]], sampling_params=_greedy(2))[0].finish_reason == "length"
 
 
+def test_inputs_as_vllm_users_give_them_and_clear_errors_otherwise(llm):
+    """(Found by a fuzz of the offline API.) A flat id list is one prompt, as vLLM takes it; arrays and tensors
+    are id lists; a tuple of SamplingParams is a list. A missing model directory is named as such (it was a
+    chat-format error), and misshapen arguments are ValueErrors naming the argument, not errors from inside."""
+    import numpy as np
+
+    from dsv32.weights.loader import CheckpointError
+
+    want = llm.generate(prompt_token_ids=[[0, 5, 6]], sampling_params=_greedy(3))[0].token_ids
+    for ids in ([0, 5, 6], (0, 5, 6), np.array([0, 5, 6]), torch.tensor([[0, 5, 6]]), [np.array([0, 5, 6])]):
+        assert llm.generate(prompt_token_ids=ids, sampling_params=_greedy(3))[0].token_ids == want
+    two = llm.generate(["a", "b"], (_greedy(2), _greedy(3)))
+    assert [len(o.token_ids) for o in two] == [2, 3]
+    with pytest.raises(CheckpointError, match="/nonexistent/xyz does not exist"):
+        dsv32.LLM(model="/nonexistent/xyz")
+    with pytest.raises(ValueError, match="empty path"):
+        dsv32.LLM(model="")
+    for call, words in [
+        (lambda: llm.generate("a", "greedy"), "sampling_params"),
+        (lambda: llm.generate([["a"]], _greedy(2)), "prompts are strings"),
+        (
+            lambda: llm.generate(prompt_token_ids=[5, [6]], sampling_params=_greedy(2)),
+            "each prompt is a list",
+        ),
+        (lambda: llm.chat({"role": "user", "content": "hi"}), "messages: a list"),
+        (lambda: dsv32.LLM(engine_config={"num_blocks": 8}), "engine_config"),
+        (lambda: SamplingParams(stop_exempt=("<a>", "</a>")), "stop_exempt"),
+        (
+            lambda: llm.generate("a", _greedy(2, guided={"json_object": True, "start_token": 10**9})),
+            "start_token",
+        ),
+    ]:
+        with pytest.raises(ValueError, match=words):
+            call()
+    llm.engine.pool.assert_no_leaks()
+
+
+def test_extreme_sampling_values_stay_in_the_vocabulary(llm):
+    """A temperature that float32 rounds to 0 (it used to draw an id past the vocabulary, then crash the next
+    step) samples at 0.01, as vLLM; a repetition penalty whose division overflows keeps its logits finite."""
+    for kw in ({"temperature": 1e-46}, {"temperature": 3e-39, "top_p": 0.9}, {"repetition_penalty": 1e-39},
+               {"repetition_penalty": 1e-39, "top_a": 0.5, "temperature": 0.7}):  # fmt: skip
+        out = llm.generate(["Hello"], SamplingParams(max_tokens=4, seed=0, ignore_eos=True, **kw))[0]
+        assert len(out.token_ids) == 4 and all(0 <= t < llm.tokenizer.vocab_size for t in out.token_ids), kw
+    llm.engine.pool.assert_no_leaks()
+
+
+def test_prompt_logprobs_are_over_the_ids_the_engine_emits(llm):
+    """The checkpoint's padding rows (past the tokenizer's ids) are neither alternatives nor in the normaliser:
+    a prompt token's logprob equals the logprob generation gave the same token in the same context."""
+    prompt = llm.tokenizer.encode("The capital of France is", add_bos=True)
+    gen = llm.generate(prompt_token_ids=[prompt], sampling_params=_greedy(1, logprobs=True, top_logprobs=3))[
+        0
+    ]
+    scored = llm.generate(
+        prompt_token_ids=[prompt + gen.token_ids], sampling_params=_greedy(1, prompt_logprobs=20)
+    )[0]
+    last = scored.prompt_logprobs[-1]
+    assert last["logprob"] == pytest.approx(gen.logprobs[0]["logprob"], abs=1e-4) and last["rank"] == 1
+    for entry in scored.prompt_logprobs[1:]:
+        assert all(t < llm.tokenizer.vocab_size for t, _ in entry["top"])
+
+
 def _contains(ids: list[int], seq: list[int]) -> bool:
     return any(ids[i : i + len(seq)] == seq for i in range(len(ids) - len(seq) + 1))
 

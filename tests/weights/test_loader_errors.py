@@ -42,6 +42,46 @@ def edit(d: Path, fn) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def test_dtype_names_as_vllm_takes_them(ckpt: Path) -> None:
+    """A dtype may be named as vLLM names it ("bfloat16", "float32", "auto": the config's ``torch_dtype``); a
+    dtype the model cannot run in, or a keep_fp8 that is not a bool, is an error before anything loads (they
+    loaded and failed at the first forward)."""
+    assert load_model(ckpt, dtype="float32", progress=False).model.embed_tokens.weight.dtype == torch.float32
+    assert load_model(ckpt, dtype="bf16", progress=False).model.embed_tokens.weight.dtype == torch.bfloat16
+    cfg = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**cfg, "torch_dtype": "float32"}))
+    assert load_model(ckpt, dtype="auto", progress=False).model.embed_tokens.weight.dtype == torch.float32
+    for bad, words in (
+        (torch.int8, "float32, bfloat16 or float16"),
+        ("int8", "expected one of"),
+        ("fp8", "auto"),
+    ):
+        with pytest.raises(CheckpointError, match=words):
+            load_model(ckpt, dtype=bad, progress=False)
+    with pytest.raises(CheckpointError, match="keep_fp8 must be True or False"):
+        load_model(ckpt, dtype=torch.float32, keep_fp8="yes", progress=False)
+
+
+def test_generate_checks_its_arguments(ckpt: Path) -> None:
+    """``dsv32.generate.generate``: ids as any integer sequence; a bad max_new_tokens or id is a ValueError
+    naming it (they failed inside torch)."""
+    import numpy as np
+
+    from dsv32.generate import generate
+
+    model = load_model(ckpt, dtype=torch.float32, progress=False)
+    want = list(generate(model, [0, 5, 6], 3))
+    assert (
+        list(generate(model, np.array([0, 5, 6]), 3))
+        == list(generate(model, torch.tensor([0, 5, 6]), 3))
+        == want
+    )
+    for ids, n, words in (([0, 5], 0, "max_new_tokens"), ([0, 5], 2.0, "max_new_tokens"), ([0, 5], None, "max_new_tokens"),
+                          ([0, 5.0], 2, "must be integers")):  # fmt: skip
+        with pytest.raises(ValueError, match=words):
+            list(generate(model, ids, n))
+
+
 def test_errors_are_value_errors() -> None:
     assert issubclass(CheckpointError, ValueError) and issubclass(ConfigError, ValueError)
 
