@@ -44,12 +44,15 @@ def test_logprobs_when_asked(llm):
 
 def test_prompt_logprobs_when_asked(llm):
     """vLLM's ``prompt_logprobs``: one entry per prompt token (None for the first), each the raw
-    distribution's logprob of that token with k alternatives; equal to the full forward's."""
+    distribution's logprob of that token with k alternatives; equal to the full forward's (over the
+    tokenizer's ids: the checkpoint's padding rows past them are never emitted)."""
     out = llm.generate(["Hello there, world"], _greedy(1, prompt_logprobs=2))[0]
     ids = out.prompt_token_ids
     assert len(out.prompt_logprobs) == len(ids) and out.prompt_logprobs[0] is None
     with torch.no_grad():
-        ref = torch.log_softmax(llm.model(torch.tensor([ids]))[0].float(), dim=-1)
+        ref = torch.log_softmax(
+            llm.model(torch.tensor([ids]))[0, :, : llm.tokenizer.vocab_size].float(), dim=-1
+        )
     for p in range(1, len(ids)):
         e = out.prompt_logprobs[p]
         assert e["logprob"] == pytest.approx(ref[p - 1, ids[p]].item(), abs=1e-4) and len(e["top"]) == 2
