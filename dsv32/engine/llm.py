@@ -201,8 +201,8 @@ def _id_lists(prompt_token_ids) -> list[list[int]]:
         prompt_token_ids = prompt_token_ids.tolist()
     if not isinstance(prompt_token_ids, (list, tuple)):
         raise ValueError(f"prompt_token_ids: lists of token ids, got {type(prompt_token_ids).__name__}")
-    if prompt_token_ids and all(isinstance(t, numbers.Integral) for t in prompt_token_ids):
-        prompt_token_ids = [prompt_token_ids]
+    if prompt_token_ids and all(isinstance(t, numbers.Number) for t in prompt_token_ids):
+        prompt_token_ids = [prompt_token_ids]  # (one whose ids are not all integers: the engine says so)
     out = []
     for ids in prompt_token_ids:
         ids = ids.tolist() if hasattr(ids, "tolist") else ids
