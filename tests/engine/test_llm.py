@@ -129,6 +129,7 @@ def test_inputs_as_vllm_users_give_them_and_clear_errors_otherwise(llm):
             lambda: llm.generate(prompt_token_ids=[5, [6]], sampling_params=_greedy(2)),
             "each prompt is a list",
         ),
+        (lambda: llm.generate(prompt_token_ids=[0, 1.0], sampling_params=_greedy(2)), "integers, got 1.0"),
         (lambda: llm.chat({"role": "user", "content": "hi"}), "messages: a list"),
         (lambda: dsv32.LLM(engine_config={"num_blocks": 8}), "engine_config"),
         (lambda: SamplingParams(stop_exempt=("<a>", "</a>")), "stop_exempt"),
