@@ -34,7 +34,7 @@ class SamplingParams:
 
     ``temperature == 0`` is greedy (argmax after logit_bias and penalties); one below 0.01 samples at 0.01, as
     vLLM does. ``top_k`` of -1 or 0 is off.
-    ``max_tokens=None`` generates until the context is full. ``stop`` strings end generation before the
+    ``max_tokens`` defaults to 16, as in vLLM; ``None`` generates until the context is full. ``stop`` strings end generation before the
     string (it is not part of the returned text); ``stop_token_ids`` end it on those tokens even with
     ``ignore_eos``. ``logprobs`` returns the sampled token's log-probability and, with ``top_logprobs`` > 0,
     that many most likely alternatives (see ``Sampler`` for which distribution they describe).
@@ -68,7 +68,7 @@ class SamplingParams:
     complete.
     """
 
-    max_tokens: int | None = None
+    max_tokens: int | None = 16  # vLLM's default; None: until the context is full
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = -1

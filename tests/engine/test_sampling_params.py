@@ -14,7 +14,8 @@ def test_defaults_are_the_api_defaults() -> None:
     p = SamplingParams()
     assert (p.temperature, p.top_p, p.top_k, p.min_p, p.top_a) == (1.0, 1.0, -1, 0.0, 0.0)
     assert (p.frequency_penalty, p.presence_penalty, p.repetition_penalty) == (0.0, 0.0, 1.0)
-    assert p.max_tokens is None and p.stop is None and p.seed is None and p.logit_bias is None
+    assert p.max_tokens == 16  # (vLLM's default; None: until the context is full)
+    assert p.stop is None and p.seed is None and p.logit_bias is None
     assert not p.logprobs and p.top_logprobs == 0 and p.skip_special_tokens and not p.ignore_eos
     assert not p.greedy and SamplingParams(temperature=0).greedy
 
