@@ -15,6 +15,7 @@ All prompts go through the same engine (continuous batching, prefix cache) in on
 from __future__ import annotations
 
 import numbers
+import random
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,19 @@ class CompletionOutput:
     # ``LLM.chat`` only: the reply parsed as the API parses it (role, reasoning_content, content, tool_calls)
     message: dict[str, Any] | None = None
     index: int = 0  # which of the prompt's ``n`` samples this is
+    prompt: str | None = None  # the prompt's text, when it was given as text
+    request_id: str = ""
+    stop_reason: str | int | None = None  # as vLLM: the stop string, or stop token id, that ended it
     _more: list[CompletionOutput] = field(default_factory=list, repr=False)  # samples 1 .. n-1
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def cumulative_logprob(self) -> float | None:
+        """The sum of the generated tokens' logprobs (with ``SamplingParams(logprobs=True)``), as vLLM's."""
+        return None if self.logprobs is None else sum(lp["logprob"] for lp in self.logprobs)
 
     @property
     def outputs(self) -> list[CompletionOutput]:
@@ -60,10 +73,14 @@ class LLM:
         engine_config: EngineConfig | None = None,
         chat_format: str | None = None,
         speculative_config: dict | str | None = None,
+        max_model_len: int | None = None,
+        seed: int | None = None,
     ):
         """``chat_format`` ("v3.2", "v3.1", "v3") overrides the format ``chat`` renders in (default: the one
         the checkpoint's config and chat template name). ``speculative_config`` (vLLM's spelling,
-        ``{"method": "mtp", "num_speculative_tokens": 1}``) turns on speculative decoding with the MTP layer."""
+        ``{"method": "mtp", "num_speculative_tokens": 1}``) turns on speculative decoding with the MTP layer.
+        As in vLLM, ``max_model_len`` caps the context, and ``seed`` makes requests without a seed of their own
+        reproducible (each gets the next seed of a generator started from it)."""
         from dsv32.chat.family import check_family, family_for_model_dir
         from dsv32.chat.tokenizer import load_tokenizer
         from dsv32.weights.default_model import model_dir_or_default
@@ -78,6 +95,11 @@ class LLM:
             )
         if chat_format is not None:  # checked before the weights load
             check_family(chat_format)
+        if max_model_len is not None:
+            engine_config = replace(engine_config or EngineConfig(), max_model_len=max_model_len)
+        if seed is not None and not (isinstance(seed, int) and not isinstance(seed, bool)):
+            raise ValueError(f"seed must be an integer, got {seed!r}")
+        self._seeds = random.Random(seed) if seed is not None else None
         model_dir = model_dir_or_default(model)
         self.model = load_model(model_dir, dtype=dtype, device=device, keep_fp8=keep_fp8, progress=False)
         self.chat_format = family_for_model_dir(model_dir, override=chat_format)
@@ -120,20 +142,29 @@ class LLM:
             raise ValueError("sampling_params: a SamplingParams or a list of them (one per prompt)")
         if len(params) != n:
             raise ValueError(f"{len(params)} sampling_params for {n} prompts")
+        if self._seeds is not None:  # (vLLM's LLM(seed=...): unseeded requests reproducible run to run)
+            params = [
+                p if p.seed is not None else replace(p, seed=self._seeds.getrandbits(63)) for p in params
+            ]
         if priority is not None:  # (vLLM's argument; needs EngineConfig(scheduling_policy="priority"))
             if len(priority) != n:
                 raise ValueError(f"{len(priority)} priorities for {n} prompts")
             params = [replace(p, priority=q) for p, q in zip(params, priority, strict=True)]
         processor = OutputProcessor(self.tokenizer)
-        results = [CompletionOutput(list(ids)) for ids in prompt_token_ids]
+        texts = prompts if prompts is not None else [None] * n
+        results = [
+            CompletionOutput(list(ids), prompt=t) for ids, t in zip(prompt_token_ids, texts, strict=True)
+        ]
         samples: dict[str, CompletionOutput] = {}  # by engine request id: each prompt's n samples
+        stop_ids_of: dict[str, set[int]] = {}  # (vLLM's stop_reason names a stop token id, not EOS)
         try:
             for i, (ids, p) in enumerate(zip(prompt_token_ids, params, strict=True)):
                 for j, sp in enumerate(p.samples()):  # (their shared prompt is computed once)
-                    res = results[i] if j == 0 else CompletionOutput(list(ids), index=j)
+                    res = results[i] if j == 0 else CompletionOutput(list(ids), index=j, prompt=texts[i])
                     if j:
                         results[i]._more.append(res)
-                    rid = f"llm-{id(results)}-{i}-{j}"
+                    rid = res.request_id = f"llm-{id(results)}-{i}-{j}"
+                    stop_ids_of[rid] = set(sp.stop_token_ids or ())
                     self.engine.add_request(rid, list(ids), sp)
                     processor.add(rid, sp)
                     samples[rid] = res
@@ -149,6 +180,10 @@ class LLM:
                     res.num_cached_tokens = out.usage.cached_tokens
                     if out.finished:
                         res.finish_reason = out.finish_reason
+                        stop_ids = stop_ids_of[out.request_id]
+                        last = res.token_ids[-1] if res.token_ids else None
+                        if out.finish_reason == "stop":
+                            res.stop_reason = out.stop_sequence or (last if last in stop_ids else None)
         finally:  # an error (or Ctrl-C) must not leave blocks behind
             for rid in samples:
                 self.engine.abort(rid)

@@ -143,6 +143,31 @@ def test_inputs_as_vllm_users_give_them_and_clear_errors_otherwise(llm):
     llm.engine.pool.assert_no_leaks()
 
 
+def test_vllm_output_fields_and_constructor_arguments(llm):
+    """What vLLM's outputs and ``LLM(...)`` have: ``prompt``, ``request_id``, ``finished``, ``stop_reason``
+    (the stop string or stop token id, not EOS), ``cumulative_logprob``; ``LLM(max_model_len=...)`` caps the
+    context; ``LLM(seed=...)`` makes requests without a seed reproducible; ``SamplingParams()`` gives 16 tokens."""
+    free = llm.generate(["Hello"], _greedy(12, logprobs=True))[0]
+    assert free.prompt == "Hello" and free.request_id and free.finished and free.stop_reason is None
+    assert free.cumulative_logprob == pytest.approx(sum(lp["logprob"] for lp in free.logprobs))
+    assert llm.generate(["Hello"], _greedy(2))[0].cumulative_logprob is None
+    stop = llm.tokenizer.decode(free.token_ids[3:5])
+    assert llm.generate(["Hello"], _greedy(12, stop=[stop]))[0].stop_reason == stop
+    tid = free.token_ids[2]
+    by_id = llm.generate(["Hello"], _greedy(12, stop_token_ids=[tid]))[0]
+    assert by_id.stop_reason == tid and by_id.token_ids == free.token_ids[: free.token_ids.index(tid) + 1]
+    assert llm.generate(prompt_token_ids=[[0, 5]], sampling_params=_greedy(1))[0].prompt is None
+    assert len(llm.generate(["Hello"], SamplingParams(ignore_eos=True))[0].token_ids) == 16
+    short, again = dsv32.LLM(max_model_len=32, seed=3), dsv32.LLM(max_model_len=32, seed=3)
+    sampled = SamplingParams(max_tokens=6, temperature=1.0, ignore_eos=True)
+    first = [o.token_ids for o in short.generate(["Hi", "Yo"], sampled)]
+    assert first == [o.token_ids for o in again.generate(["Hi", "Yo"], sampled)]
+    assert first != [o.token_ids for o in short.generate(["Hi", "Yo"], sampled)]  # (the next seeds)
+    assert short.engine.max_model_len == 32
+    with pytest.raises(ValueError, match="32"):
+        short.generate(prompt_token_ids=[[0] + [5] * 40], sampling_params=_greedy(1))
+
+
 def test_extreme_sampling_values_stay_in_the_vocabulary(llm):
     """A temperature that float32 rounds to 0 (it used to draw an id past the vocabulary, then crash the next
     step) samples at 0.01, as vLLM; a repetition penalty whose division overflows keeps its logits finite."""
