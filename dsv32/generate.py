@@ -7,13 +7,12 @@ temperature + nucleus top_p, reproducible with a seed).
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Iterator
 
 import torch
 
 from dsv32.engine.sampler import Sampler, SamplingState
-from dsv32.engine.sampling_params import SamplingParams
+from dsv32.engine.sampling_params import SamplingParams, token_id_list
 from dsv32.model.transformer import DeepseekForCausalLM
 
 
@@ -29,15 +28,9 @@ def generate(
 ) -> Iterator[int]:
     """Yield up to ``max_new_tokens`` new token ids, stopping after ``eos_id``. ``prompt_ids``: any sequence of
     integers (a list, a tuple, a 1-D numpy array or tensor)."""
-    if isinstance(prompt_ids, torch.Tensor):
-        prompt_ids = prompt_ids.tolist()
-    prompt_ids = list(prompt_ids)
+    prompt_ids = token_id_list(prompt_ids)
     if not prompt_ids:
         raise ValueError("prompt must hold at least one token")
-    not_ids = [t for t in prompt_ids if not isinstance(t, numbers.Integral) or isinstance(t, bool)]
-    if not_ids:
-        raise ValueError(f"prompt token ids must be integers, got {not_ids[0]!r}")
-    prompt_ids = [int(t) for t in prompt_ids]
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
     vocab = model.config.vocab_size

@@ -431,14 +431,13 @@ class _TextOffsets:
     def __init__(self, ctx: ServingContext, start: int = 0):
         self.tokenizer = ctx.tokenizer
         self.pos = start
-        self._control = set(ctx.tokenizer.added_tokens.values())
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def starts(self, ids: list[int], text: str) -> list[int]:
         """The offsets of the next tokens ``ids`` in ``text`` (the choice's text up to and including theirs)."""
         tok, out = self.tokenizer, []
         for tid in ids:
-            if tid in self._control:
+            if tid in tok.added_ids:
                 out.append(min(self.pos, len(text)))
                 spelled = tok.decode([tid])
                 self.pos += len(spelled) if text.startswith(spelled, self.pos) else 0

@@ -109,6 +109,11 @@ class Tokenizer:
         return {tok.content: i for i, tok in self._full.get_added_tokens_decoder().items()}
 
     @cached_property
+    def added_ids(self) -> frozenset[int]:
+        """The ids of ``added_tokens``."""
+        return frozenset(self.added_tokens.values())
+
+    @cached_property
     def special_ids(self) -> frozenset[int]:
         """Ids flagged ``special`` (dropped by ``decode(..., skip_special_tokens=True)``)."""
         return frozenset(i for i, tok in self._full.get_added_tokens_decoder().items() if tok.special)

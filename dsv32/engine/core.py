@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import numbers
 from dataclasses import dataclass, field
 
 import torch
@@ -30,7 +29,7 @@ from dsv32.engine.prefill_graphs import PrefillGraphs
 from dsv32.engine.request import Request
 from dsv32.engine.runner import ModelRunner
 from dsv32.engine.sampler import Sampler, SamplingState, bad_words_token_ids
-from dsv32.engine.sampling_params import SamplingParams
+from dsv32.engine.sampling_params import SamplingParams, token_id_list
 from dsv32.engine.scheduler import Scheduler
 from dsv32.engine.speculative import MAX_SPECULATIVE_TOKENS, Drafter
 from dsv32.model.moe import MoE, grouped_matmul_available
@@ -246,15 +245,12 @@ class EngineCore:
         vocab = self.token_limit or self.model.config.vocab_size
         if request_id in self.live:
             raise EngineError(f"request id {request_id!r} is already in use")
+        prompt_ids = token_id_list(prompt_ids, EngineError)
         if not prompt_ids:
             raise EngineError("the prompt must hold at least one token")
-        not_ids = [t for t in prompt_ids if not isinstance(t, numbers.Integral) or isinstance(t, bool)]
-        if not_ids:  # (a float or a string would pass the range check and then fail the whole step)
-            raise EngineError(f"prompt token ids must be integers, got {not_ids[0]!r}")
         bad = [t for t in prompt_ids if not 0 <= t < vocab]
         if bad:
             raise EngineError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})")
-        prompt_ids = [int(t) for t in prompt_ids]  # (numpy integers too)
         params.validate(vocab)
         if params.n != 1:
             raise EngineError(f"one engine request samples once (n={params.n}): submit params.samples() each")

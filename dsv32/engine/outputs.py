@@ -46,6 +46,10 @@ class _TextState:
     keep_stop: bool = False  # a matched stop string ends the text (``include_stop_str_in_output``)
     skip: tuple[str, ...] = ()  # text taken out before the stop strings see it (``stop_skip``)
 
+    def kept_stop(self) -> str:
+        """The matched stop string where it ends the text (``include_stop_str_in_output``), else nothing."""
+        return self.stop.matched if self.keep_stop and self.stop.matched else ""
+
     def content(self, piece: str) -> str:
         for s in self.skip:
             piece = piece.replace(s, "")
@@ -91,7 +95,7 @@ class OutputProcessor:
                     delta += st.stop.flush(match=match)
                     if st.stop.matched is not None:
                         reason = "stop"
-                        delta += st.stop.matched if st.keep_stop else ""
+                        delta += st.kept_stop()
                 for j in range(len(ids)):
                     last = j == len(ids) - 1
                     piece = st.detok.add(ids[j : j + 1]) + (st.detok.flush() if finished and last else "")
@@ -106,7 +110,7 @@ class OutputProcessor:
                             delta += st.stop.flush(match=False)
                         continue
                     text, matched = st.stop.feed(st.content(piece))
-                    delta += text + (matched if matched and st.keep_stop else "")
+                    delta += text + (st.kept_stop() if matched else "")
                     if matched:
                         if not (finished and last):
                             core.finish(o.request_id, "stop")
@@ -118,7 +122,7 @@ class OutputProcessor:
                         delta += st.stop.flush()
                         if st.stop.matched is not None:  # in text held as a possible tool-call opening
                             reason = "stop"
-                            delta += st.stop.matched if st.keep_stop else ""
+                            delta += st.kept_stop()
             usage = Usage(o.prompt_tokens, completion, o.cached_tokens)
             stop_str = st.stop.matched if st.stop is not None else None
             results.append(

@@ -8,6 +8,7 @@ A ``SamplingParams`` holds only builtins, so it crosses thread and process bound
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -241,6 +242,16 @@ class SamplingParams:
             from dsv32.engine.grammar import check_guided  # llguidance only when a constraint is asked for
 
             check_guided(self.guided)
+
+
+def token_id_list(ids: Any, error: type[ValueError] = ValueError) -> list[int]:
+    """``ids`` (a list, a tuple, a 1-D numpy array or tensor of integers) as a list of ints; ``error`` names the
+    first that is not an integer (a float or a string would pass a range check and fail inside the model)."""
+    ids = list(ids.tolist() if hasattr(ids, "tolist") else ids)
+    not_ids = [t for t in ids if not isinstance(t, numbers.Integral) or isinstance(t, bool)]
+    if not_ids:
+        raise error(f"prompt token ids must be integers, got {not_ids[0]!r}")
+    return [int(t) for t in ids]
 
 
 def _is_int(v: Any) -> bool:
